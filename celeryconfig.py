@@ -1,0 +1,50 @@
+"""Celery's configuration, taken from the dispatcher's settings (read once).
+
+Workers and beat load it through ``dispatcher.celery_app``.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from dispatcher.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+if _settings.redis_url.startswith("rediss://"):
+    _tls = {"ssl_cert_reqs": ssl.CERT_REQUIRED if _settings.redis_tls_verify else ssl.CERT_NONE}
+    broker_use_ssl = _tls
+    redis_backend_use_ssl = _tls
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_extended = True
+# Sized on purpose: redis-py 8 refuses to go past its pool size.
+redis_max_connections = _settings.redis_max_connections
+broker_pool_limit = 10
+broker_connection_retry_on_startup = True
+# Every dispatcher task ends within a second, so an unacknowledged one (its worker
+# was killed) may come back after 5 minutes rather than Celery's default hour. The
+# job's own truth lives in our records; this bounds only the moment between a
+# submit_job being received and the job being recorded.
+broker_transport_options = {"max_connections": _settings.redis_max_connections, "visibility_timeout": 300}
+
+# Our tasks are short and idempotent; the truth about jobs lives in our own records.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 4
+worker_hijack_root_logger = False
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = False
+
+beat_schedule = {
+    "scan-nodes": {
+        "task": "dispatcher.scan_nodes",
+        "schedule": _settings.periodic_scan_interval_seconds,
+        "options": {"expires": _settings.periodic_scan_interval_seconds},
+    },
+}

@@ -1,0 +1,51 @@
+"""Job handlers for demos and tests. A real node names its own (``module:function``).
+
+A handler receives the job (``job_id``, ``attempt``, ``job_type``, ``payload``,
+``required_models``, ``timeout_seconds``) and a ``JobContext`` (report
+progress, see cancellation) and returns the job's output, any JSON value. A
+raised ``JobFailed`` carries an error code and whether a retry may help; any
+other exception is reported as ``HANDLER_ERROR``, retryable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dispatcher.agent.runner import JobContext, JobFailed
+
+
+def echo(job: dict[str, Any], ctx: JobContext) -> Any:
+    """Returns the payload unchanged."""
+    return job["payload"]
+
+
+def sleep(job: dict[str, Any], ctx: JobContext) -> Any:
+    """Works for ``payload.seconds`` (default 1), reporting progress; honours cancellation."""
+    seconds = float(job["payload"].get("seconds", 1))
+    steps = max(1, int(seconds / 0.1))
+    for step in range(steps):
+        if ctx.cancelled.wait(seconds / steps):
+            raise JobFailed("CANCELLED", "cancelled", retryable=False)
+        ctx.progress((step + 1) / steps, f"step {step + 1}/{steps}")
+    return {"slept_seconds": seconds, "payload": job["payload"]}
+
+
+def fail(job: dict[str, Any], ctx: JobContext) -> Any:
+    """Fails with ``payload.code`` (default MODEL_CRASHED), retryable unless ``payload.retryable`` is false."""
+    payload = job["payload"]
+    raise JobFailed(payload.get("code", "MODEL_CRASHED"), payload.get("message", "the model crashed"),
+                    retryable=payload.get("retryable", True))
+
+
+def demo(job: dict[str, Any], ctx: JobContext) -> Any:
+    """The demo node's handler: chooses by ``job_type`` (echo, sleep, fail)."""
+    handlers = {"echo": echo, "sleep": sleep, "fail": fail}
+    handler = handlers.get(job["job_type"])
+    if handler is None:
+        raise JobFailed("UNSUPPORTED_JOB_TYPE", f"this demo node runs {', '.join(handlers)}", retryable=False)
+    started = time.monotonic()
+    output = handler(job, ctx)
+    if isinstance(output, dict):
+        output = {**output, "handled_in_s": round(time.monotonic() - started, 3)} if job["job_type"] != "echo" else output
+    return output

@@ -1,0 +1,147 @@
+"""Runs the jobs the server assigns, through the operator's handler.
+
+At most ``max_concurrent_jobs`` run at once, each on its own thread. Delivery
+is at least once, so a job seen again (same ``job_id`` and ``attempt``) is not
+run twice: a running one is acknowledged again, a finished one has its result
+sent again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from dispatcher.messages import JobAssign
+
+log = logging.getLogger("dispatcher.agent.runner")
+
+#: Finished jobs remembered for deduplication.
+_REMEMBERED = 1000
+
+Handler = Callable[[dict[str, Any], "JobContext"], Any]
+Send = Callable[[dict[str, Any]], None]
+
+
+class JobFailed(Exception):
+    """Raised by a handler to fail the job with a code; ``retryable`` lets the server try elsewhere."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    attempt: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _send: Send | None = None
+
+    def progress(self, fraction: float | None, message: str | None = None) -> None:
+        """Report progress (0 to 1) to the server; cheap to call often."""
+        if self._send is not None and not self.cancelled.is_set():
+            self._send({"type": "job_progress", "job_id": self.job_id, "attempt": self.attempt,
+                        "progress": None if fraction is None else max(0.0, min(1.0, fraction)),
+                        "message": message})
+
+
+def load_handler(spec: str) -> Handler:
+    """``package.module:function`` -> the function."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"handler {spec!r} must look like package.module:function")
+    handler = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(handler):
+        raise ValueError(f"handler {spec!r}: {attr} is not a function of {module_name}")
+    return handler
+
+
+class JobRunner:
+    def __init__(self, handler: Handler, max_concurrent_jobs: int, send: Send) -> None:
+        self.handler = handler
+        self.max_concurrent_jobs = max_concurrent_jobs
+        self._send = send
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="job")
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, int], JobContext] = {}
+        self._finished: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
+
+    def running_job_ids(self) -> list[str]:
+        with self._lock:
+            return [job_id for job_id, _ in self._running]
+
+    def assign(self, msg: JobAssign) -> None:
+        key = (msg.job_id, msg.attempt)
+        with self._lock:
+            if key in self._finished:
+                log.info("job delivered again after it finished; sending its result again",
+                         extra={"event": "job_redelivered", "job_id": msg.job_id, "attempt": msg.attempt})
+                self._send(self._finished[key])
+                return
+            if key in self._running:
+                self._send({"type": "job_ack", "job_id": msg.job_id, "attempt": msg.attempt})
+                return
+            if len(self._running) >= self.max_concurrent_jobs:
+                self._send(_failure(msg.job_id, msg.attempt, "NODE_AT_CAPACITY",
+                                    f"node already runs {self.max_concurrent_jobs} jobs", retryable=True))
+                return
+            ctx = JobContext(msg.job_id, msg.attempt, _send=self._send)
+            self._running[key] = ctx
+        self._send({"type": "job_ack", "job_id": msg.job_id, "attempt": msg.attempt})
+        log.info("job started", extra={"event": "job_started", "job_id": msg.job_id, "attempt": msg.attempt,
+                                       "job_type": msg.job_type})
+        self._pool.submit(self._run, msg, ctx)
+
+    def cancel(self, job_id: str, attempt: int, reason: str) -> None:
+        with self._lock:
+            ctx = self._running.get((job_id, attempt))
+        if ctx is not None:
+            log.info("job cancelled", extra={"event": "job_cancelled", "job_id": job_id, "attempt": attempt,
+                                             "reason": reason})
+            ctx.cancelled.set()
+
+    def _run(self, msg: JobAssign, ctx: JobContext) -> None:
+        started = time.monotonic()
+        job = msg.model_dump(mode="json", exclude={"type"})
+        try:
+            output = self.handler(job, ctx)
+            frame = {"type": "job_result", "job_id": msg.job_id, "attempt": msg.attempt, "success": True,
+                     "output": output, "duration_ms": int((time.monotonic() - started) * 1000)}
+        except JobFailed as exc:
+            frame = _failure(msg.job_id, msg.attempt, exc.code, str(exc), exc.retryable)
+        except Exception as exc:  # noqa: BLE001 - the handler is the operator's code; report, don't die
+            log.exception("handler failed", extra={"event": "handler_failed", "job_id": msg.job_id})
+            frame = _failure(msg.job_id, msg.attempt, "HANDLER_ERROR", f"{type(exc).__name__}: {exc}", True)
+        key = (msg.job_id, msg.attempt)
+        with self._lock:
+            self._running.pop(key, None)
+            self._finished[key] = frame
+            while len(self._finished) > _REMEMBERED:
+                self._finished.popitem(last=False)
+        if ctx.cancelled.is_set():
+            return  # the server already ended it; a result now would be ignored anyway
+        log.info("job finished", extra={"event": "job_finished", "job_id": msg.job_id, "attempt": msg.attempt,
+                                        "success": frame["success"]})
+        self._send(frame)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._running:
+                    return True
+            time.sleep(0.1)
+        return False
+
+
+def _failure(job_id: str, attempt: int, code: str, message: str, retryable: bool) -> dict[str, Any]:
+    return {"type": "job_result", "job_id": job_id, "attempt": attempt, "success": False,
+            "error": {"code": code, "message": message, "retryable": retryable}}

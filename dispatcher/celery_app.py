@@ -1,0 +1,20 @@
+"""The Celery app of the dispatcher (``celery -A dispatcher.celery_app``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging
+
+from dispatcher.logs import configure_logging
+from dispatcher.settings import get_settings
+
+app = Celery("dispatcher", include=["dispatcher.tasks"])
+app.config_from_object("celeryconfig")
+
+
+@setup_logging.connect
+def _json_logs(**_: Any) -> None:
+    # Connecting here stops Celery from installing its own handlers.
+    configure_logging(get_settings().log_level)

@@ -1,0 +1,331 @@
+"""The ``dispatcher`` command: run the system locally, look at the fleet, drain
+nodes, submit jobs, run a node agent.
+
+Exit codes: 0 done; 1 the operation failed (a job failed or was cancelled, a
+drain was refused); 2 bad usage; 3 no such node or job; 4 not authorized;
+5 the dispatcher cannot be reached. Every error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from dispatcher.errors import DispatcherError
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def project_root() -> Path:
+    """The checkout holding the Procfile: the working folder, or the one this package came from."""
+    for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (candidate / "Procfile").is_file():
+            return candidate
+    raise CliError("no Procfile here: run `dispatcher up` from the project's checkout", EXIT_USAGE)
+
+
+# --- talking to the web process ------------------------------------------------------
+
+
+class Api:
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            try:
+                message = json.loads(err.read()).get("error", err.reason)
+            except ValueError:
+                message = str(err.reason)
+            code = {401: EXIT_UNAUTHORIZED, 404: EXIT_NOT_FOUND}.get(err.code, EXIT_FAILED)
+            hint = " (set DISPATCHER_ADMIN_TOKEN or --token)" if err.code == 401 else ""
+            raise CliError(f"{message}{hint}", code) from err
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise CliError(f"cannot reach the dispatcher at {self.url}: {reason} (set DISPATCHER_URL or --url)",
+                           EXIT_UNREACHABLE) from err
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def show_nodes(api: Api, status: str | None) -> None:
+    answer = api.call("GET", "/api/nodes" + (f"?status={status}" if status else ""))
+    now_ms = time.time() * 1000
+    rows = []
+    for n in answer["nodes"]:
+        usage = n["resource_usage"]
+        ready = sum(1 for m in n["models"] if m["status"] == "ready")
+        rows.append([n["node_id"], n["status"], f"{len(n['assigned_jobs'])}/{n['max_concurrent_jobs']}",
+                     _pct(usage["cpu_percent"]), _pct(usage["gpu_percent"]), _pct(usage["mem_percent"]),
+                     f"{ready}/{len(n['models'])}", _age(n["last_heartbeat_age_s"]),
+                     _age((now_ms - n["status_since_ms"]) / 1000 if n["status_since_ms"] else None),
+                     n["reason"][:60]])
+    print(table(rows, ["NODE", "STATUS", "JOBS", "CPU", "GPU", "MEM", "MODELS", "HEARTBEAT", "AGE", "REASON"]))
+    print("\n" + ", ".join(f"{count} {s}" for s, count in answer["counts"].items() if count) or "no nodes")
+
+
+def show_node(api: Api, node_id: str, job_id: str | None) -> None:
+    n = api.call("GET", f"/api/nodes/{node_id}")
+    usage, health = n["resource_usage"], n["health"]
+    print(f"Node:          {n['node_id']}")
+    print(f"Status:        {n['status']} (since {_age((time.time() * 1000 - n['status_since_ms']) / 1000)} ago): "
+          f"{n['reason']}")
+    print(f"Connected:     {'yes' if n['connected'] else 'no'} (web {n['web_id']}), last heartbeat "
+          f"{_age(n['last_heartbeat_age_s'])} ago")
+    print(f"Agent:         {n['version'] or '-'} (schema {n['capability_schema_version']})")
+    gpus = ", ".join(f"{g['name']} {g['memory_gb']:g} GB" for g in n["hardware"].get("gpus", [])) or "none"
+    print(f"Hardware:      {n['hardware'].get('cpu_cores', 0)} cores, {n['hardware'].get('memory_gb', 0):g} GB, "
+          f"GPUs: {gpus} (available: {'yes' if n['gpu_available'] else 'no'})")
+    print(f"Usage:         cpu {_pct(usage['cpu_percent'])}, gpu {_pct(usage['gpu_percent'])}, "
+          f"mem {_pct(usage['mem_percent'])}, running {usage['running_jobs']} (node's count)")
+    models = ", ".join(f"{m['model_id']} ({m['status']})" for m in n["models"]) or "none"
+    labels = ", ".join(f"{k}={v}" for k, v in n["labels"].items()) or "none"
+    print(f"Models:        {models}")
+    print(f"Labels:        {labels}")
+    print(f"Public jobs:   {'accepted' if n['accept_public_jobs'] else 'not accepted'}")
+    print(f"Jobs:          {len(n['assigned_jobs'])}/{n['max_concurrent_jobs']} "
+          f"{' '.join(n['assigned_jobs'])}".rstrip())
+    print(f"Health:        window {health['window'] or '(empty)'}, {health['consecutive_ok']} ok / "
+          f"{health['consecutive_fail']} failed in a row, last: {health['last_reason']}")
+    drain = n.get("drain")
+    if drain:
+        state = "in progress" if drain["in_progress"] else (drain["outcome"] or "over")
+        deadline = f", deadline in {_age((drain['deadline_ms'] - time.time() * 1000) / 1000)}" \
+            if drain["deadline_ms"] and drain["in_progress"] else ""
+        print(f"Drain:         {state}: asked by {drain['requested_by']}: {drain['reason']}; "
+              f"{drain['jobs_left']} of {drain['jobs_at_start']} jobs left{deadline}")
+    print("Transitions:")
+    for t in n["transitions"][:10]:
+        when = _age((time.time() * 1000 - t["at_ms"]) / 1000)
+        print(f"  {when:>5} ago  {t['from'] or '(new)'} -> {t['to']}: {t['reason']}")
+    query = f"?job={job_id}" if job_id else ""
+    why = api.call("GET", f"/api/nodes/{node_id}/eligibility{query}")
+    print(f"Why not {'job ' + job_id if job_id else 'a job without requirements'}: "
+          f"{'eligible' if why['eligible'] else 'not eligible (' + why['first_failure'] + ')'}")
+    for step in why["steps"]:
+        print(f"  {'ok  ' if step['passed'] else 'FAIL'} {step['step']:<14} {step['detail']}")
+
+
+def drain(api: Api, node_id: str, deadline_s: float | None, reason: str) -> None:
+    body: dict[str, Any] = {"reason": reason, "requested_by": os.environ.get("USER", "dispatcher CLI")}
+    if deadline_s is not None:
+        body["deadline_seconds"] = deadline_s
+    answer = api.call("POST", f"/api/nodes/{node_id}/drain", body)
+    left = f"; {answer['jobs_left']} jobs left to finish" if answer["status"] == "draining" else ""
+    print(f"node {node_id} is {answer['status']}{left}")
+
+
+def undrain(api: Api, node_id: str) -> None:
+    answer = api.call("DELETE", f"/api/nodes/{node_id}/drain")
+    print(f"node {node_id} is {answer['status']}")
+
+
+# --- submit ----------------------------------------------------------------------------
+
+
+def submit(api: Api, args: argparse.Namespace) -> int:
+    from celery import Celery
+
+    from dispatcher.settings import load_settings
+
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        raise CliError(f"--payload is not JSON: {exc}", EXIT_USAGE) from exc
+    selector = {}
+    for pair in args.selector:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CliError(f"--selector {pair!r} must look like key=value", EXIT_USAGE)
+        selector[key] = value
+    kwargs = {"job_type": args.type, "payload": payload, "required_models": args.model, "require_gpu": args.gpu,
+              "public": args.public, "timeout_seconds": args.timeout, "max_attempts": args.max_attempts,
+              "dispatch_timeout_seconds": args.dispatch_timeout, "priority": args.priority, "node_selector": selector}
+    redis_url = load_settings().redis_url
+    same_redis(api, redis_url)
+    client = Celery(broker=redis_url, backend=redis_url)
+    result = client.send_task("dispatcher.submit_job", kwargs=kwargs)
+    print(f"job {result.id} submitted", file=sys.stderr)
+    if args.no_wait:
+        print(result.id)
+        return 0
+    return follow(api, result)
+
+
+def same_redis(api: Api, redis_url: str) -> None:
+    """Refuse to submit into another Redis than the dispatcher's (the job would wait for ever)."""
+    import redis
+
+    try:
+        info = api.call("GET", "/api/info")
+    except CliError:
+        return  # the dispatcher cannot be asked; submitting through Celery may still work
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=3)
+    try:
+        ours = (client.info("server").get("run_id"), client.connection_pool.connection_kwargs.get("db", 0))
+    except redis.RedisError as exc:
+        raise CliError(f"cannot reach Redis at REDIS_URL ({exc})", EXIT_UNREACHABLE) from exc
+    theirs = (info.get("redis_run_id"), info.get("redis_db", 0))
+    if theirs[0] and ours != theirs:
+        raise CliError(f"REDIS_URL is not the Redis the dispatcher at {api.url} uses: set REDIS_URL to the "
+                       "dispatcher's (dispatcher up prints it)", EXIT_USAGE)
+
+
+def follow(api: Api, result: Any) -> int:
+    """Show the job's progress until it ends; print its output."""
+    tty = sys.stderr.isatty()
+    shown, explained, started = "", False, time.monotonic()
+    while not result.ready():
+        state, info = result.state, result.info if isinstance(result.info, dict) else {}
+        if state == "STARTED":
+            progress = info.get("progress")
+            bar = f" {progress * 100:3.0f}%" if progress is not None else ""
+            line = f"running on {info.get('node_id')} (attempt {info.get('attempt')}){bar} {info.get('message') or ''}"
+        else:
+            line = "waiting for a node"
+            if not explained and time.monotonic() - started > 2:
+                try:
+                    why = (api.call("GET", f"/api/jobs/{result.id}").get("why_waiting") or {}).get("summary")
+                except CliError:
+                    why = None
+                if why:
+                    line += f": {why}"
+                    explained = True
+        if line != shown:
+            print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            shown = line
+        time.sleep(0.2)
+    if tty:
+        print(file=sys.stderr)
+    if result.successful():
+        print(json.dumps(result.result, indent=2))
+        return 0
+    print(f"dispatcher: job {result.id} {result.state.lower()}: {type(result.result).__name__}: {result.result}",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispatcher", description="Operate the GPU fleet dispatcher.")
+    p.add_argument("--url", default=os.environ.get("DISPATCHER_URL", f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"),
+                   help="the web process (env DISPATCHER_URL)")
+    p.add_argument("--token", default=os.environ.get("DISPATCHER_ADMIN_TOKEN"),
+                   help="the admin token, for drain and undrain (env DISPATCHER_ADMIN_TOKEN)")
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = commands.add_parser("up", help="run the whole system locally (private Redis, Procfile processes, demo nodes)")
+    up.add_argument("--nodes", type=int, default=2, help="demo node agents to start (default 2)")
+    nodes = commands.add_parser("nodes", help="list the nodes (like kubectl get nodes)")
+    nodes.add_argument("--status", choices=["registering", "ready", "degraded", "draining", "offline"])
+    node = commands.add_parser("node", help="describe one node: history, drain, and why it would not take a job")
+    node.add_argument("node_id")
+    node.add_argument("--job", help="explain the filter for this job instead of a job without requirements")
+    d = commands.add_parser("drain", help="stop new jobs to a node; it goes offline once its jobs end")
+    d.add_argument("node_id")
+    d.add_argument("--deadline", type=float, metavar="SECONDS", help="then send what is left elsewhere")
+    d.add_argument("--reason", default="drained from the CLI")
+    u = commands.add_parser("undrain", help="end a drain")
+    u.add_argument("node_id")
+    s = commands.add_parser("submit", help="submit a job, follow it, print its output")
+    s.add_argument("--type", required=True, help="job_type")
+    s.add_argument("--payload", default="{}", help="JSON object")
+    s.add_argument("--model", action="append", default=[], help="a required model (repeatable)")
+    s.add_argument("--gpu", action="store_true", help="require a GPU")
+    s.add_argument("--public", action="store_true", help="a public job")
+    s.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE", help="a label the node must carry")
+    s.add_argument("--priority", type=int, default=5)
+    s.add_argument("--timeout", type=float, default=300, help="timeout_seconds of one attempt")
+    s.add_argument("--dispatch-timeout", type=float, default=300, help="how long to wait for a node")
+    s.add_argument("--max-attempts", type=int, default=3)
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    commands.add_parser("agent", help="run the node agent (see `dispatcher agent --help`)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command_line = parser()
+    args, rest = command_line.parse_known_args(argv)
+    if args.command == "agent":
+        from dispatcher.agent.__main__ import main as agent_main
+
+        return agent_main(rest)
+    if rest:
+        command_line.error(f"unrecognized arguments: {' '.join(rest)}")
+    api = Api(args.url, args.token)
+    try:
+        if args.command == "up":
+            from dispatcher.local import run_local
+
+            return run_local(project_root(), demo_nodes=args.nodes)
+        if args.command == "nodes":
+            show_nodes(api, args.status)
+        elif args.command == "node":
+            show_node(api, args.node_id, args.job)
+        elif args.command == "drain":
+            drain(api, args.node_id, args.deadline, args.reason)
+        elif args.command == "undrain":
+            undrain(api, args.node_id)
+        elif args.command == "submit":
+            return submit(api, args)
+    except CliError as exc:
+        return fail(str(exc), exc.code)
+    except DispatcherError as exc:
+        return fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def fail(message: str, code: int) -> int:
+    print(f"dispatcher: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Dispatch: candidates from the indexes, the atomic filter-and-assign script,
+and the explanation of a job that finds no node.
+
+Cost per attempt grows with the candidates, not with the fleet: one
+transaction intersects the indexes (ready, free slot, resources, GPU, public,
+each required model, each selector label) and reads the least-loaded few plus
+the epoch; the script re-checks every step on those and assigns. When none
+fits and the epoch moved meanwhile (a node turned ready, a slot freed), the
+view was stale and the attempt is made again, so a job can never be parked
+while capacity that appeared during the attempt goes unused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from dispatcher.clock import Clock
+from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, explanation, first_failure, summarize
+from dispatcher.keys import Keys
+from dispatcher.logs import log_event
+from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
+from dispatcher.scripts import Scripts
+from dispatcher.settings import Settings
+
+log = logging.getLogger("dispatcher.dispatch")
+
+#: Attempts when the epoch keeps moving under us.
+_ATTEMPTS = 5
+#: Nodes read per pipeline when explaining a failure over the whole fleet.
+_WALK_CHUNK = 500
+
+
+@dataclass
+class Decision:
+    job_id: str
+    #: "assigned", "waiting" or "not_waiting".
+    outcome: str
+    node_id: str | None = None
+    attempt: int | None = None
+    #: {"counts": {reason: n}, "examples": {reason: [node ids]}}
+    exclusions: dict[str, Any] = field(default_factory=dict)
+    eligible: int | None = None
+    total: int | None = None
+    #: How long the job waited for this assignment (from submission, on a first attempt).
+    waited_ms: int | None = None
+
+    def summary(self) -> str:
+        return summarize(self.eligible or 0, self.total or 0, self.exclusions.get("counts", {}),
+                         self.exclusions.get("examples", {}))
+
+
+class Dispatcher:
+    def __init__(self, client: redis.Redis, settings: Settings, scripts: Scripts, clock: Clock) -> None:
+        self.client = client
+        self.settings = settings
+        self.scripts = scripts
+        self.keys: Keys = scripts.keys
+        self.clock = clock
+
+    def _stages(self, needs: JobNeeds) -> list[tuple[str, list[str]]]:
+        """The filter's indexed steps, in order: (reason, the index keys that step adds)."""
+        k = self.keys
+        stages = [("StatusNotReady", [k.status_set("ready")])]
+        if needs.public:
+            stages.append(("NotInPublicPool", [k.public_index()]))
+        if needs.node_selector:
+            stages.append(("NodeSelectorMismatch", k.label_indexes(needs.node_selector)))
+        if needs.require_gpu:
+            stages.append(("GpuUnavailable", [k.gpu_index()]))
+        if needs.required_models:
+            stages.append(("ModelNotAvailable", k.model_indexes(needs.required_models)))
+        stages.append(("CapacityExceeded", [k.capacity_index()]))
+        stages.append(("ResourceThresholdExceeded", [k.resources_index()]))
+        return stages
+
+    def count_exclusions(self, needs: JobNeeds) -> tuple[int, int, dict[str, Any]]:
+        """(eligible, total, counts by reason) from the indexes alone: one round trip of
+        set intersections inside Redis, never a node walk. Exact but for liveness: a
+        ready node silent past the timeout counts as eligible until the scan expires it."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.scard(self.keys.nodes())
+        keys: list[str] = []
+        stages = self._stages(needs)
+        for _, added in stages:
+            keys += added
+            pipe.zintercard(len(keys), keys)
+        total, *remaining = pipe.execute()
+        counts, before = {}, total
+        for (reason, _), after in zip(stages, remaining):
+            if before - after:
+                counts[reason] = counts.get(reason, 0) + before - after
+            before = after
+        return before, total, explanation(counts, {})
+
+    def candidates(self, needs: JobNeeds) -> tuple[list[str], str | None]:
+        """The least-loaded nodes that pass every indexed step, and the epoch they were read at."""
+        k = self.keys
+        sets = [key for reason, keys in self._stages(needs) if reason != "CapacityExceeded" for key in keys]
+        scratch = k.scratch("candidates")
+        pipe = self.client.pipeline(transaction=True)  # one snapshot: indexes and epoch together
+        # Plain sets count as score 1; weight 0 leaves each candidate scored by its load.
+        pipe.zinterstore(scratch, {k.capacity_index(): 1, **{s: 0 for s in sets}})
+        pipe.zrange(scratch, 0, self.settings.dispatch_candidates - 1)
+        pipe.delete(scratch)
+        pipe.get(k.epoch())
+        _, candidates, _, epoch = pipe.execute()
+        return candidates, epoch
+
+    def dispatch(self, job_id: str, needs: JobNeeds) -> Decision:
+        """Try to place one waiting job now."""
+        s = self.settings
+        for _ in range(_ATTEMPTS):
+            candidates, epoch = self.candidates(needs)
+            reply = self.scripts.dispatch_job(
+                job_id, self.clock(), epoch, candidates, int(s.heartbeat_timeout_seconds * 1000),
+                s.resource_threshold_percent, s.exclusion_examples)
+            if reply[0] == "assigned":
+                return Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]),
+                                waited_ms=int(reply[4]))
+            if reply[0] == "not_waiting":
+                return Decision(job_id, "not_waiting")
+            if reply[0] == "waiting":
+                return Decision(job_id, "waiting", exclusions=json.loads(reply[1]))
+        return Decision(job_id, "waiting", exclusions=json.loads(reply[1]))
+
+    def explain(self, needs: JobNeeds) -> tuple[int, int, dict[str, Any]]:
+        """Walk every node: (eligible, total, exclusions by reason with examples).
+
+        Only for a job that found no node (and for the eligibility endpoint):
+        the one place where the dispatcher reads the whole fleet.
+        """
+        s = self.settings
+        node_ids = sorted(self.client.smembers(self.keys.nodes()))
+        now = self.clock()
+        counts: Counter[str] = Counter()
+        examples: dict[str, list[str]] = {}
+        eligible = 0
+        for start in range(0, len(node_ids), _WALK_CHUNK):
+            chunk = node_ids[start:start + _WALK_CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            for node_id in chunk:
+                pipe.hmget(self.keys.node(node_id), NODE_FIELDS)
+                pipe.hlen(self.keys.assigned(node_id))
+            replies = pipe.execute()
+            for i, node_id in enumerate(chunk):
+                node = dict(zip(NODE_FIELDS, replies[2 * i]))
+                failed = first_failure(evaluate(node, replies[2 * i + 1], needs, now,
+                                                int(s.heartbeat_timeout_seconds * 1000), s.resource_threshold_percent))
+                if failed is None:
+                    eligible += 1
+                    continue
+                counts[failed.reason] += 1
+                if len(examples.setdefault(failed.reason, [])) < s.exclusion_examples:
+                    examples[failed.reason].append(node_id)
+        return eligible, len(node_ids), explanation(counts, examples)
+
+    def free_slots_anywhere(self) -> bool:
+        """Whether any ready node has a free slot (else no waiting job can be placed)."""
+        return bool(self.client.zintercard(2, [self.keys.capacity_index(), self.keys.status_set("ready")], limit=1))
+
+    def record(self, decision: Decision) -> None:
+        """Add one decision to the aggregate statistics and log it."""
+        counts = decision.exclusions.get("counts", {})
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(self.keys.stats(), f"decisions:{decision.outcome}", 1)
+        for reason, n in counts.items():
+            pipe.hincrby(self.keys.stats(), f"excluded:{reason}", n)
+        for reason, ids in decision.exclusions.get("examples", {}).items():
+            if ids:
+                pipe.hset(self.keys.stats_examples(), reason, json.dumps(ids))
+        pipe.execute()
+        DECISIONS.labels(decision.outcome).inc()
+        for reason, n in counts.items():
+            EXCLUSIONS.labels(reason).inc(n)
+        if decision.outcome == "assigned" and decision.attempt == 1 and decision.waited_ms is not None:
+            SUBMIT_TO_ASSIGN.observe(decision.waited_ms / 1000)
+        log_event(log, "dispatch_decision", job_id=decision.job_id, outcome=decision.outcome,
+                  node_id=decision.node_id, attempt=decision.attempt, exclusions=counts,
+                  examples=decision.exclusions.get("examples", {}), eligible=decision.eligible,
+                  total=decision.total)
+
+    def stats(self) -> dict[str, Any]:
+        raw = self.client.hgetall(self.keys.stats())
+        examples = self.client.hgetall(self.keys.stats_examples())
+        return {
+            "decisions": {k.split(":", 1)[1]: int(v) for k, v in raw.items() if k.startswith("decisions:")},
+            "excluded": {r: int(raw.get(f"excluded:{r}", 0)) for r in REASONS},
+            "examples": {r: json.loads(examples[r]) for r in REASONS if r in examples},
+            "waiting_jobs": self.client.zcard(self.keys.waiting()),
+        }

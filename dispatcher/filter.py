@@ -1,0 +1,115 @@
+"""The dispatch filter in Python: the same steps as ``lua/dispatch_job.lua``,
+evaluated in full to explain a decision (every node, or one node, every step
+with the values compared). The script decides; this explains.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Exclusion reasons, in the order of the filter's steps.
+REASONS = (
+    "StatusNotReady",
+    "NotInPublicPool",
+    "NodeSelectorMismatch",
+    "GpuUnavailable",
+    "ModelNotAvailable",
+    "CapacityExceeded",
+    "ResourceThresholdExceeded",
+)
+
+#: The node hash fields the filter reads.
+NODE_FIELDS = ("status", "last_seen_ms", "accept_public", "labels", "gpu_available", "models",
+               "max_concurrent_jobs", "cpu_percent", "gpu_percent", "mem_percent")
+
+
+@dataclass(frozen=True)
+class JobNeeds:
+    """What the filter needs to know of a job."""
+
+    required_models: tuple[str, ...] = ()
+    require_gpu: bool = False
+    public: bool = False
+    node_selector: tuple[tuple[str, str], ...] = ()
+
+    #: The job hash fields a JobNeeds is read from (HMGET them, then ``from_values``).
+    FIELDS = ("required_models", "require_gpu", "public", "node_selector")
+
+    @classmethod
+    def from_values(cls, values: list[str | None]) -> JobNeeds | None:
+        """From an HMGET of ``FIELDS``; None when the job does not exist."""
+        return None if values[0] is None else cls.from_stored(dict(zip(cls.FIELDS, values)))
+
+    @classmethod
+    def from_stored(cls, job: Mapping[str, str]) -> JobNeeds:
+        return cls(tuple(json.loads(job.get("required_models") or "[]")), job.get("require_gpu") == "1",
+                   job.get("public") == "1", tuple(sorted(json.loads(job.get("node_selector") or "{}").items())))
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    reason: str
+    passed: bool
+    #: The values compared, for a person: "status ready", "cpu 80% >= 25%".
+    detail: str
+
+
+def _number(value: str | None) -> float:
+    return float(value) if value not in (None, "") else 0.0
+
+
+def evaluate(node: Mapping[str, str], assigned: int, needs: JobNeeds, now_ms: int,
+             heartbeat_timeout_ms: int, resource_threshold: float) -> list[Step]:
+    """Every step of the filter for one stored node (``node`` holds NODE_FIELDS)."""
+    status = node.get("status") or "unknown"
+    silent_ms = now_ms - _number(node.get("last_seen_ms"))
+    labels = json.loads(node.get("labels") or "{}")
+    ready_models = {m["model_id"] for m in json.loads(node.get("models") or "[]") if m.get("status") == "ready"}
+    missing_labels = [f"{k}={v}" for k, v in needs.node_selector if labels.get(k) != v]
+    missing_models = [m for m in needs.required_models if m not in ready_models]
+    max_jobs = int(_number(node.get("max_concurrent_jobs")) or 1)
+    usage = {"cpu": _number(node.get("cpu_percent")), "gpu": _number(node.get("gpu_percent")),
+             "mem": _number(node.get("mem_percent"))}
+    over = [f"{k} {v:g}% >= {resource_threshold:g}%" for k, v in usage.items() if v >= resource_threshold]
+    return [
+        Step("status", "StatusNotReady", status == "ready", f"status {status}"),
+        Step("online", "StatusNotReady", silent_ms < heartbeat_timeout_ms,
+             f"last heard {silent_ms / 1000:.1f} s ago (timeout {heartbeat_timeout_ms / 1000:g} s)"),
+        Step("public_pool", "NotInPublicPool", not needs.public or node.get("accept_public") == "1",
+             "job is not public" if not needs.public else
+             f"accepts public jobs: {'yes' if node.get('accept_public') == '1' else 'no'}"),
+        Step("node_selector", "NodeSelectorMismatch", not missing_labels,
+             f"missing labels {', '.join(missing_labels)}" if missing_labels else
+             ("labels match" if needs.node_selector else "no selector")),
+        Step("gpu", "GpuUnavailable", not needs.require_gpu or node.get("gpu_available") == "1",
+             "job needs no GPU" if not needs.require_gpu else
+             f"GPU available: {'yes' if node.get('gpu_available') == '1' else 'no'}"),
+        Step("models", "ModelNotAvailable", not missing_models,
+             f"not ready: {', '.join(missing_models)}" if missing_models else
+             (f"ready: {', '.join(needs.required_models)}" if needs.required_models else "no models required")),
+        Step("capacity", "CapacityExceeded", assigned < max_jobs, f"{assigned}/{max_jobs} slots used"),
+        Step("resources", "ResourceThresholdExceeded", not over,
+             "; ".join(over) if over else
+             f"cpu {usage['cpu']:g}%, gpu {usage['gpu']:g}%, mem {usage['mem']:g}% < {resource_threshold:g}%"),
+    ]
+
+
+def first_failure(steps: list[Step]) -> Step | None:
+    return next((step for step in steps if not step.passed), None)
+
+
+def summarize(eligible: int, total: int, counts: Mapping[str, int], examples: Mapping[str, list[str]]) -> str:
+    """``0/12 nodes eligible: 5 StatusNotReady, 4 ModelNotAvailable (StatusNotReady: n-1, n-2; ...)``."""
+    parts = [f"{counts[r]} {r}" for r in REASONS if counts.get(r)]
+    text = f"{eligible}/{total} nodes eligible" + (f": {', '.join(parts)}" if parts else "")
+    shown = [f"{r}: {', '.join(examples[r])}" for r in REASONS if examples.get(r)]
+    return text + (f" (e.g. {'; '.join(shown)})" if shown else "")
+
+
+def explanation(counts: Mapping[str, int], examples: Mapping[str, list[str]]) -> dict[str, Any]:
+    return {"counts": {r: counts[r] for r in REASONS if counts.get(r)},
+            "examples": {r: examples[r] for r in REASONS if examples.get(r)}}

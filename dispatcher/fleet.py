@@ -1,0 +1,182 @@
+"""Read-only views of the fleet for the HTTP API, the page, the CLI and status reports."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from dispatcher.clock import Clock, now_ms
+from dispatcher.filter import JobNeeds, evaluate
+from dispatcher.keys import STATUSES, Keys
+from dispatcher.messages import NodeStatusMessage
+from dispatcher.settings import Settings
+
+#: Stored fields that never leave the dispatcher.
+_PRIVATE = {"secret_hash", "session_id"}
+
+
+def _number(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def node_view(raw: dict[str, str], assigned: list[str], now: int) -> dict[str, Any]:
+    """The public shape of one stored node."""
+    last_heartbeat = _int(raw.get("last_heartbeat_ms"))
+    window = raw.get("window", "")
+    return {
+        "node_id": raw["node_id"],
+        "status": raw.get("status"),
+        "previous_status": raw.get("previous_status") or None,
+        "reason": raw.get("status_reason", ""),
+        "status_since_ms": _int(raw.get("status_since_ms")),
+        "registered_at_ms": _int(raw.get("registered_at_ms")),
+        "last_heartbeat_ms": last_heartbeat,
+        "last_heartbeat_age_s": None if last_heartbeat is None else round((now - last_heartbeat) / 1000, 1),
+        "connected": raw.get("connected") == "1",
+        "web_id": raw.get("web_id"),
+        "version": raw.get("version", ""),
+        "capability_schema_version": raw.get("capability_schema_version", ""),
+        "advanced_features": json.loads(raw.get("advanced_features") or "{}"),
+        "hardware": json.loads(raw.get("hardware") or "{}"),
+        "gpu_available": raw.get("gpu_available") == "1",
+        "resource_usage": {
+            "cpu_percent": _number(raw.get("cpu_percent")),
+            "gpu_percent": _number(raw.get("gpu_percent")),
+            "mem_percent": _number(raw.get("mem_percent")),
+            "running_jobs": _int(raw.get("running_jobs")),
+        },
+        "models": json.loads(raw.get("models") or "[]"),
+        "labels": json.loads(raw.get("labels") or "{}"),
+        "accept_public_jobs": raw.get("accept_public") == "1",
+        "max_concurrent_jobs": _int(raw.get("max_concurrent_jobs")),
+        "assigned_jobs": sorted(assigned),
+        "health": {
+            "window": window,
+            "window_failures": window.count("0"),
+            "consecutive_ok": _int(raw.get("consecutive_ok")) or 0,
+            "consecutive_fail": _int(raw.get("consecutive_fail")) or 0,
+            "last_healthy": {"1": True, "0": False}.get(raw.get("last_healthy", "")),
+            "last_reason": raw.get("last_health_reason", ""),
+        },
+        "drain": _drain_view(raw, len(assigned)),
+    }
+
+
+def _drain_view(raw: dict[str, str], jobs_left: int) -> dict[str, Any] | None:
+    if not raw.get("drain_requested_ms"):
+        return None
+    return {
+        "in_progress": raw.get("drain_pending") == "1",
+        "jobs_left": jobs_left,
+        "requested_by": raw.get("drain_requested_by"),
+        "reason": raw.get("drain_reason"),
+        "requested_at_ms": _int(raw.get("drain_requested_ms")),
+        "deadline_ms": _int(raw.get("drain_deadline_ms")),
+        "jobs_at_start": _int(raw.get("drain_jobs_at_start")),
+        "ended_at_ms": _int(raw.get("drain_ended_ms")),
+        "outcome": raw.get("drain_outcome") or None,
+    }
+
+
+class Fleet:
+    """Reads of node records; never writes."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.clock = clock
+
+    def node(self, node_id: str, transitions: int = 20) -> dict[str, Any] | None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.node(node_id))
+        pipe.hkeys(self.keys.assigned(node_id))
+        pipe.lrange(self.keys.node_transitions(node_id), 0, transitions - 1)
+        raw, assigned, history = pipe.execute()
+        if not raw:
+            return None
+        view = node_view(raw, assigned, self.clock())
+        view["transitions"] = [json.loads(entry) for entry in history]
+        return view
+
+    def nodes(self, status: str | None = None) -> list[dict[str, Any]]:
+        ids = self.client.smembers(self.keys.status_set(status) if status else self.keys.nodes())
+        return [v for v in self._views(sorted(ids)).values() if v is not None]
+
+    def _raw(self, node_ids: list[str]) -> dict[str, tuple[dict[str, str], list[str]]]:
+        """Each node's stored hash and assigned job ids, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for node_id in node_ids:
+            pipe.hgetall(self.keys.node(node_id))
+            pipe.hkeys(self.keys.assigned(node_id))
+        replies = pipe.execute()
+        return {node_id: (replies[2 * i], replies[2 * i + 1]) for i, node_id in enumerate(node_ids)}
+
+    def _views(self, node_ids: list[str],
+               raws: dict[str, tuple[dict[str, str], list[str]]] | None = None) -> dict[str, dict[str, Any] | None]:
+        raws = self._raw(node_ids) if raws is None else raws
+        now = self.clock()
+        return {node_id: node_view(raw, assigned, now) if raw else None for node_id, (raw, assigned) in raws.items()}
+
+    def counts_by_status(self) -> dict[str, int]:
+        pipe = self.client.pipeline(transaction=False)
+        for status in STATUSES:
+            pipe.scard(self.keys.status_set(status))
+        return dict(zip(STATUSES, pipe.execute()))
+
+    def recent_transitions(self, limit: int = 50) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.client.lrange(self.keys.transitions(), 0, limit - 1)]
+
+    def last_scan(self) -> dict[str, Any]:
+        raw = self.client.hgetall(self.keys.scan_state())
+        return {k: int(v) for k, v in raw.items()}
+
+    def why_idle(self, raw: dict[str, str], assigned: int, head: JobNeeds | None) -> list[str]:
+        """Why a ready node gets no job: the steps it fails for any job, then those it
+        fails only for the first waiting job (``ResourceThresholdExceeded: gpu 80% >= 25%``)."""
+        s = self.settings
+
+        def failing(needs: JobNeeds) -> list[str]:
+            steps = evaluate(raw, assigned, needs, self.clock(), int(s.heartbeat_timeout_seconds * 1000),
+                             s.resource_threshold_percent)
+            return [f"{step.reason}: {step.detail}" for step in steps if not step.passed]
+        reasons = failing(JobNeeds())
+        if head is not None:
+            reasons += [f"first waiting job: {text}" for text in failing(head) if text not in reasons]
+        return reasons
+
+    def _first_waiting(self) -> JobNeeds | None:
+        head = self.client.zrange(self.keys.waiting(), 0, 0)
+        if not head:
+            return None
+        return JobNeeds.from_values(self.client.hmget(self.keys.job(head[0]), JobNeeds.FIELDS))
+
+    def status_reports(self, node_ids: list[str]) -> dict[str, NodeStatusMessage]:
+        """The periodic node_status frame of each node, with its health summary, its
+        jobs and, for a ready node, why it gets no (more) work."""
+        reports = {}
+        raws = self._raw(node_ids)
+        head = self._first_waiting()
+        for node_id, view in self._views(node_ids, raws).items():
+            if view is None:
+                continue
+            idle = None
+            if view["status"] == "ready":
+                idle = self.why_idle(raws[node_id][0], len(view["assigned_jobs"]), head)
+            reports[node_id] = NodeStatusMessage(
+                node_id=node_id,
+                status=view["status"],
+                previous_status=view["previous_status"],
+                reason=view["reason"],
+                timestamp=self.clock(),
+                health=view["health"],
+                assigned_jobs=view["assigned_jobs"],
+                not_eligible=idle,
+            )
+        return reports

@@ -1,0 +1,49 @@
+"""What a client may submit (``dispatcher.submit_job`` kwargs, contract section 4)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dispatcher.errors import InvalidJob
+from dispatcher.messages import LabelKey, LabelValue, ModelId, describe_validation_error
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    job_type: str = Field(min_length=1, max_length=100)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    required_models: list[ModelId] = Field(default_factory=list, max_length=100)
+    require_gpu: bool = False
+    public: bool = False
+    #: How long a node may work on one attempt.
+    timeout_seconds: float = Field(300, gt=0, le=7 * 24 * 3600)
+    max_attempts: int = Field(3, ge=1, le=100)
+    #: How long the job may wait for an eligible node.
+    dispatch_timeout_seconds: float = Field(300, ge=0, le=7 * 24 * 3600)
+    #: 0-9, higher first among waiting jobs.
+    priority: int = Field(5, ge=0, le=9)
+    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
+
+    @classmethod
+    def parse(cls, fields: dict[str, Any], max_payload_bytes: int) -> JobSpec:
+        """Validate submitted kwargs; InvalidJob names every field at fault."""
+        try:
+            spec = cls.model_validate(fields)
+        except ValidationError as exc:
+            raise InvalidJob(f"invalid job: {describe_validation_error(exc)}") from exc
+        size = len(spec.payload_json().encode())
+        if size > max_payload_bytes:
+            raise InvalidJob(f"invalid job: payload: {size} bytes of JSON, more than the {max_payload_bytes} "
+                             "a node frame may carry")
+        return spec
+
+    def payload_json(self) -> str:
+        return json.dumps(self.payload, separators=(",", ":"), allow_nan=False)
+
+    def queue_score(self, submitted_ms: int) -> int:
+        """Waiting order: higher priority first, then first submitted."""
+        return (9 - self.priority) * 10**13 + submitted_ms

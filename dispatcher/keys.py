@@ -1,0 +1,222 @@
+"""Every Redis key and channel name of the dispatcher, and nothing else.
+
+All names share one prefix (default ``{dispatcher}``): it keeps them apart from
+Celery's and kombu's keys, and its braces make it a Redis Cluster hash tag, so
+every key a script touches lives in one slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+#: Node statuses, in the order the status sets appear in a node bundle.
+STATUSES = ("registering", "ready", "degraded", "draining", "offline")
+
+#: The keys every node script receives first, in this order. The script loader
+#: turns this list into the Lua table ``K`` (``K.node``, ``K.ready`` ...), so
+#: Python and Lua cannot disagree on positions.
+NODE_BUNDLE = (
+    "node",
+    "nodes",
+    "liveness",
+    "warmup",
+    *STATUSES,
+    "queue",
+    "node_transitions",
+    "transitions",
+    "gpu_index",
+    "public_index",
+    "resources_index",
+    "capacity_index",
+    "assigned",
+    "drains",
+    "epoch",
+    "waiting",
+    "lost",
+)
+
+#: The keys every job script receives (after the node bundle, when it has one).
+JOB_BUNDLE = (
+    "job",
+    "job_attempts",
+    "waiting",
+    "deadlines",
+    "results",
+    "publish",
+    "epoch",
+    "capacity_index",
+)
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str = "{dispatcher}") -> None:
+        self.prefix = prefix
+
+    # --- nodes -------------------------------------------------------------
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}"
+
+    def nodes(self) -> str:
+        """Set of every known node id."""
+        return f"{self.prefix}:nodes"
+
+    def liveness(self) -> str:
+        """Sorted set: node id -> last time seen (ms), for nodes not offline."""
+        return f"{self.prefix}:liveness"
+
+    def warmup(self) -> str:
+        """Sorted set: node id -> time it entered ``registering`` (ms)."""
+        return f"{self.prefix}:warmup"
+
+    def status_set(self, status: str) -> str:
+        return f"{self.prefix}:status:{status}"
+
+    def queue(self, node_id: str) -> str:
+        """List of frames waiting to be sent to the node's session."""
+        return f"{self.prefix}:node:{node_id}:queue"
+
+    def node_transitions(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}:transitions"
+
+    def transitions(self) -> str:
+        """Capped list of the fleet's recent status transitions."""
+        return f"{self.prefix}:transitions"
+
+    def assigned(self, node_id: str) -> str:
+        """Hash: job id -> the ``job_assign`` frame, for jobs assigned to the node."""
+        return f"{self.prefix}:node:{node_id}:assigned"
+
+    def drains(self) -> str:
+        """Sorted set: draining node id -> drain deadline (ms)."""
+        return f"{self.prefix}:drains"
+
+    # --- dispatch indexes --------------------------------------------------
+    def gpu_index(self) -> str:
+        return f"{self.prefix}:idx:gpu"
+
+    def public_index(self) -> str:
+        return f"{self.prefix}:idx:public"
+
+    def resources_index(self) -> str:
+        """Nodes whose cpu, gpu and mem usage are all below the threshold."""
+        return f"{self.prefix}:idx:resources"
+
+    def capacity_index(self) -> str:
+        """Sorted set: node id -> assigned / max_concurrent_jobs, for nodes with a free slot."""
+        return f"{self.prefix}:idx:capacity"
+
+    def model_index(self, model_id: str) -> str:
+        """Nodes reporting the model ``ready``."""
+        return f"{self.prefix}:idx:model:{model_id}"
+
+    def label_index(self, key: str, value: str) -> str:
+        return f"{self.prefix}:idx:label:{key}={value}"
+
+    def scratch(self, name: str) -> str:
+        """A temporary key for one dispatch attempt."""
+        return f"{self.prefix}:tmp:{name}"
+
+    # --- jobs --------------------------------------------------------------
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_attempts(self, job_id: str) -> str:
+        """List of the job's attempts (node, assigned, acked, ended, outcome), oldest first."""
+        return f"{self.prefix}:job:{job_id}:attempts"
+
+    def waiting(self) -> str:
+        """Sorted set of waiting job ids, highest priority first, then oldest."""
+        return f"{self.prefix}:waiting"
+
+    def deadlines(self) -> str:
+        """Sorted set: job id -> when its current phase times out (ms): the
+        dispatch timeout while waiting, the attempt's timeout once assigned."""
+        return f"{self.prefix}:deadlines"
+
+    def results(self) -> str:
+        """Sorted set: job id -> when a node's result was recorded and awaits completion."""
+        return f"{self.prefix}:results"
+
+    def publish(self) -> str:
+        """Sorted set: job id -> when it finished, until its Celery result is written."""
+        return f"{self.prefix}:publish"
+
+    def kick(self) -> str:
+        """Set while a pass over the waiting jobs is queued (so events queue one, not many)."""
+        return f"{self.prefix}:kick"
+
+    def lost(self) -> str:
+        """Sorted set: offline node id -> when its jobs are re-dispatched (ms)."""
+        return f"{self.prefix}:lost"
+
+    def epoch(self) -> str:
+        """Counter bumped whenever a node may have become eligible for more work."""
+        return f"{self.prefix}:epoch"
+
+    def scan_state(self) -> str:
+        """Hash: what the last periodic scan did (time, expired, partition suspected)."""
+        return f"{self.prefix}:scan"
+
+    def stats(self) -> str:
+        """Hash of aggregate dispatch statistics (decisions, exclusions per reason)."""
+        return f"{self.prefix}:stats"
+
+    def stats_examples(self) -> str:
+        """Hash: exclusion reason -> JSON list of recent example node ids."""
+        return f"{self.prefix}:stats:examples"
+
+    # --- channels (not keys) -----------------------------------------------
+    def wake_channel(self) -> str:
+        """Pub/sub channel carrying node ids whose queue has new frames."""
+        return f"{self.prefix}:wake"
+
+
+    # --- bundles -----------------------------------------------------------
+    def node_bundle(self, node_id: str) -> list[str]:
+        """The keys of ``NODE_BUNDLE`` for one node, in order."""
+        by_name = {
+            "node": self.node(node_id),
+            "nodes": self.nodes(),
+            "liveness": self.liveness(),
+            "warmup": self.warmup(),
+            **{status: self.status_set(status) for status in STATUSES},
+            "queue": self.queue(node_id),
+            "node_transitions": self.node_transitions(node_id),
+            "transitions": self.transitions(),
+            "gpu_index": self.gpu_index(),
+            "public_index": self.public_index(),
+            "resources_index": self.resources_index(),
+            "capacity_index": self.capacity_index(),
+            "assigned": self.assigned(node_id),
+            "drains": self.drains(),
+            "epoch": self.epoch(),
+            "waiting": self.waiting(),
+            "lost": self.lost(),
+        }
+        return [by_name[name] for name in NODE_BUNDLE]
+
+    def job_bundle(self, job_id: str) -> list[str]:
+        """The keys of ``JOB_BUNDLE`` for one job, in order."""
+        by_name = {
+            "job": self.job(job_id),
+            "job_attempts": self.job_attempts(job_id),
+            "waiting": self.waiting(),
+            "deadlines": self.deadlines(),
+            "results": self.results(),
+            "publish": self.publish(),
+            "epoch": self.epoch(),
+            "capacity_index": self.capacity_index(),
+        }
+        return [by_name[name] for name in JOB_BUNDLE]
+
+    def candidate_keys(self, node_ids: Iterable[str]) -> list[str]:
+        """Node hash, assigned jobs and queue of each candidate node, in order."""
+        return [key for n in node_ids for key in (self.node(n), self.assigned(n), self.queue(n))]
+
+    def model_indexes(self, model_ids: Iterable[str]) -> list[str]:
+        return [self.model_index(m) for m in model_ids]
+
+    def label_indexes(self, labels: Iterable[tuple[str, str]]) -> list[str]:
+        return [self.label_index(k, v) for k, v in labels]

@@ -1,0 +1,77 @@
+"""Structured logs: one JSON object per line, with an ``event`` name and its fields."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def json_formatter() -> logging.Formatter:
+    return JsonFormatter(_FORMAT, rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"})
+
+
+class _NoHandOffTracebacks(logging.Filter):
+    """dispatcher.submit_job ends with Celery's Ignore on purpose (the job's result
+    comes later); Celery logs each one with a traceback, which says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        return not (record.name == "celery.app.trace" and isinstance(data, dict)
+                    and data.get("description") == "ignored")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send every log record of the process to stdout as JSON lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(json_formatter())
+    handler.addFilter(_NoHandOffTracebacks())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one named event; ``fields`` become keys of the JSON line."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={"event": event, **fields})
+
+
+#: Long GC pauses seen since the last report: (generation, pause_ms, collected).
+_gc_pauses: deque[tuple[int, int, int]] = deque(maxlen=100)
+
+
+def watch_gc_pauses(threshold_ms: float = 100.0) -> None:
+    """Record every garbage collection that stops the process longer than ``threshold_ms``.
+
+    A full collection walks every live object: about 0.5 s for a web process
+    holding 5,000 sessions. It is rare in steady state; this makes it visible
+    (``report_gc_pauses`` logs them: a GC callback must not take locks).
+    """
+    started_s = 0.0
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        nonlocal started_s
+        if phase == "start":
+            started_s = time.perf_counter()
+            return
+        pause_ms = (time.perf_counter() - started_s) * 1000
+        if pause_ms >= threshold_ms:
+            _gc_pauses.append((info["generation"], round(pause_ms), info["collected"]))
+
+    gc.callbacks.append(on_gc)
+
+
+def report_gc_pauses() -> None:
+    """Log the long GC pauses recorded since the last call."""
+    log = logging.getLogger("dispatcher.gc")
+    while _gc_pauses:
+        generation, pause_ms, collected = _gc_pauses.popleft()
+        log_event(log, "gc_pause", logging.WARNING, generation=generation, pause_ms=pause_ms, collected=collected)

@@ -1,0 +1,354 @@
+"""The node registry: registration, heartbeats, session ends and the periodic scan.
+
+Status rules live in the scripts; this module prepares their inputs (the
+health verdict, the index keys a change touches), turns their replies into
+results and logs what happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import redis
+
+from dispatcher.clock import Clock, now_ms
+from dispatcher.errors import (
+    InvalidMessage,
+    InvalidTransition,
+    NodeIdConflict,
+    ScriptRetry,
+    StoreError,
+    Unauthorized,
+    UnknownNode,
+)
+from dispatcher.health import HealthVerdict, check_health
+from dispatcher.keys import Keys
+from dispatcher.logs import log_event
+from dispatcher.messages import NODE_ID_PATTERN, InstalledModel, NodeHeartbeat, NodeRegister
+from dispatcher.metrics import HEARTBEATS, TRANSITIONS
+from dispatcher.scripts import HeartbeatOutcome, Scripts
+from dispatcher.settings import Settings
+
+log = logging.getLogger("dispatcher.registry")
+
+#: Attempts of a script whose optimistic read went stale (models or labels changed meanwhile).
+_SCRIPT_ATTEMPTS = 5
+#: Expired nodes the scan takes per batch from the liveness index.
+_SCAN_BATCH = 500
+
+
+def transitioned(node_id: str, from_status: str | None, to_status: str, reason: str) -> None:
+    """Log and count one status transition (the scripts made it)."""
+    log_event(log, "status_transition", node_id=node_id, from_status=from_status, to_status=to_status, reason=reason)
+    TRANSITIONS.labels(from_status or "new", to_status).inc()
+
+
+def hash_secret(secret: str) -> str:
+    """Node secrets are 256-bit random tokens, so one SHA-256 is a safe stored form."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _models_json(models: list[InstalledModel]) -> str:
+    return json.dumps([m.model_dump(mode="json") for m in models], separators=(",", ":"))
+
+
+@dataclass
+class SessionNode:
+    """What a session knows of its node between frames (it is the node's only writer)."""
+
+    node_id: str
+    session_id: str
+    models: dict[str, str]
+    gpu_count: int
+    gpu_available: bool
+    last_verdict: HealthVerdict | None = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    node: SessionNode
+    secret: str
+    status: str
+    resumed: bool
+    old_session_id: str
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    #: None when the session no longer holds the node (see ``refused``).
+    outcome: HeartbeatOutcome | None
+    verdict: HealthVerdict
+    #: "superseded", "offline" or "unknown" when the heartbeat was refused.
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
+class DrainOutcome:
+    #: "draining" (jobs still assigned) or "offline" (nothing was assigned).
+    status: str
+    jobs_left: int
+
+
+@dataclass
+class ScanSummary:
+    expired: list[str] = field(default_factory=list)
+    warmup_degraded: list[str] = field(default_factory=list)
+    drains_ended: list[str] = field(default_factory=list)
+    suspected_partition: bool = False
+    deferred: int = 0
+
+
+class Registry:
+    """Node records in Redis, changed only through the scripts."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.scripts = Scripts(client, self.keys)
+        self.clock = clock
+
+    # --- registration ------------------------------------------------------
+
+    def register(self, msg: NodeRegister, session_id: str, web_id: str, now: int | None = None) -> Registration:
+        """Accept a node_register frame, or raise the protocol error the node gets."""
+        self._check_token(msg)
+        now = self.clock() if now is None else now
+        node_id = msg.node_id
+        generated = node_id is None
+        if node_id is not None and not NODE_ID_PATTERN.match(node_id):
+            log_event(log, "registration_failed", logging.WARNING, node_id=node_id[:80], why="invalid node_id")
+            raise InvalidMessage("node_id: letters, digits, '-', '_' and '.' only, at most 64 characters")
+        gpu_count = len(msg.hardware.gpus)
+        fields = {
+            "version": msg.version,
+            "capability_schema_version": msg.capability_schema_version,
+            "advanced_features": json.dumps(msg.advanced_features),
+            "hardware": msg.hardware.model_dump_json(),
+            "gpu_count": gpu_count,
+            "gpu_available": gpu_count > 0,
+            "models": _models_json(msg.installed_models),
+            "labels": json.dumps(msg.labels, sort_keys=True),
+            "accept_public": msg.accept_public_jobs,
+            "max_concurrent_jobs": msg.max_concurrent_jobs,
+        }
+        ready_models = [m.model_id for m in msg.installed_models if m.status == "ready"]
+        labels_flat = [f"{k}={v}" for k, v in sorted(msg.labels.items())]
+
+        for _ in range(_SCRIPT_ATTEMPTS):
+            if generated:
+                node_id = f"n-{secrets.token_hex(8)}"
+            stored_hash, stored_models, stored_labels = self.client.hmget(
+                self.keys.node(node_id), "secret_hash", "models", "labels")
+            if stored_hash is not None:
+                if not msg.node_secret or not hmac.compare_digest(stored_hash, hash_secret(msg.node_secret)):
+                    if generated:
+                        continue
+                    log_event(log, "registration_conflict", logging.WARNING, node_id=node_id)
+                    raise NodeIdConflict()
+            secret = msg.node_secret if (msg.node_secret and not generated) else secrets.token_urlsafe(32)
+            old_models = [m["model_id"] for m in json.loads(stored_models or "[]")]
+            old_labels = [tuple(kv) for kv in json.loads(stored_labels or "{}").items()]
+            index_models = sorted(set(old_models) | {m.model_id for m in msg.installed_models})
+            index_labels = sorted(set(old_labels) | set(msg.labels.items()))
+            extra_keys = self.keys.model_indexes(index_models) + self.keys.label_indexes(index_labels)
+            try:
+                outcome, old_session = self.scripts.register_node(node_id, extra_keys, {
+                    "secret_hash": hash_secret(secret),
+                    "session_id": session_id,
+                    "web_id": web_id,
+                    "now_ms": now,
+                    "expected_models": stored_models,
+                    "expected_labels": stored_labels,
+                    "fields": fields,
+                    "ready_models": ready_models,
+                    "labels_flat": labels_flat,
+                    "index_models": index_models,
+                    "index_labels": [f"{k}={v}" for k, v in index_labels],
+                })
+            except ScriptRetry:
+                continue
+            if outcome == "conflict":
+                if generated:
+                    continue
+                log_event(log, "registration_conflict", logging.WARNING, node_id=node_id)
+                raise NodeIdConflict()
+            resumed = outcome == "resumed"
+            log_event(log, "registration_ok", node_id=node_id, resumed=resumed, session_id=session_id,
+                      web_id=web_id, models=ready_models, max_concurrent_jobs=msg.max_concurrent_jobs)
+            transitioned(node_id, None, "registering", "resumed" if resumed else "registered")
+            node = SessionNode(node_id, session_id, {m.model_id: m.status.value for m in msg.installed_models},
+                               gpu_count, gpu_count > 0)
+            return Registration(node, secret, "registering", resumed, old_session)
+        raise StoreError(f"registration of {node_id} kept racing with another; try again")
+
+    def _check_token(self, msg: NodeRegister) -> None:
+        tokens = self.settings.registration_tokens
+        if not tokens:
+            return
+        given = (msg.registration_token or "").encode()
+        # Compare with every token so the time taken does not tell which one nearly matched.
+        matched = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in tokens]
+        if not any(matched):
+            log_event(log, "registration_failed", logging.WARNING, node_id=msg.node_id,
+                      why="registration token missing or not accepted")
+            raise Unauthorized("registration token missing or not accepted")
+
+    # --- heartbeats --------------------------------------------------------
+
+    def heartbeat(self, node: SessionNode, msg: NodeHeartbeat, now: int | None = None) -> HeartbeatResult:
+        """Record a heartbeat of the session's node and apply its status rules."""
+        now = self.clock() if now is None else now
+        models = node.models if msg.installed_models is None else {
+            m.model_id: m.status.value for m in msg.installed_models}
+        gpu_available = node.gpu_available if msg.gpu_available is None else msg.gpu_available
+        s = self.settings
+        verdict = check_health(models, node.gpu_count, gpu_available, s.required_models, s.require_gpu)
+        usage = msg.resource_usage
+        params = {
+            "session_id": node.session_id,
+            "now_ms": now,
+            "healthy": verdict.healthy,
+            "health_reason": verdict.reason,
+            "cpu": usage.cpu_percent,
+            "gpu": usage.gpu_percent,
+            "mem": usage.mem_percent,
+            "running_jobs": usage.running_jobs,
+            "gpu_available": gpu_available,
+            "models": None if msg.installed_models is None else _models_json(msg.installed_models),
+            "resource_threshold": s.resource_threshold_percent,
+            "success_threshold": s.health_check_success_threshold,
+            "window_size": s.failure_rate_window_size,
+            "failure_rate_threshold": s.failure_rate_threshold,
+            "consecutive_failure_threshold": s.consecutive_failure_threshold,
+            "warmup_ms": int(s.warmup_timeout_seconds * 1000),
+        }
+        index_models = set(node.models) | set(models) if msg.installed_models is not None else set()
+        for _ in range(_SCRIPT_ATTEMPTS):
+            params["index_models"] = sorted(index_models)
+            try:
+                outcome = self.scripts.record_heartbeat(
+                    node.node_id, self.keys.model_indexes(params["index_models"]), params)
+                break
+            except ScriptRetry as retry:
+                index_models |= {m["model_id"] for m in json.loads(retry.stored or "[]")}
+        else:
+            raise StoreError(f"heartbeat of {node.node_id}: model list kept changing")
+
+        if isinstance(outcome, str):
+            return HeartbeatResult(None, verdict, refused=outcome)
+        node.models, node.gpu_available = models, gpu_available
+        if node.last_verdict != verdict:
+            log_event(log, "health_check", node_id=node.node_id, healthy=verdict.healthy,
+                      health_reason=verdict.reason, status=outcome.status)
+        node.last_verdict = verdict
+        HEARTBEATS.labels("true" if verdict.healthy else "false").inc()
+        if outcome.transitioned:
+            transitioned(node.node_id, outcome.previous_status, outcome.status, outcome.reason)
+        return HeartbeatResult(outcome, verdict)
+
+    # --- draining ------------------------------------------------------------
+
+    def drain(self, node_id: str, requested_by: str, reason: str, deadline_s: float | None = None,
+              now: int | None = None) -> DrainOutcome:
+        """Stop new jobs for a ready or degraded node; it goes offline once its jobs finish
+        (or at the deadline, when what is left is dispatched elsewhere)."""
+        now = self.clock() if now is None else now
+        deadline_ms = None if deadline_s is None else now + int(deadline_s * 1000)
+        outcome, detail, previous = self.scripts.drain_node(node_id, now, requested_by, reason, deadline_ms)
+        if outcome == "unknown":
+            raise UnknownNode(f"no node {node_id}")
+        if outcome == "refused":
+            raise InvalidTransition(f"node {node_id} is {detail}: only a ready or degraded node can be drained")
+        jobs_left = int(detail or 0)
+        log_event(log, "drain_started", node_id=node_id, requested_by=requested_by, reason=reason,
+                  deadline_ms=deadline_ms, jobs_left=jobs_left)
+        transitioned(node_id, previous, "draining", f"drain requested by {requested_by}: {reason}")
+        if outcome == "drained":
+            transitioned(node_id, "draining", "offline", "drained: no jobs were assigned")
+            return DrainOutcome("offline", 0)
+        return DrainOutcome("draining", jobs_left)
+
+    def undrain(self, node_id: str, requested_by: str, now: int | None = None) -> str:
+        """End a drain. Returns the node's status now (``offline`` while a drained
+        node reconnects to warm up again)."""
+        now = self.clock() if now is None else now
+        outcome, detail = self.scripts.undrain_node(node_id, now, requested_by)
+        if outcome == "unknown":
+            raise UnknownNode(f"no node {node_id}")
+        if outcome == "refused":
+            raise InvalidTransition(f"node {node_id} is {detail} and not drained: nothing to undrain")
+        log_event(log, "drain_ended", node_id=node_id, requested_by=requested_by, outcome=outcome)
+        if outcome == "resumed":
+            transitioned(node_id, "draining", detail, f"drain ended by {requested_by}")
+            return detail
+        return "offline"  # drained (it reconnects to warm up again) or away mid-drain
+
+    # --- session ends and the scan -----------------------------------------
+
+    def close_session(self, node_id: str, session_id: str, reason: str = "session closed",
+                      now: int | None = None) -> str | None:
+        """The session ended: the node goes offline unless a newer session holds it."""
+        now = self.clock() if now is None else now
+        previous = self.scripts.close_session(node_id, session_id, reason, now, self._grace_ms())
+        if previous is not None:
+            transitioned(node_id, previous, "offline", reason)
+        return previous
+
+    def scan(self, now: int | None = None) -> ScanSummary:
+        """Heartbeat and warmup timeouts, read from indexes (never every node)."""
+        now = self.clock() if now is None else now
+        s = self.settings
+        summary = ScanSummary()
+        timeout_ms = int(s.heartbeat_timeout_seconds * 1000)
+        silent = self.client.zrangebyscore(self.keys.liveness(), "-inf", now - timeout_ms)
+        budget = self._expiry_budget(len(silent), summary)
+        for node_id in silent[:budget]:
+            expired = self.scripts.expire_node(node_id, now, timeout_ms, self._grace_ms())
+            if expired is not None:
+                summary.expired.append(node_id)
+                transitioned(node_id, expired[0], "offline", expired[1])
+        warmup_ms = int(s.warmup_timeout_seconds * 1000)
+        for node_id in self.client.zrangebyscore(self.keys.warmup(), "-inf", now - warmup_ms, 0, _SCAN_BATCH):
+            reason = self.scripts.expire_warmup(node_id, now, warmup_ms)
+            if reason is not None:
+                summary.warmup_degraded.append(node_id)
+                transitioned(node_id, "registering", "degraded", reason)
+        for node_id in self.client.zrangebyscore(self.keys.drains(), "-inf", now, 0, _SCAN_BATCH):
+            handed_back = self.scripts.expire_drain(node_id, now)
+            if handed_back is not None:
+                summary.drains_ended.append(node_id)
+                transitioned(node_id, "draining", "offline", f"drain deadline passed with {handed_back} jobs left")
+        self.client.hset(self.keys.scan_state(), mapping={
+            "at_ms": now, "expired": len(summary.expired), "warmup_degraded": len(summary.warmup_degraded),
+            "suspected_partition": int(summary.suspected_partition), "deferred": summary.deferred})
+        log_event(log, "scan_summary", expired=len(summary.expired), warmup_degraded=len(summary.warmup_degraded),
+                  drains_ended=len(summary.drains_ended),
+                  suspected_partition=summary.suspected_partition, deferred=summary.deferred)
+        return summary
+
+    def _expiry_budget(self, silent: int, summary: ScanSummary) -> int:
+        """How many silent nodes this scan may take offline.
+
+        When more than ``partition_offline_fraction`` of the live fleet falls
+        silent at once, the likelier story is that we lost them (our network,
+        a stalled Redis), not that they all died: expire only a few per scan
+        so that nothing is stampeded offline and re-dispatched at once.
+        """
+        s = self.settings
+        live = self.client.zcard(self.keys.liveness())
+        if silent <= s.partition_offline_per_scan or silent <= s.partition_offline_fraction * live:
+            return silent
+        summary.suspected_partition = True
+        summary.deferred = silent - s.partition_offline_per_scan
+        log_event(log, "partition_suspected", logging.WARNING, silent=silent, live=live,
+                  expiring_now=s.partition_offline_per_scan, deferred=summary.deferred)
+        return s.partition_offline_per_scan
+
+    def _grace_ms(self) -> int:
+        return int(self.settings.reassign_grace_seconds * 1000)

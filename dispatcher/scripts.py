@@ -1,0 +1,248 @@
+"""The script loader: the only caller of Lua.
+
+Each ``lua/<verb_noun>.lua`` is read once from the installed package and
+registered once per Redis client (redis-py falls back from EVALSHA to SCRIPT
+LOAD by itself after a flush or a restart). A script whose first line is
+``--#include node``, ``--#include job`` or both gets a generated header
+binding ``K`` (the node bundle), ``J`` (the job bundle), ``NEXT`` and ``P``
+(the parameters, passed as one JSON text in ARGV[1]), then the preludes
+``lua/_common.lua``, ``_node.lua``, ``_job.lua`` and, with both, ``_nodejob.lua``.
+
+Every script has one typed wrapper below that turns its reply into Python
+values or a ``StoreError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from dispatcher.errors import ScriptRetry, StoreError
+from dispatcher.keys import JOB_BUNDLE, NODE_BUNDLE, Keys
+from dispatcher.metrics import SCRIPT_SECONDS
+
+_INCLUDE = "--#include "
+#: Key bundles a script may include, in the order their keys come in KEYS.
+_BUNDLES = {"node": ("K", NODE_BUNDLE), "job": ("J", JOB_BUNDLE)}
+
+
+def _expand(text: str, read: Any) -> str:
+    """Replace an ``--#include node job`` first line with the bundles' bindings and preludes."""
+    first, _, body = text.partition("\n")
+    included = first[len(_INCLUDE):].split()
+    unknown = set(included) - set(_BUNDLES)
+    if unknown:
+        raise ValueError(f"unknown include {sorted(unknown)}")
+    lines, position = [], 1
+    for name in _BUNDLES:  # bundle order is fixed, whatever the include line says
+        if name in included:
+            table, names = _BUNDLES[name]
+            bindings = ", ".join(f"{n} = KEYS[{position + i}]" for i, n in enumerate(names))
+            lines.append(f"local {table} = {{{bindings}}}")
+            position += len(names)
+    lines += [f"local NEXT = {position}", "local P = cjson.decode(ARGV[1])", read("_common.lua")]
+    lines += [read(f"_{name}.lua") for name in _BUNDLES if name in included]
+    if len(included) > 1:
+        lines.append(read("_" + "".join(n for n in _BUNDLES if n in included) + ".lua"))
+    return "\n".join(lines) + "\n" + body
+
+
+@functools.cache
+def script_sources() -> dict[str, str]:
+    """Name -> full Lua source, with the preludes of its includes expanded."""
+    package = resources.files("dispatcher.lua")
+
+    def read(name: str) -> str:
+        return (package / name).read_text()
+    sources = {}
+    for entry in package.iterdir():
+        if not entry.name.endswith(".lua") or entry.name.startswith("_"):
+            continue
+        text = entry.read_text()
+        if text.startswith(_INCLUDE):
+            text = _expand(text, read)
+        sources[entry.name.removesuffix(".lua")] = text
+    return sources
+
+
+@dataclass(frozen=True)
+class HeartbeatOutcome:
+    status: str
+    transitioned: bool
+    previous_status: str
+    reason: str
+    #: The node may take work it could not before, and jobs are waiting.
+    kick: bool
+
+
+class Scripts:
+    """Typed calls of the Lua scripts on one Redis client."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._client = client
+        self.keys = keys
+        self._scripts = {name: client.register_script(src) for name, src in script_sources().items()}
+        self._channels = {"wake_channel": keys.wake_channel()}
+
+    def _call(self, name: str, keys: list[str], params: dict[str, Any] | None = None,
+              args: list[Any] | None = None) -> Any:
+        if params is not None:
+            args = [json.dumps({**params, **self._channels}, separators=(",", ":"))]
+        started_s = time.perf_counter()
+        try:
+            return self._scripts[name](keys=keys, args=args or [], client=self._client)
+        finally:
+            SCRIPT_SECONDS.labels(name).observe(time.perf_counter() - started_s)
+
+    @staticmethod
+    def _unexpected(name: str, reply: Any) -> StoreError:
+        return StoreError(f"{name} returned an unexpected reply: {reply!r}")
+
+    # --- nodes -------------------------------------------------------------
+
+    def register_node(self, node_id: str, extra_keys: list[str], params: dict[str, Any]) -> tuple[str, str]:
+        """Create or resume a node. Returns (outcome, old session id), outcome
+        ``created``, ``resumed`` or ``conflict``; raises ScriptRetry when the
+        stored node changed since the caller read it."""
+        reply = self._call("register_node", self.keys.node_bundle(node_id) + extra_keys,
+                           {"node_id": node_id, **params})
+        if reply[0] == "retry":
+            raise ScriptRetry("register_node")
+        if reply[0] in ("created", "resumed", "conflict"):
+            return reply[0], (reply[2] if len(reply) > 2 else "")
+        raise self._unexpected("register_node", reply)
+
+    def record_heartbeat(self, node_id: str, model_keys: list[str],
+                         params: dict[str, Any]) -> HeartbeatOutcome | str:
+        """Record a heartbeat. Returns the outcome, or one of ``unknown``,
+        ``superseded``, ``offline``. Raises ScriptRetry, carrying the stored
+        model list, when ``model_keys`` missed one of the node's models."""
+        reply = self._call("record_heartbeat", self.keys.node_bundle(node_id) + model_keys,
+                           {"node_id": node_id, **params})
+        if reply[0] == "ok":
+            return HeartbeatOutcome(reply[1], reply[2] == "1", reply[3], reply[4], reply[5] == "1")
+        if reply[0] in ("unknown", "superseded", "offline"):
+            return reply[0]
+        if reply[0] == "retry":
+            raise ScriptRetry("record_heartbeat", stored=reply[1])
+        raise self._unexpected("record_heartbeat", reply)
+
+    def close_session(self, node_id: str, session_id: str, reason: str, now_ms: int,
+                      reassign_grace_ms: int) -> str | None:
+        """Take the node offline if this session still holds it. Returns its previous status."""
+        reply = self._call("close_session", self.keys.node_bundle(node_id), {
+            "node_id": node_id, "session_id": session_id, "reason": reason, "now_ms": now_ms,
+            "reassign_grace_ms": reassign_grace_ms})
+        return reply[1] if reply[0] == "offline" else None
+
+    def expire_node(self, node_id: str, now_ms: int, timeout_ms: int,
+                    reassign_grace_ms: int) -> tuple[str, str] | None:
+        """Take a silent node offline. Returns (previous status, reason) when it did."""
+        reply = self._call("expire_node", self.keys.node_bundle(node_id), {
+            "node_id": node_id, "now_ms": now_ms, "timeout_ms": timeout_ms,
+            "reassign_grace_ms": reassign_grace_ms})
+        return (reply[1], reply[2]) if reply[0] == "offline" else None
+
+    def expire_warmup(self, node_id: str, now_ms: int, warmup_ms: int) -> str | None:
+        """Degrade a node whose warmup ran out while unhealthy. Returns the reason when it did."""
+        reply = self._call("expire_warmup", self.keys.node_bundle(node_id), {
+            "node_id": node_id, "now_ms": now_ms, "warmup_ms": warmup_ms})
+        return reply[1] if reply[0] == "degraded" else None
+
+    def drain_node(self, node_id: str, now_ms: int, requested_by: str, reason: str,
+                   deadline_ms: int | None) -> tuple[str, str, str]:
+        """Start a drain. Returns (outcome, detail, previous status): ("draining", jobs left, ...),
+        ("drained", "0", ...), ("refused", current status, "") or ("unknown", "", "")."""
+        reply = self._call("drain_node", self.keys.node_bundle(node_id), {
+            "node_id": node_id, "now_ms": now_ms, "requested_by": requested_by, "reason": reason,
+            "deadline_ms": deadline_ms, "reassign_grace_ms": 0})
+        padded = [str(x) for x in reply] + ["", ""]
+        return padded[0], padded[1], padded[2]
+
+    def undrain_node(self, node_id: str, now_ms: int, requested_by: str) -> tuple[str, str]:
+        """End a drain. Returns ("resumed", new status), ("reconnect", ""), ("cancelled", "")
+        for a node away mid-drain, ("refused", current status) or ("unknown", "")."""
+        reply = self._call("undrain_node", self.keys.node_bundle(node_id), {
+            "node_id": node_id, "now_ms": now_ms, "requested_by": requested_by})
+        return reply[0], (str(reply[1]) if len(reply) > 1 else "")
+
+    def expire_drain(self, node_id: str, now_ms: int) -> int | None:
+        """Finish a drain whose deadline passed. Returns the jobs handed back, or None."""
+        reply = self._call("expire_drain", self.keys.node_bundle(node_id), {
+            "node_id": node_id, "now_ms": now_ms, "reassign_grace_ms": 0})
+        return int(reply[1]) if reply[0] == "drained" else None
+
+    def pop_frames(self, node_id: str, session_id: str, max_frames: int) -> list[str] | None:
+        """Frames queued for the node, or None when another session holds it."""
+        reply = self._call("pop_frames", [self.keys.node(node_id), self.keys.queue(node_id)],
+                           args=[session_id, max_frames])
+        return None if reply is None else list(reply)
+
+    # --- jobs --------------------------------------------------------------
+
+    def _job_call(self, name: str, job_id: str, params: dict[str, Any], node_id: str | None = None,
+                  extra_keys: list[str] | None = None) -> Any:
+        keys = self.keys.job_bundle(job_id)
+        if node_id is not None:
+            keys = self.keys.node_bundle(node_id) + keys
+        return self._call(name, keys + (extra_keys or []), {"job_id": job_id, **params})
+
+    def enqueue_job(self, job_id: str, now_ms: int, queue_score: int, fields: dict[str, Any]) -> tuple[bool, Any]:
+        """Record a new job as waiting. Returns (True, jobs waiting now) when created,
+        else (False, the existing job's state)."""
+        reply = self._job_call("enqueue_job", job_id, {"now_ms": now_ms, "queue_score": queue_score, "fields": fields})
+        return (True, int(reply[1])) if reply[0] == "created" else (False, reply[1])
+
+    def dispatch_job(self, job_id: str, now_ms: int, epoch: str | None, candidates: list[str],
+                     heartbeat_timeout_ms: int, resource_threshold: float, examples: int) -> list[Any]:
+        """Filter the candidates, pick one and assign the job atomically. Returns the reply:
+        ["assigned", node, attempt, exclusions] | ["waiting" | "retry", exclusions] | ["not_waiting", state]."""
+        return list(self._job_call("dispatch_job", job_id, {
+            "now_ms": now_ms, "epoch": epoch or "", "candidates": candidates,
+            "heartbeat_timeout_ms": heartbeat_timeout_ms, "resource_threshold": resource_threshold,
+            "examples": examples}, extra_keys=self.keys.candidate_keys(candidates)))
+
+    def ack_job(self, job_id: str, attempt: int, node_id: str, now_ms: int, progress: float | None = None,
+                message: str | None = None) -> str:
+        """Returns "started" (first ack), "running" or "stale"."""
+        return self._job_call("ack_job", job_id, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
+                                                  "progress": progress, "message": message})[0]
+
+    def record_result(self, job_id: str, attempt: int, node_id: str, now_ms: int, meta: str, output: str) -> str:
+        """Returns "accepted", "duplicate" or "stale"."""
+        return self._job_call("record_result", job_id, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
+                                                        "meta": meta, "output": output})[0]
+
+    def complete_job(self, job_id: str, node_id: str, now_ms: int, retention_ms: int) -> str:
+        """Apply a recorded result. Returns "succeeded", "failed", "retry", "nothing", "stale" or "moved"."""
+        return self._job_call("complete_job", job_id, {"node_id": node_id, "now_ms": now_ms,
+                                                       "retention_ms": retention_ms}, node_id=node_id)[0]
+
+    def release_job(self, job_id: str, node_id: str, now_ms: int, code: str, message: str, *,
+                    cancel_on_node: bool, only_if_offline: bool = False, only_if_due: bool = False,
+                    retention_ms: int) -> str:
+        """End an attempt without a result. Returns "retry", "failed", "kept", "gone" or "moved"."""
+        return self._job_call("release_job", job_id, {
+            "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,
+            "cancel_on_node": cancel_on_node, "only_if_offline": only_if_offline, "only_if_due": only_if_due,
+            "retention_ms": retention_ms, "reassign_grace_ms": 0}, node_id=node_id)[0]
+
+    def cancel_job(self, job_id: str, node_id: str, now_ms: int, reason: str, retention_ms: int) -> tuple[str, str]:
+        """Returns ("cancelled", node id or ""), ("finished", state), ("unknown", "") or ("moved", "")."""
+        reply = self._job_call("cancel_job", job_id, {"node_id": node_id, "now_ms": now_ms, "reason": reason,
+                                                      "retention_ms": retention_ms, "reassign_grace_ms": 0},
+                               node_id=node_id)
+        return reply[0], (reply[1] if len(reply) > 1 else "")
+
+    def expire_dispatch(self, job_id: str, now_ms: int, message: str, exclusions: dict[str, Any],
+                        retention_ms: int) -> bool:
+        """Fail a job still waiting at its dispatch deadline. Returns whether it did."""
+        return self._job_call("expire_dispatch", job_id, {"now_ms": now_ms, "message": message,
+                                                          "exclusions": exclusions,
+                                                          "retention_ms": retention_ms})[0] == "failed"

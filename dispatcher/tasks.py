@@ -1,0 +1,78 @@
+"""The dispatcher's Celery tasks. ``dispatcher.submit_job``, ``cancel_job``,
+``drain_node`` and ``undrain_node`` are the contract; the others are internal.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore
+
+from dispatcher.celery_app import app
+from dispatcher.connection import redis_client
+from dispatcher.jobs import Jobs
+from dispatcher.registry import Registry
+from dispatcher.settings import get_settings
+
+
+@functools.cache
+def registry() -> Registry:
+    """The process's registry, built on first use (after a prefork worker forks)."""
+    return Registry(redis_client(get_settings()), get_settings())
+
+
+@functools.cache
+def jobs() -> Jobs:
+    return Jobs(registry().client, get_settings(), app)
+
+
+@app.task(name="dispatcher.submit_job", bind=True)
+def submit_job(self: Task, **fields: Any) -> None:
+    """Record the job and hand it to a node. The task ends without a result;
+    the job's end is written to the backend under this task's id when the node
+    (or a timeout) ends it."""
+    jobs().submit(self.request.id, fields)
+    raise Ignore()
+
+
+@app.task(name="dispatcher.cancel_job")
+def cancel_job(job_id: str, reason: str = "cancelled by the client") -> str:
+    """Returns "cancelled", or the state of a job that was already over."""
+    return jobs().cancel(job_id, reason)
+
+
+@app.task(name="dispatcher.drain_node")
+def drain_node(node_id: str, deadline_seconds: float | None = None, reason: str = "",
+               requested_by: str = "a dispatcher.drain_node task") -> dict[str, Any]:
+    """Drain a ready or degraded node: no new jobs; offline once its jobs end, or at the deadline."""
+    outcome = registry().drain(node_id, requested_by, reason or "no reason given", deadline_seconds)
+    return {"node_id": node_id, "status": outcome.status, "jobs_left": outcome.jobs_left}
+
+
+@app.task(name="dispatcher.undrain_node")
+def undrain_node(node_id: str, requested_by: str = "a dispatcher.undrain_node task") -> str:
+    """End a drain; returns the node's status now."""
+    status = registry().undrain(node_id, requested_by)
+    jobs().request_kick()
+    return status
+
+
+@app.task(name="dispatcher.complete_job", ignore_result=True)
+def complete_job(job_id: str) -> str:
+    return jobs().complete(job_id)
+
+
+@app.task(name="dispatcher.dispatch_waiting", ignore_result=True)
+def dispatch_waiting() -> int:
+    return jobs().dispatch_waiting()
+
+
+@app.task(name="dispatcher.scan_nodes", ignore_result=True)
+def scan_nodes(now_ms: int | None = None) -> dict[str, Any]:
+    """The periodic scan: node timeouts, then the jobs' deadlines and anything left half-way."""
+    nodes = registry().scan(now_ms)
+    budget = get_settings().partition_offline_per_scan if nodes.suspected_partition else None
+    return {"nodes": asdict(nodes), "jobs": asdict(jobs().scan(now_ms, lost_budget=budget))}

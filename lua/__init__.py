@@ -1,0 +1,1 @@
+"""Lua scripts, one per atomic operation; loaded by dispatcher.scripts."""

@@ -1,0 +1,34 @@
+-- Helpers shared by every script with a prelude (the loader puts this file
+-- first). Nothing here uses a key bundle: keys are arguments.
+--
+-- The loader defines, before this text:
+--   K      the node bundle when the script includes `node` (dispatcher.keys.NODE_BUNDLE)
+--   J      the job bundle when it includes `job` (dispatcher.keys.JOB_BUNDLE)
+--   NEXT   the index in KEYS of the first key after the bundles
+--   P      the script's parameters, decoded from the JSON in ARGV[1]
+-- Times are milliseconds from the caller's clock (P.now_ms); scripts never read TIME.
+
+local function hget_number(key, field, default)
+  local value = redis.call('HGET', key, field)
+  if value == false or value == '' then return default end
+  return tonumber(value) or default
+end
+
+-- Queue one frame for a node's session and wake the web process holding it.
+local function deliver_to(queue_key, node_id, frame)
+  redis.call('RPUSH', queue_key, frame)
+  redis.call('PUBLISH', P.wake_channel, node_id)
+end
+
+-- The capacity index holds the nodes with a free slot, scored by their load
+-- (assigned / max_concurrent_jobs): the dispatcher reads the least loaded first.
+local function refresh_capacity_of(node_key, assigned_key, capacity_key, node_id)
+  local max_jobs = hget_number(node_key, 'max_concurrent_jobs', 1)
+  local assigned = redis.call('HLEN', assigned_key)
+  if assigned < max_jobs then
+    redis.call('ZADD', capacity_key, assigned / max_jobs, node_id)
+  else
+    redis.call('ZREM', capacity_key, node_id)
+  end
+  return assigned
+end

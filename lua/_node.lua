@@ -1,0 +1,97 @@
+-- Prelude of the scripts that include `node`: the status machine's one
+-- transition function and what goes with it, on the node bundle K. (The
+-- leading underscore keeps preludes out of the script list.)
+
+local STATUSES = {'registering', 'ready', 'degraded', 'draining', 'offline'}
+
+local function status_key(status)
+  return K[status]
+end
+
+local function deliver(node_id, frame)
+  deliver_to(K.queue, node_id, frame)
+end
+
+local function status_frame(node_id, status, previous, reason, now_ms)
+  return cjson.encode({
+    type = 'node_status', node_id = node_id, status = status,
+    previous_status = previous or cjson.null, reason = reason, timestamp = now_ms,
+  })
+end
+
+local function refresh_capacity(node_id)
+  return refresh_capacity_of(K.node, K.assigned, K.capacity_index, node_id)
+end
+
+-- Move the node to a new status. This is the only place a status changes:
+-- status sets, warmup and liveness indexes, the health window (fresh for every
+-- status), the transition logs and the node_status frame all change together.
+local function transition(node_id, to, reason, now_ms)
+  local from = redis.call('HGET', K.node, 'status')
+  if from == false then from = nil end
+  for _, status in ipairs(STATUSES) do
+    if status ~= to then redis.call('SREM', status_key(status), node_id) end
+  end
+  redis.call('SADD', status_key(to), node_id)
+  redis.call('HSET', K.node,
+    'status', to, 'previous_status', from or '', 'status_reason', reason,
+    'status_since_ms', now_ms, 'window', '', 'consecutive_ok', 0, 'consecutive_fail', 0)
+  if to == 'registering' then
+    redis.call('ZADD', K.warmup, now_ms, node_id)
+  else
+    redis.call('ZREM', K.warmup, node_id)
+  end
+  if to == 'offline' then
+    redis.call('ZREM', K.liveness, node_id)
+    redis.call('ZREM', K.drains, node_id)
+  end
+  if to == 'ready' then
+    -- A node that turns ready may take waiting jobs: tell dispatchers their view is stale.
+    redis.call('INCR', K.epoch)
+  end
+  local entry = {from = from or cjson.null, to = to, reason = reason, at_ms = now_ms}
+  redis.call('LPUSH', K.node_transitions, cjson.encode(entry))
+  redis.call('LTRIM', K.node_transitions, 0, 49)
+  entry.node_id = node_id
+  redis.call('LPUSH', K.transitions, cjson.encode(entry))
+  redis.call('LTRIM', K.transitions, 0, 499)
+  deliver(node_id, status_frame(node_id, to, from, reason, now_ms))
+  return from
+end
+
+-- Offline: the node's assigned jobs wait P.reassign_grace_ms for it to resume,
+-- then they are dispatched elsewhere.
+local function go_offline(node_id, reason, now_ms)
+  transition(node_id, 'offline', reason, now_ms)
+  if redis.call('HLEN', K.assigned) > 0 then
+    redis.call('ZADD', K.lost, now_ms + P.reassign_grace_ms, node_id)
+  end
+end
+
+-- A drain is over: the node goes offline and keeps its session, so that it
+-- stays out of service until an undrain (or until it registers again).
+local function finish_drain(node_id, reason, now_ms)
+  redis.call('HSET', K.node, 'drain_ended_ms', now_ms, 'drain_outcome', 'drained', 'drain_pending', '0')
+  transition(node_id, 'offline', reason, now_ms)
+end
+
+-- A drain outlives the node's session: a node that drops out while draining
+-- and comes back is put back to draining as soon as it is ready or degraded
+-- again (with its deadline), instead of taking new jobs.
+local function resume_pending_drain(node_id, now_ms)
+  local d = redis.call('HMGET', K.node, 'drain_pending', 'drain_requested_by', 'drain_reason', 'drain_deadline_ms')
+  if d[1] ~= '1' then return false end
+  transition(node_id, 'draining', 'drain requested by ' .. d[2] .. ': ' .. d[3] .. ' (resumed)', now_ms)
+  if redis.call('HLEN', K.assigned) == 0 then
+    finish_drain(node_id, 'drained: no jobs were assigned', now_ms)
+  else
+    redis.call('ZADD', K.drains, (d[4] and d[4] ~= '') and d[4] or '+inf', node_id)
+  end
+  return true
+end
+
+-- Ask the session holding the node to close, after the frames queued before
+-- this one. Frames starting with "!" are for the web process, never the node.
+local function end_session(node_id, close_code, reason)
+  deliver(node_id, '!close ' .. close_code .. ' ' .. reason)
+end

@@ -1,0 +1,14 @@
+--#include node
+-- close_session: the node's session ended; take the node offline unless a
+-- newer session already took it over.
+--
+-- KEYS: the node bundle
+-- P: node_id, session_id, reason, now_ms, wake_channel, reassign_grace_ms
+-- Returns: {"offline", previous status} | {"ignored"}: unknown node, another session, or already offline
+
+local fields = redis.call('HMGET', K.node, 'session_id', 'status')
+if fields[1] ~= P.session_id then return {'ignored'} end
+redis.call('HSET', K.node, 'connected', '0')
+if fields[2] == 'offline' then return {'ignored'} end
+go_offline(P.node_id, P.reason, P.now_ms)
+return {'offline', fields[2]}

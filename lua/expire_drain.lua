@@ -1,0 +1,21 @@
+--#include node
+-- expire_drain: the drain deadline passed; what is still assigned goes back to
+-- dispatch now, and the node goes offline.
+--
+-- KEYS: the node bundle
+-- P: node_id, now_ms, wake_channel, reassign_grace_ms
+-- Returns: {"drained", jobs handed back} | {"gone"}: not draining, or not yet due
+
+local fields = redis.call('HMGET', K.node, 'status', 'drain_deadline_ms')
+if fields[1] ~= 'draining' then
+  redis.call('ZREM', K.drains, P.node_id)
+  return {'gone'}
+end
+if fields[2] == false or fields[2] == '' or tonumber(fields[2]) > P.now_ms then return {'gone'} end
+local jobs = redis.call('HLEN', K.assigned)
+finish_drain(P.node_id, 'drain deadline passed with ' .. jobs .. ' jobs left', P.now_ms)
+if jobs > 0 then
+  -- Lost right away: the next lost-node pass re-dispatches them elsewhere.
+  redis.call('ZADD', K.lost, P.now_ms, P.node_id)
+end
+return {'drained', jobs}

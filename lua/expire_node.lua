@@ -1,0 +1,21 @@
+--#include node
+-- expire_node: take a node offline when it has not been seen for the
+-- heartbeat timeout. Checks again under the script's atomicity, so a
+-- heartbeat that arrived after the scan read the liveness index wins, and two
+-- scans expiring the same node do it once.
+--
+-- KEYS: the node bundle
+-- P: node_id, now_ms, timeout_ms, wake_channel, reassign_grace_ms
+-- Returns: {"offline", previous status, reason} | {"alive"} | {"gone"}: not a live node
+
+local fields = redis.call('HMGET', K.node, 'status', 'last_seen_ms')
+if fields[1] == false or fields[1] == 'offline' then
+  redis.call('ZREM', K.liveness, P.node_id)
+  return {'gone'}
+end
+local silent_ms = P.now_ms - tonumber(fields[2])
+if silent_ms < P.timeout_ms then return {'alive'} end
+local reason = 'no heartbeat for ' .. math.floor(silent_ms / 1000) .. ' s'
+go_offline(P.node_id, reason, P.now_ms)
+end_session(P.node_id, 4002, 'node is offline (' .. reason .. '): register again')
+return {'offline', fields[1], reason}

@@ -1,0 +1,116 @@
+--#include node
+-- record_heartbeat: store one heartbeat, its health verdict and any status
+-- transition it causes, atomically.
+--
+-- KEYS: the node bundle, then one model index key per P.index_models entry
+--       (every model the node had or now has).
+-- P: node_id, session_id, now_ms, wake_channel,
+--    healthy (bool), health_reason, cpu, gpu (or null), mem, running_jobs,
+--    gpu_available (bool), models (JSON text of the model list, or null when
+--    the heartbeat did not list models), index_models (list),
+--    resource_threshold, success_threshold, window_size, failure_rate_threshold,
+--    consecutive_failure_threshold, warmup_ms
+-- Returns: {"ok", status, transitioned "1"/"0", previous_status, reason, kick "1"/"0"}
+--          kick: the node may take more work now and jobs are waiting
+--          {"unknown"} | {"superseded"} | {"offline"}
+--          {"retry", stored models JSON}: index_models missed a stored model.
+
+local node_id, now = P.node_id, P.now_ms
+local fields = redis.call('HMGET', K.node, 'status', 'session_id', 'models', 'status_since_ms',
+  'consecutive_ok', 'consecutive_fail', 'window', 'gpu_count', 'drain_outcome')
+local status, session_id, stored_models = fields[1], fields[2], fields[3]
+if status == false then return {'unknown'} end
+if session_id ~= P.session_id then return {'superseded'} end
+if status == 'offline' then
+  -- A drained node keeps its session, idle, until an undrain closes it.
+  if fields[9] ~= 'drained' then return {'offline'} end
+  redis.call('HSET', K.node, 'last_seen_ms', now, 'last_heartbeat_ms', now)
+  return {'ok', status, '0', status, '', '0'}
+end
+
+-- Whether this heartbeat may let the node take work it could not before.
+local more_work = false
+
+-- Model indexes: only when the heartbeat lists models and they changed.
+if P.models ~= cjson.null and P.models ~= stored_models then
+  local passed = {}
+  for _, model_id in ipairs(P.index_models) do passed[model_id] = true end
+  for _, model in ipairs(cjson.decode(stored_models)) do
+    if not passed[model.model_id] then return {'retry', stored_models} end
+  end
+  local ready = {}
+  for _, model in ipairs(cjson.decode(P.models)) do
+    if model.status == 'ready' then ready[model.model_id] = true end
+  end
+  for i, model_id in ipairs(P.index_models) do
+    if ready[model_id] then
+      redis.call('SADD', KEYS[NEXT + i - 1], node_id)
+    else
+      redis.call('SREM', KEYS[NEXT + i - 1], node_id)
+    end
+  end
+  redis.call('HSET', K.node, 'models', P.models)
+  redis.call('INCR', K.epoch)
+  more_work = true
+end
+
+local gpu_ok = P.gpu_available and tonumber(fields[8] or '0') > 0
+local busiest = math.max(P.cpu, P.mem, P.gpu ~= cjson.null and P.gpu or 0)
+redis.call('HSET', K.node,
+  'last_seen_ms', now, 'last_heartbeat_ms', now,
+  'cpu_percent', tostring(P.cpu), 'mem_percent', tostring(P.mem),
+  'gpu_percent', P.gpu ~= cjson.null and tostring(P.gpu) or '',
+  'running_jobs', P.running_jobs, 'gpu_available', gpu_ok and '1' or '0',
+  'last_healthy', P.healthy and '1' or '0', 'last_health_reason', P.health_reason)
+redis.call('ZADD', K.liveness, now, node_id)
+if gpu_ok then
+  if redis.call('SADD', K.gpu_index, node_id) == 1 then redis.call('INCR', K.epoch) more_work = true end
+else
+  redis.call('SREM', K.gpu_index, node_id)
+end
+if busiest < P.resource_threshold then
+  if redis.call('SADD', K.resources_index, node_id) == 1 then redis.call('INCR', K.epoch) more_work = true end
+else
+  redis.call('SREM', K.resources_index, node_id)
+end
+
+-- Health window of the current status: consecutive counts and the last N results.
+local ok_run = tonumber(fields[5] or '0') or 0
+local fail_run = tonumber(fields[6] or '0') or 0
+if P.healthy then ok_run, fail_run = ok_run + 1, 0 else ok_run, fail_run = 0, fail_run + 1 end
+local window = ((fields[7] or '') .. (P.healthy and '1' or '0')):sub(-P.window_size)
+redis.call('HSET', K.node, 'consecutive_ok', ok_run, 'consecutive_fail', fail_run, 'window', window)
+
+local to, reason = nil, nil
+if status == 'registering' then
+  if P.healthy and ok_run >= P.success_threshold then
+    to, reason = 'ready', ok_run .. ' consecutive healthy heartbeats'
+  elseif not P.healthy and now - tonumber(fields[4]) >= P.warmup_ms then
+    to, reason = 'degraded', 'warmup timeout: not healthy ' ..
+      math.floor(P.warmup_ms / 1000) .. ' s after registration (' .. P.health_reason .. ')'
+  end
+elseif status == 'ready' and not P.healthy then
+  local _, failures = window:gsub('0', '')
+  if fail_run >= P.consecutive_failure_threshold then
+    to, reason = 'degraded', fail_run .. ' consecutive failed health checks (' .. P.health_reason .. ')'
+  elseif failures >= P.failure_rate_threshold then
+    to, reason = 'degraded', failures .. ' of the last ' .. #window ..
+      ' health checks failed (' .. P.health_reason .. ')'
+  end
+elseif status == 'degraded' and P.healthy then
+  to, reason = 'ready', 'health check passed'
+end
+
+if to then
+  transition(node_id, to, reason, now)
+  if to == 'ready' or to == 'degraded' then
+    if resume_pending_drain(node_id, now) then
+      local final = redis.call('HMGET', K.node, 'status', 'status_reason')
+      to, reason = final[1], final[2]
+    end
+  end
+end
+more_work = more_work or to == 'ready'
+local kick = (more_work and redis.call('ZCARD', K.waiting) > 0) and '1' or '0'
+if to then return {'ok', to, '1', status, reason, kick} end
+return {'ok', status, '0', status, '', kick}

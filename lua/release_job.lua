@@ -1,0 +1,33 @@
+--#include node job
+-- release_job: end the current attempt without a result: the node timed
+-- out, was lost (offline past the grace), or its drain deadline passed. The
+-- slot is freed, the node is told to stop when it may still be working, and
+-- the job waits for another node, or fails when its attempts are used up.
+--
+-- KEYS: the node bundle of the job's node, then the job bundle
+-- P: job_id, node_id (as the caller read it), now_ms, code, message,
+--    cancel_on_node, only_if_offline (node loss: not if it resumed),
+--    only_if_due (timeout: not before the deadline), retention_ms, wake_channel
+-- Returns: {"retry"} | {"failed"} | {"kept"}: the condition no longer holds
+--          {"gone"}: the job is not on a node any more | {"moved"}: read again
+
+local job = job_get('state', 'attempt', 'node_id', 'max_attempts')
+if job.state ~= 'assigned' and job.state ~= 'running' then return {'gone'} end
+if job.node_id ~= P.node_id then return {'moved'} end
+if P.only_if_offline and redis.call('HGET', K.node, 'status') ~= 'offline' then return {'kept'} end
+if P.only_if_due then
+  local due = redis.call('ZSCORE', J.deadlines, P.job_id)
+  if not due or tonumber(due) > P.now_ms then return {'kept'} end
+end
+local node_id, now = job.node_id, P.now_ms
+if P.cancel_on_node then deliver(node_id, cancel_frame(P.job_id, job.attempt, P.message)) end
+release_slot(node_id, P.job_id, now)
+forget_pending_result(P.job_id)
+if tonumber(job.attempt) < tonumber(job.max_attempts) then
+  back_to_waiting(P.job_id, node_id, P.code, now)
+  redis.call('HSET', J.job, 'last_error', cjson.encode({code = P.code, message = P.message}))
+  return {'retry'}
+end
+finish(P.job_id, 'failed', {state = 'failed', code = P.code, message = P.message, node_id = node_id,
+  attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)
+return {'failed'}

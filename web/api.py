@@ -1,0 +1,153 @@
+"""The HTTP API of the web process (contract section 5)."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from flask import Blueprint, Response, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dispatcher.errors import InvalidTransition, UnknownJob, UnknownNode
+from dispatcher.filter import JobNeeds
+from dispatcher.keys import STATUSES
+from dispatcher.messages import describe_validation_error
+from dispatcher.metrics import exposition
+from web.hub import Hub
+
+
+class DrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    deadline_seconds: float | None = Field(None, gt=0)
+    reason: str = Field("no reason given", max_length=500)
+    #: Who asks (a person's name, a ticket): recorded and shown.
+    requested_by: str | None = Field(None, max_length=100)
+
+
+def api_blueprint(hub: Hub) -> Blueprint:
+    api = Blueprint("api", __name__)
+    fleet, jobs, registry = hub.fleet, hub.jobs, hub.registry
+    admin_token = hub.settings.admin_token
+
+    def admin(view: Callable[..., Any]) -> Callable[..., Any]:
+        """Mutating endpoints need ``Authorization: Bearer <admin_token>`` when one is set."""
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if admin_token is not None:
+                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), admin_token.get_secret_value().encode()):
+                    response = jsonify(error="this endpoint needs Authorization: Bearer <admin_token>")
+                    response.status_code = 401
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="dispatcher"'
+                    return response
+            return view(*args, **kwargs)
+        return guarded
+
+    @api.get("/healthz")
+    def healthz() -> Any:
+        return jsonify(status="ok", web_id=hub.web_id, sessions=hub.session_count())
+
+    @api.get("/readyz")
+    def readyz() -> Any:
+        try:
+            registry.client.ping()
+        except redis.RedisError as exc:
+            return jsonify(status="unavailable", error=f"redis: {exc}"), 503
+        return jsonify(status="ok")
+
+    @api.get("/api/nodes")
+    def nodes() -> Any:
+        status = request.args.get("status")
+        if status is not None and status not in STATUSES:
+            return jsonify(error=f"status must be one of {', '.join(STATUSES)}"), 400
+        return jsonify(nodes=fleet.nodes(status), counts=fleet.counts_by_status())
+
+    def found(view: dict[str, Any] | None, missing: Exception) -> Any:
+        """The view as JSON, or the 404 the error handlers give an unknown node or job."""
+        if view is None:
+            raise missing
+        return jsonify(view)
+
+    @api.get("/api/nodes/<node_id>")
+    def node(node_id: str) -> Any:
+        return found(fleet.node(node_id), UnknownNode(f"no node {node_id}"))
+
+    @api.post("/api/nodes/<node_id>/drain")
+    @admin
+    def drain(node_id: str) -> Any:
+        try:
+            body = DrainRequest.model_validate(request.get_json(silent=True) or {})
+        except ValidationError as exc:
+            return jsonify(error=describe_validation_error(exc)), 400
+        by = body.requested_by or f"HTTP client {request.remote_addr}"
+        outcome = registry.drain(node_id, by, body.reason, body.deadline_seconds)
+        return jsonify(node_id=node_id, status=outcome.status, jobs_left=outcome.jobs_left,
+                       drain=(fleet.node(node_id) or {}).get("drain"))
+
+    @api.delete("/api/nodes/<node_id>/drain")
+    @admin
+    def undrain(node_id: str) -> Any:
+        by = request.args.get("requested_by") or f"HTTP client {request.remote_addr}"
+        status = registry.undrain(node_id, by)
+        jobs.request_kick()
+        return jsonify(node_id=node_id, status=status)
+
+    @api.get("/api/nodes/<node_id>/eligibility")
+    def eligibility(node_id: str) -> Any:
+        """Why not this node: each filter step for one job (``?job=<id>``, or its needs
+        as ``required_models=a,b&require_gpu=true&public=true&node_selector=k=v,k2=v2``)."""
+        args = request.args
+        if "job" in args:
+            needs = jobs.needs_of(args["job"])
+        else:
+            def flag(name: str) -> bool:
+                return args.get(name, "false").lower() in ("1", "true", "yes")
+            models = tuple(m for m in args.get("required_models", "").split(",") if m)
+            pairs = [p.split("=", 1) for p in args.get("node_selector", "").split(",") if p]
+            if any(len(p) != 2 for p in pairs):
+                return jsonify(error="node_selector: write key=value pairs separated by commas"), 400
+            needs = JobNeeds(models, flag("require_gpu"), flag("public"), tuple(sorted((k, v) for k, v in pairs)))
+        return found(jobs.eligibility(node_id, needs), UnknownNode(f"no node {node_id}"))
+
+    @api.get("/api/jobs/<job_id>")
+    def job(job_id: str) -> Any:
+        return found(jobs.view(job_id),
+                     UnknownJob(f"no job {job_id} (unknown, or finished longer ago than the retention)"))
+
+    @api.get("/api/stats")
+    def stats() -> Any:
+        """Dispatch statistics (decisions, exclusions by reason, examples) and the last scan."""
+        return jsonify({**jobs.dispatcher.stats(), "scan": fleet.last_scan()})
+
+    @api.get("/metrics")
+    def metrics() -> Any:
+        return Response(exposition(fleet, jobs), mimetype="text/plain; version=0.0.4")
+
+    @api.get("/api/transitions")
+    def transitions() -> Any:
+        limit = min(int(request.args.get("limit", "50")), 500)
+        return jsonify(transitions=fleet.recent_transitions(limit))
+
+    @api.errorhandler(UnknownNode)
+    @api.errorhandler(UnknownJob)
+    def unknown(exc: Exception) -> Any:
+        return jsonify(error=str(exc)), 404
+
+    @api.errorhandler(InvalidTransition)
+    def conflict(exc: InvalidTransition) -> Any:
+        return jsonify(error=str(exc)), 409
+
+    @api.errorhandler(redis.RedisError)
+    def store_down(exc: redis.RedisError) -> Any:
+        return jsonify(error=f"the dispatcher's store is unavailable: {exc}"), 503
+
+    @api.after_request
+    def no_store(response: Response) -> Response:
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return api

@@ -1,0 +1,69 @@
+"""gunicorn settings for the web process (``gunicorn -c python:web.gunicorn_conf``)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+from typing import Any
+
+from dispatcher.logs import json_formatter, watch_gc_pauses
+from dispatcher.settings import get_settings
+
+_settings = get_settings()
+
+bind = f"0.0.0.0:{_settings.port}"
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+# Node sessions and HTTP requests share this budget per worker: past it even
+# /healthz waits, so it is sized for the fleet we promise, not left at 1,000.
+worker_connections = _settings.web_worker_connections
+timeout = 30
+graceful_timeout = 10
+keepalive = 5
+wsgi_app = "web.app:create_app()"
+# The control socket is unused and wants a writable home folder (not a given on a PaaS).
+control_socket_disable = True
+accesslog = None
+errorlog = "-"
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": json_formatter}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    "root": {"level": "INFO", "handlers": ["stdout"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+        "gunicorn.access": {"level": "WARNING", "handlers": ["stdout"], "propagate": False},
+    },
+}
+
+
+def on_starting(server: object) -> None:
+    # One file descriptor per session: lift the soft limit to the hard one.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _settings.web_worker_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted, hard))
+
+
+def post_worker_init(worker: object) -> None:
+    # What exists now (imported modules, the app) lives for ever: keep it out of
+    # every later full collection, whose pause grows with the objects it walks.
+    gc.freeze()
+    watch_gc_pauses()
+    # Start the session hub in the worker (after the fork); absent when serving another app.
+    hub = worker.wsgi.extensions.get("dispatcher.hub")
+    if hub is not None:
+        # On SIGTERM gunicorn only stops accepting and waits for open connections;
+        # node sessions never end by themselves, so the hub closes them.
+        hub.stop_when(lambda: not worker.alive)  # type: ignore[attr-defined]
+        hub.start()
+
+
+def child_exit(server: object, worker: Any) -> None:
+    # A dead worker's live gauges (its session count) must not linger in /metrics.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

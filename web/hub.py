@@ -1,0 +1,172 @@
+"""The web process's node sessions, and the shared machinery that serves them.
+
+One hub per process: a map of the sessions it holds, one wake listener, and
+one ticker that sweeps for missed wake-ups and sends the periodic
+node_status reports in batches. Per session there is only the receive loop
+and a sender that sleeps until woken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import redis
+
+from dispatcher.connection import pubsub_client
+from dispatcher.delivery import Outbox, WakeListener
+from dispatcher.errors import InvalidMessage, InvalidTransition
+from dispatcher.fleet import Fleet
+from dispatcher.jobs import Jobs
+from dispatcher.logs import log_event, report_gc_pauses
+from dispatcher.messages import JobAck, JobProgress, JobResult, NodeDrain
+from dispatcher.metrics import SESSIONS
+from dispatcher.registry import Registry
+from dispatcher.settings import Settings
+
+if TYPE_CHECKING:
+    from web.session import NodeSession
+
+log = logging.getLogger("web.hub")
+
+#: Sessions handled per Redis pipeline in the sweep and the status reports;
+#: between chunks the thread yields, so thousands of sessions never stall the loop.
+_CHUNK = 250
+
+
+class Hub:
+    def __init__(self, registry: Registry, jobs: Jobs, settings: Settings) -> None:
+        self.registry = registry
+        self.jobs = jobs
+        self.settings = settings
+        self.keys = registry.keys
+        self.fleet = Fleet(registry.client, settings, registry.clock)
+        self.outbox = Outbox(registry.client, registry.scripts, registry.keys)
+        self.web_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.sessions: dict[str, NodeSession] = {}
+        self._lock = threading.Lock()
+        self._started = False
+        self._listener: WakeListener | None = None
+        self._stopping: Callable[[], bool] = lambda: False
+
+    # --- sessions ----------------------------------------------------------
+
+    def attach(self, session: NodeSession) -> None:
+        """The session registered its node; an older local session of that node closes."""
+        assert session.node_id is not None
+        with self._lock:
+            older = self.sessions.get(session.node_id)
+            self.sessions[session.node_id] = session
+            SESSIONS.set(len(self.sessions))
+        if older is not None and older is not session:
+            older.close(4001, "superseded by a newer session", why="superseded")
+
+    def detach(self, session: NodeSession) -> None:
+        with self._lock:
+            if session.node_id is not None and self.sessions.get(session.node_id) is session:
+                del self.sessions[session.node_id]
+                SESSIONS.set(len(self.sessions))
+
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def stop_when(self, stopping: Callable[[], bool]) -> None:
+        """When ``stopping()`` turns true, close every session (1012) so that nodes
+        reconnect elsewhere at once instead of waiting out the server's shutdown."""
+        self._stopping = stopping
+
+    def close_all(self, code: int, reason: str) -> None:
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.close(code, reason, why=reason)
+        log_event(log, "sessions_closed", sessions=len(sessions), reason=reason)
+
+    # --- frames the core handles ---------------------------------------------------
+
+    def jobs_from_node(self, node_id: str, msg: JobAck | JobProgress | JobResult) -> None:
+        if isinstance(msg, JobAck):
+            self.jobs.ack(node_id, msg)
+        elif isinstance(msg, JobProgress):
+            self.jobs.progress(node_id, msg)
+        else:
+            self.jobs.record_result(node_id, msg)
+
+    def drain_from_node(self, node_id: str, msg: NodeDrain) -> None:
+        try:
+            self.registry.drain(node_id, requested_by=f"node {node_id}", reason=msg.reason,
+                                deadline_s=msg.deadline_seconds)
+        except InvalidTransition as exc:
+            raise InvalidMessage(f"node_drain: {exc}") from exc
+
+    # --- background work ---------------------------------------------------
+
+    def start(self) -> None:
+        """Start the listener and the ticker once per process (after gunicorn forks)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self._listener = WakeListener(pubsub_client(self.settings), self.keys, self._on_wake, self.sweep)
+        self._listener.start()
+        threading.Thread(target=self._tick_loop, name="hub-ticker", daemon=True).start()
+        log_event(log, "hub_started", web_id=self.web_id)
+
+    def _on_wake(self, node_id: str) -> None:
+        session = self.sessions.get(node_id)
+        if session is not None:
+            session.wake()
+
+    def first_report_s(self) -> float:
+        """When a new session's first periodic report is due: jittered, so that a
+        fleet reconnecting together does not come due on one tick."""
+        interval_s = self.settings.status_report_interval_seconds
+        return time.monotonic() + interval_s * random.uniform(0.5, 1.0)
+
+    def sweep(self) -> None:
+        """Wake every local session whose queue holds frames (catches lost wake-ups)."""
+        node_ids = list(self.sessions)
+        for start in range(0, len(node_ids), _CHUNK):
+            for node_id in self.outbox.pending(node_ids[start:start + _CHUNK]):
+                self._on_wake(node_id)
+            time.sleep(0)
+
+    def report_statuses(self) -> None:
+        """Send the periodic node_status to every session that is due."""
+        now_s = time.monotonic()
+        due = [s for s in list(self.sessions.values()) if s.next_report_s <= now_s and s.node_id]
+        interval_s = self.settings.status_report_interval_seconds
+        for start in range(0, len(due), _CHUNK):
+            chunk = due[start:start + _CHUNK]
+            reports = self.fleet.status_reports([s.node_id for s in chunk if s.node_id])
+            for session in chunk:
+                session.next_report_s = now_s + interval_s
+                report = reports.get(session.node_id or "")
+                if report is not None:
+                    session.send(report.encode())
+            time.sleep(0)
+
+    def _tick_loop(self) -> None:
+        tick_s = min(1.0, self.settings.status_report_interval_seconds)
+        next_sweep_s = time.monotonic() + self.settings.delivery_sweep_interval_seconds
+        while True:
+            time.sleep(tick_s)
+            if self._stopping():
+                self.close_all(1012, "server restarting: reconnect")
+                return
+            try:
+                if time.monotonic() >= next_sweep_s:
+                    next_sweep_s = time.monotonic() + self.settings.delivery_sweep_interval_seconds
+                    self.sweep()
+                self.report_statuses()
+                report_gc_pauses()
+            except redis.RedisError as exc:
+                log_event(log, "hub_tick_failed", logging.WARNING, error=str(exc))
+            except Exception:  # noqa: BLE001 - the ticker must outlive any one bad tick
+                log.exception("hub_tick_crashed", extra={"event": "hub_tick_crashed"})
