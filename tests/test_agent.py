@@ -1,0 +1,168 @@
+"""The reference node agent, as a real process, against the real web process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from dispatcher.keys import Keys
+from tests.support import Process, wait_for
+
+FAST = {"heartbeat_interval_seconds": 0.2, "heartbeat_timeout_seconds": 3, "required_models": ["whisper"]}
+
+
+def events(process: Process, name: str) -> list[dict[str, Any]]:
+    found = []
+    for line in process.log().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == name:
+            found.append(record)
+    return found
+
+
+def status_of(r: redis.Redis, node_id: str) -> str | None:
+    return r.hget(Keys().node(node_id), "status")
+
+
+def test_agent_registers_reports_real_usage_and_keeps_its_identity(start_web: Any, agents: Any, tmp_path: Path,
+                                                                   r: redis.Redis) -> None:
+    server = start_web(**FAST)
+    state = tmp_path / "agent.json"
+    agent = agents(server, state, "--label", "region=eu", "--max-concurrent-jobs", "2")
+    identity = wait_for(lambda: state.exists() and json.loads(state.read_text()), what="state file")
+    node_id = identity["node_id"]
+    assert identity["node_secret"] and stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    wait_for(lambda: status_of(r, node_id) == "ready", what="agent ready")
+    node = r.hgetall(Keys().node(node_id))
+    assert float(node["mem_percent"]) > 0, "memory usage comes from psutil"
+    assert json.loads(node["hardware"])["cpu_cores"] == os.cpu_count()
+    assert (json.loads(node["labels"]), node["max_concurrent_jobs"]) == ({"region": "eu"}, "2")
+    wait_for(lambda: any(e["status"] == "ready" for e in events(agent, "node_status")), what="status logged")
+
+    agent.kill()
+    wait_for(lambda: status_of(r, node_id) == "offline", what="offline after the agent died")
+    again = agents(server, state)
+    wait_for(lambda: status_of(r, node_id) == "ready", what="resumed agent ready")
+    assert [e["node_id"] for e in events(again, "registered")] == [node_id]
+    assert r.scard(Keys().nodes()) == 1
+
+
+def test_agent_reconnects_after_the_web_process_dies(start_web: Any, agents: Any, tmp_path: Path,
+                                                     r: redis.Redis) -> None:
+    server = start_web(**FAST)
+    state = tmp_path / "agent.json"
+    agents(server, state)
+    node_id = wait_for(lambda: state.exists() and json.loads(state.read_text())["node_id"], what="registered")
+    wait_for(lambda: status_of(r, node_id) == "ready", what="ready")
+    old_web = r.hget(Keys().node(node_id), "web_id")
+    server.kill()
+    server.start()  # same port, new process
+    wait_for(lambda: r.hget(Keys().node(node_id), "web_id") != old_web, timeout_s=20,
+             what="agent resumed on the new web process")
+    wait_for(lambda: status_of(r, node_id) == "ready", what="ready again")
+    assert r.scard(Keys().nodes()) == 1
+
+
+def test_agent_with_a_refused_id_registers_anew(start_web: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:
+    server = start_web(**FAST)
+    first_state = tmp_path / "first.json"
+    agents(server, first_state)
+    taken = wait_for(lambda: first_state.exists() and json.loads(first_state.read_text())["node_id"], what="first")
+    stolen = tmp_path / "stolen.json"
+    stolen.write_text(json.dumps({"node_id": taken, "node_secret": "not-the-secret"}))
+    agent = agents(server, stolen)
+    new_id = wait_for(lambda: (json.loads(stolen.read_text())["node_id"] or "") not in ("", taken)
+                      and json.loads(stolen.read_text())["node_id"], what="a new id")
+    assert new_id != taken and events(agent, "identity_cleared")
+    wait_for(lambda: status_of(r, new_id) == "ready", what="new node ready")
+    assert status_of(r, taken) == "ready", "the real owner was untouched"
+
+
+def test_agent_stops_on_a_refused_token(start_web: Any, agents: Any, tmp_path: Path) -> None:
+    server = start_web(registration_tokens=["right"], **FAST)
+    agent = agents(server, tmp_path / "a.json", "--registration-token", "wrong")
+    assert agent.popen.wait(20) == 3
+    assert "registration refused" in agent.log()
+
+
+def test_agent_drains_itself_on_sigterm(start_web: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:
+    server = start_web(**FAST)
+    state = tmp_path / "agent.json"
+    agent = agents(server, state)
+    node_id = wait_for(lambda: state.exists() and json.loads(state.read_text())["node_id"], what="registered")
+    wait_for(lambda: any(e["status"] == "ready" for e in events(agent, "node_status")), what="agent knows it is ready")
+    agent.signal(signal.SIGTERM)
+    assert agent.popen.wait(20) == 0
+    node = r.hgetall(Keys().node(node_id))
+    assert node["status"] == "offline" and node["drain_requested_by"] == f"node {node_id}"
+
+
+def test_agent_runs_jobs_through_its_handler(system: Any, client: Any, agents: Any, tmp_path: Path,
+                                            r: redis.Redis) -> None:
+    agent = agents(system.web, tmp_path / "a.json", "--max-concurrent-jobs", "2",
+                   "--handler", "dispatcher.agent.handlers:demo")
+    wait_for(lambda: r.scard(Keys().status_set("ready")) == 1, what="ready")
+    echo = client.send_task("dispatcher.submit_job", kwargs={"job_type": "echo", "payload": {"x": [1, {}]}})
+    slow = client.send_task("dispatcher.submit_job", kwargs={"job_type": "sleep", "payload": {"seconds": 1.5}})
+    assert echo.get(timeout=10) == {"x": [1, {}]}
+    wait_for(lambda: (slow.info or {}).get("progress", 0) > 0, what="progress from the handler")
+    assert slow.info["node_id"] == json.loads((tmp_path / "a.json").read_text())["node_id"]
+    assert slow.get(timeout=10)["slept_seconds"] == 1.5
+    broken = client.send_task("dispatcher.submit_job", kwargs={"job_type": "fail", "max_attempts": 2,
+                                                               "payload": {"code": "OOM", "message": "no memory"}})
+    with pytest.raises(Exception, match="OOM: no memory"):
+        broken.get(timeout=15)
+    assert [e["attempt"] for e in events(agent, "job_started") if e["job_id"] == broken.id] == [1, 2]
+
+
+def test_agent_stops_a_cancelled_job(system: Any, client: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:
+    from celery.exceptions import TaskRevokedError
+
+    agent = agents(system.web, tmp_path / "a.json")
+    wait_for(lambda: r.scard(Keys().status_set("ready")) == 1, what="ready")
+    job = client.send_task("dispatcher.submit_job", kwargs={"job_type": "sleep", "payload": {"seconds": 30}})
+    wait_for(lambda: job.state == "STARTED", what="started")
+    client.send_task("dispatcher.cancel_job", kwargs={"job_id": job.id}).get(timeout=10)
+    with pytest.raises(TaskRevokedError):
+        job.get(timeout=10)
+    wait_for(lambda: events(agent, "job_cancelled"), what="the agent told")
+    wait_for(lambda: r.hlen(Keys().assigned(json.loads((tmp_path / "a.json").read_text())["node_id"])) == 0,
+             what="slot free")
+    assert not [e for e in events(agent, "job_finished") if e["job_id"] == job.id and e["success"]]
+
+
+def test_runner_dedups_redelivered_jobs_and_enforces_its_capacity() -> None:
+    import threading
+
+    from dispatcher.agent.runner import JobRunner
+    from dispatcher.messages import JobAssign
+
+    sent: list[dict[str, Any]] = []
+    release = threading.Event()
+
+    def handler(job: dict[str, Any], ctx: Any) -> Any:
+        release.wait(5)
+        return job["payload"]
+    runner = JobRunner(handler, max_concurrent_jobs=1, send=sent.append)
+    first = JobAssign(job_id="j1", attempt=1, job_type="t", payload={"n": 1})
+    runner.assign(first)
+    runner.assign(first)  # delivered again while running: acknowledged again, not run twice
+    runner.assign(JobAssign(job_id="j2", attempt=1, job_type="t"))  # over capacity
+    release.set()
+    assert runner.wait_idle(5)
+    runner.assign(first)  # delivered again after it finished: its result is sent again
+    kinds = [(f["type"], f["job_id"], f.get("success"), (f.get("error") or {}).get("code")) for f in sent]
+    assert kinds.count(("job_ack", "j1", None, None)) == 2
+    assert ("job_result", "j2", False, "NODE_AT_CAPACITY") in kinds
+    assert kinds.count(("job_result", "j1", True, None)) == 2
+    assert [f for f in sent if f["type"] == "job_result" and f["job_id"] == "j1"][0]["output"] == {"n": 1}

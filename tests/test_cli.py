@@ -1,0 +1,105 @@
+"""The dispatcher command, as a person runs it: real processes, real output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import redis
+
+from dispatcher.keys import Keys
+from tests.support import PYTHON, clean_env
+
+
+def run(system: Any, *args: str, timeout_s: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = clean_env(system.redis_url, DISPATCHER_URL=system.web.url, **env)
+    return subprocess.run([PYTHON, "-m", "dispatcher.cli", *args], env=full_env, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def test_nodes_and_node(system: Any, live_nodes: Any) -> None:
+    node = live_nodes(system.web, {"whisper": "ready"}, labels={"zone": "eu"}, max_concurrent_jobs=2).wait_ready()
+    listing = run(system, "nodes")
+    assert listing.returncode == 0, listing.stderr
+    header, *rows = listing.stdout.splitlines()
+    assert header.split() == ["NODE", "STATUS", "JOBS", "CPU", "GPU", "MEM", "MODELS", "HEARTBEAT", "AGE", "REASON"]
+    mine = next(row for row in rows if row.startswith(node.node_id))
+    assert mine.split()[1:4] == ["ready", "0/2", "5%"]
+    described = run(system, "node", node.node_id)
+    assert described.returncode == 0, described.stderr
+    out = described.stdout
+    assert f"Node:          {node.node_id}" in out and "Status:        ready" in out
+    assert "Labels:        zone=eu" in out and "whisper (ready)" in out
+    assert "registering -> ready: 3 consecutive healthy heartbeats" in out
+    assert "Why not a job without requirements: eligible" in out and "ok   capacity       0/2 slots used" in out
+
+
+def test_drain_and_undrain(system: Any, live_nodes: Any, r: redis.Redis) -> None:
+    node = live_nodes(system.web, {"m": "ready"}).wait_ready()
+    done = run(system, "drain", node.node_id, "--reason", "disk swap", USER="carol")
+    assert (done.returncode, done.stdout.strip()) == (0, f"node {node.node_id} is offline"), done.stderr
+    assert r.hget(Keys().node(node.node_id), "drain_requested_by") == "carol"
+    again = run(system, "drain", node.node_id)
+    assert again.returncode == 1 and again.stderr.startswith("dispatcher: node ") and len(again.stderr.splitlines()) == 1
+    back = run(system, "undrain", node.node_id)
+    assert back.returncode == 0 and back.stdout.strip() == f"node {node.node_id} is offline"
+
+
+def test_submit_follows_the_job_and_prints_its_output(system: Any, live_nodes: Any) -> None:
+    import threading
+
+    node = live_nodes(system.web, {"m": "ready"}).wait_ready()
+
+    def work() -> None:
+        job = node.take_job(timeout_s=20)
+        node.send({"type": "job_progress", "job_id": job["job_id"], "attempt": 1, "progress": 0.5, "message": "half"})
+        import time
+        time.sleep(0.6)
+        node.succeed(job, {"echo": job["payload"]})
+    threading.Thread(target=work, daemon=True).start()
+    done = run(system, "submit", "--type", "asr", "--model", "m", "--payload", '{"a": [1, 2]}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"echo": {"a": [1, 2]}}
+    assert f"running on {node.node_id} (attempt 1)" in done.stderr and "50% half" in done.stderr
+
+
+def test_submit_of_a_failing_job_exits_1_with_the_reason(system: Any, live_nodes: Any) -> None:
+    node = live_nodes(system.web, {"m": "ready"}).wait_ready()
+    import threading
+
+    threading.Thread(target=lambda: node.fail(node.take_job(timeout_s=20), "OOM", "no memory", False),
+                     daemon=True).start()
+    done = run(system, "submit", "--type", "asr", "--model", "m")
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].endswith("JobFailed: OOM: no memory (node "
+                                                 f"{node.node_id}, attempt 1 of 3)")
+
+
+def test_errors_are_one_line_with_meaningful_exit_codes(system: Any, start_web: Any) -> None:
+    missing = run(system, "node", "nope")
+    assert (missing.returncode, missing.stderr) == (3, "dispatcher: no node nope\n")
+    guarded = start_web(admin_token="t0ken", **{k: v for k, v in system.settings.items()})
+    refused = run(system, "--url", guarded.url, "drain", "n-x")
+    assert refused.returncode == 4 and "admin_token" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    away = run(system, "--url", "http://127.0.0.1:1", "nodes")
+    assert away.returncode == 5 and away.stderr.startswith("dispatcher: cannot reach the dispatcher at http://127.0.0.1:1")
+    usage = run(system, "submit")
+    assert usage.returncode == 2 and "--type" in usage.stderr
+    bad = run(system, "submit", "--type", "t", "--payload", "{nope")
+    assert bad.returncode == 2 and bad.stderr.startswith("dispatcher: --payload is not JSON")
+
+
+def test_agent_subcommand_runs_the_agent(system: Any, tmp_path: Any) -> None:
+    done = run(system, "agent", "--url", "ws://127.0.0.1:1/ws/node", "--handler", "nope:nothing",
+               "--state-file", str(tmp_path / "s.json"))
+    assert done.returncode == 2 and "No module named 'nope'" in done.stderr
+
+
+def test_submit_refuses_a_redis_other_than_the_dispatchers(system: Any, own_redis: Any) -> None:
+    other_db_url, _ = own_redis  # same server, another database: the job would wait for ever
+    for url, code, says in ((other_db_url, 2, "REDIS_URL is not the Redis the dispatcher"),
+                            ("redis://127.0.0.1:1/0", 5, "cannot reach Redis at REDIS_URL")):
+        done = subprocess.run([PYTHON, "-m", "dispatcher.cli", "submit", "--type", "t"], capture_output=True,
+                              text=True, timeout=30, env=clean_env(url, DISPATCHER_URL=system.web.url))
+        assert done.returncode == code and done.stderr.startswith(f"dispatcher: {says}"), done.stderr

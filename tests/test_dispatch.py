@@ -1,0 +1,197 @@
+"""The dispatch filter and choice, on real Redis with an injected clock.
+
+These tests use their own key prefix, so the session's running system (whose
+worker and beat share this Redis) never touches what they build.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
+
+from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, first_failure
+from dispatcher.jobs import Jobs
+from dispatcher.keys import Keys
+from dispatcher.messages import NodeHeartbeat, NodeRegister
+from dispatcher.registry import Registry
+from tests.conftest import client_app, forget_everything
+
+PREFIX = "{coretest}"
+T0 = 1_800_000_000_000
+
+
+@pytest.fixture
+def core(make_settings: Any, r: redis.Redis, db_url: str) -> tuple[Registry, Jobs]:
+    settings = make_settings(key_prefix=PREFIX, resource_threshold_percent=80, exclusion_examples=3,
+                             dispatch_candidates=50)
+    clock = lambda: T0 + 10_000  # noqa: E731
+    return Registry(r, settings, clock=clock), Jobs(r, settings, client_app(db_url), clock=clock)
+
+
+def add_node(registry: Registry, *, beats: int = 3, last_beat_ms: int = T0 + 9_000, models: dict[str, str] | None = None,
+             labels: dict[str, str] | None = None, public: bool = False, gpu: bool = False, gpu_available: bool = True,
+             max_jobs: int = 1, usage: tuple[float, float, float] = (5, 5, 5)) -> str:
+    models = models or {}
+    msg = NodeRegister.model_validate_json(json.dumps({
+        "type": "node_register", "accept_public_jobs": public, "max_concurrent_jobs": max_jobs, "labels": labels or {},
+        "installed_models": [{"model_id": m, "status": s} for m, s in models.items()],
+        "hardware": {"gpus": [{"name": "L4", "memory_gb": 24}] if gpu else []}}))
+    reg = registry.register(msg, "s", "w", now=T0)
+    for i in range(beats):
+        beat = NodeHeartbeat.model_validate_json(json.dumps({
+            "type": "node_heartbeat", "gpu_available": gpu_available,
+            "resource_usage": {"cpu_percent": usage[0], "gpu_percent": usage[1], "mem_percent": usage[2]}}))
+        registry.heartbeat(reg.node, beat, now=last_beat_ms - (beats - 1 - i) * 100)
+    return reg.node.node_id
+
+
+def fill(r: redis.Redis, keys: Keys, node_id: str, jobs: int) -> None:
+    """Occupy slots as earlier assignments would have."""
+    for i in range(jobs):
+        r.hset(keys.assigned(node_id), f"filler-{i}", "{}")
+    max_jobs = int(r.hget(keys.node(node_id), "max_concurrent_jobs"))
+    if jobs >= max_jobs:
+        r.zrem(keys.capacity_index(), node_id)
+    else:
+        r.zadd(keys.capacity_index(), {node_id: jobs / max_jobs})
+
+
+def test_a_waiting_decision_counts_from_the_indexes_and_a_question_walks_the_fleet(
+        core: tuple[Registry, Jobs]) -> None:
+    registry, jobs = core
+    for _ in range(7):
+        add_node(registry, beats=1)  # registering
+    busy = add_node(registry, models={"a": "ready"})
+    fill(jobs.client, jobs.keys, busy, 1)
+    add_node(registry, models={"b": "ready"})
+    decision = jobs.submit("j-1", {"job_type": "t", "required_models": ["a"]})
+    assert decision.outcome == "waiting" and (decision.eligible, decision.total) == (0, 9)
+    assert decision.exclusions["counts"] == {"StatusNotReady": 7, "ModelNotAvailable": 1, "CapacityExceeded": 1}
+    stats = jobs.dispatcher.stats()
+    assert stats["excluded"]["StatusNotReady"] == 7 and stats["decisions"] == {"waiting": 1}
+    why = jobs.view("j-1")["why_waiting"]
+    assert why["counts"] == decision.exclusions["counts"]
+    assert len(why["examples"]["StatusNotReady"]) == 3, "examples are capped per reason"
+    assert why["examples"]["CapacityExceeded"] == [busy]
+    assert why["summary"].startswith("0/9 nodes eligible: 7 StatusNotReady, 1 ModelNotAvailable, 1 CapacityExceeded")
+
+
+def test_the_indexes_and_the_walk_count_alike(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
+    registry, jobs = core
+    add_node(registry, beats=1)
+    add_node(registry, public=False, gpu=True, models={"a": "ready"}, labels={"zone": "1"})
+    add_node(registry, public=True, gpu=True, models={"a": "ready"})
+    add_node(registry, public=True, gpu=False, models={"a": "ready"}, labels={"zone": "1"})
+    add_node(registry, public=True, gpu=True, models={"b": "ready"}, labels={"zone": "1"})
+    add_node(registry, public=True, gpu=True, models={"a": "ready"}, labels={"zone": "1"}, usage=(95, 0, 0))
+    fill(r, jobs.keys, add_node(registry, public=True, gpu=True, models={"a": "ready"}, labels={"zone": "1"}), 1)
+    add_node(registry, public=True, gpu=True, models={"a": "ready"}, labels={"zone": "1"})
+    needs = JobNeeds(("a",), True, True, (("zone", "1"),))
+    eligible, total, walked = jobs.dispatcher.explain(needs)
+    assert (eligible, total) == (1, 8)
+    assert jobs.dispatcher.count_exclusions(needs) == (1, 8, {"counts": walked["counts"], "examples": {}})
+    assert walked["counts"] == {reason: 1 for reason in REASONS}, "one node fails each step"
+
+
+def test_least_loaded_then_lowest_usage_wins(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
+    registry, jobs = core
+    keys = jobs.keys
+    half_full = add_node(registry, max_jobs=2, usage=(1, 1, 1))
+    fill(r, keys, half_full, 1)
+    busy_cpu = add_node(registry, max_jobs=2, usage=(60, 0, 0))
+    idle = add_node(registry, max_jobs=2, usage=(10, 0, 0))
+    assert jobs.submit("j-1", {"job_type": "t"}).node_id == idle
+    # idle now holds 1 of 2 like half_full; busy_cpu is the only empty one
+    assert jobs.submit("j-2", {"job_type": "t"}).node_id == busy_cpu
+
+
+def test_equal_nodes_take_turns(core: tuple[Registry, Jobs]) -> None:
+    registry, jobs = core
+    nodes = {add_node(registry, max_jobs=10) for _ in range(3)}
+    chosen = [jobs.submit(f"j-{i}", {"job_type": "t"}).node_id for i in range(3)]
+    assert set(chosen) == nodes, "same load and usage: each one in turn"
+
+
+def test_a_job_is_assigned_once_even_when_submitted_twice(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
+    registry, jobs = core
+    node = add_node(registry, max_jobs=5)
+    assert jobs.submit("j-1", {"job_type": "t"}).node_id == node
+    assert jobs.submit("j-1", {"job_type": "t"}) is None, "a redelivered submit_job changes nothing"
+    assert r.hlen(jobs.keys.assigned(node)) == 1 and r.llen(jobs.keys.queue(node)) == 3  # status, status, job
+
+
+# Each step fails on its own now and then (and edge values sit on both sides of
+# each limit), so every step gets its turn as the first to fail.
+often = [True] * 6 + [False] * 2
+node_strategy = st.fixed_dictionaries({
+    "beats": st.sampled_from([3] * 7 + [1]),  # 3: ready; 1: still registering
+    "silent_ms": st.sampled_from([0] * 6 + [44_999, 45_000]),
+    "models": st.fixed_dictionaries({"a": st.sampled_from(["ready"] * 3 + ["loading"])}),
+    "labels": st.sampled_from([{"zone": "1"}] * 3 + [{"zone": "2"}, {}]),
+    "public": st.sampled_from(often),
+    "gpu": st.sampled_from(often),
+    "gpu_available": st.sampled_from(often),
+    "max_jobs": st.integers(1, 2),
+    "assigned": st.sampled_from([0, 0, 0, 1, 2]),
+    "cpu": st.sampled_from([0.0] * 4 + [79.9, 80.0, 99.0]),
+})
+job_strategy = st.fixed_dictionaries({
+    "required_models": st.sampled_from([[], ["a"]]),
+    "require_gpu": st.booleans(),
+    "public": st.booleans(),
+    "node_selector": st.sampled_from([{}, {"zone": "1"}]),
+})
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(node=node_strategy, job=job_strategy)
+def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry, Jobs], r: redis.Redis,
+                                                            node: dict[str, Any], job: dict[str, Any]) -> None:
+    """For any node and job, the Lua filter (which decides) and the Python filter
+    (which explains failures and answers "why not this node") give the same verdict."""
+    forget_everything(r)
+    registry, jobs = core
+    keys = jobs.keys
+    node_id = add_node(registry, beats=node["beats"], last_beat_ms=T0 + 10_000 - node["silent_ms"],
+                       models=node["models"], labels=node["labels"], public=node["public"], gpu=node["gpu"],
+                       gpu_available=node["gpu_available"], max_jobs=node["max_jobs"], usage=(node["cpu"], 0, 0))
+    if node["beats"] == 0:
+        r.hset(keys.node(node_id), "last_seen_ms", T0 + 10_000 - node["silent_ms"])
+    fill(r, keys, node_id, node["assigned"])
+    stored = dict(zip(NODE_FIELDS, r.hmget(keys.node(node_id), NODE_FIELDS)))
+    needs = JobNeeds(tuple(job["required_models"]), job["require_gpu"], job["public"],
+                     tuple(sorted(job["node_selector"].items())))
+    expected = first_failure(evaluate(stored, node["assigned"], needs, T0 + 10_000, 45_000, 80))
+    event(expected.reason if expected else "eligible")
+
+    jobs.scripts.enqueue_job("j", T0, 0, {
+        "job_type": "t", "payload": "{}", "required_models": json.dumps(job["required_models"]),
+        "require_gpu": job["require_gpu"], "public": job["public"], "timeout_seconds": 1, "timeout_ms": 1000,
+        "max_attempts": 1, "dispatch_timeout_ms": 1000, "priority": 5,
+        "node_selector": json.dumps(job["node_selector"])})
+    candidates, _ = jobs.dispatcher.candidates(needs)
+    reply = jobs.scripts.dispatch_job("j", T0 + 10_000, r.get(keys.epoch()), [node_id], 45_000, 80, 3)
+    if expected is None:
+        assert reply[0] == "assigned", (stored, job, reply)
+        assert node_id in candidates, "an eligible node is found by the indexes"
+    else:
+        assert reply[0] == "waiting", (stored, job, expected, reply)
+        assert json.loads(reply[1])["counts"] == {expected.reason: 1}, (stored, job, expected)
+        assert expected.reason in REASONS
+
+
+def test_indexes_find_every_eligible_node(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
+    registry, jobs = core
+    wanted = {add_node(registry, models={"a": "ready"}, labels={"zone": "1"}, public=True, gpu=True)
+              for _ in range(4)}
+    add_node(registry, models={"a": "loading"}, labels={"zone": "1"}, public=True, gpu=True)
+    add_node(registry, models={"a": "ready"}, labels={"zone": "2"}, public=True, gpu=True)
+    add_node(registry, models={"a": "ready"}, labels={"zone": "1"}, public=False, gpu=True)
+    add_node(registry, models={"a": "ready"}, labels={"zone": "1"}, public=True, gpu=False)
+    add_node(registry, models={"a": "ready"}, labels={"zone": "1"}, public=True, gpu=True, usage=(90, 0, 0))
+    candidates, epoch = jobs.dispatcher.candidates(JobNeeds(("a",), True, True, (("zone", "1"),)))
+    assert set(candidates) == wanted and epoch is not None
