@@ -29,6 +29,7 @@ NODE_BUNDLE = (
     "resources_index",
     "capacity_index",
     "assigned",
+    "cancels",
     "drains",
     "epoch",
     "waiting",
@@ -87,6 +88,12 @@ class Keys:
     def assigned(self, node_id: str) -> str:
         """Hash: job id -> the ``job_assign`` frame, for jobs assigned to the node."""
         return f"{self.prefix}:node:{node_id}:assigned"
+
+    def cancels(self, node_id: str) -> str:
+        """Sorted set: ``job_cancel`` frames sent to the node -> until when (ms)
+        they are sent again should the node resume (frames queued for a
+        session are dropped when the node registers again)."""
+        return f"{self.prefix}:node:{node_id}:cancels"
 
     def drains(self) -> str:
         """Sorted set: draining node id -> drain deadline (ms)."""
@@ -190,6 +197,7 @@ class Keys:
             "resources_index": self.resources_index(),
             "capacity_index": self.capacity_index(),
             "assigned": self.assigned(node_id),
+            "cancels": self.cancels(node_id),
             "drains": self.drains(),
             "epoch": self.epoch(),
             "waiting": self.waiting(),

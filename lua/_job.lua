@@ -58,7 +58,3 @@ local function forget_pending_result(job_id)
   redis.call('HDEL', J.job, 'pending_attempt', 'pending_meta', 'pending_output')
   redis.call('ZREM', J.results, job_id)
 end
-
-local function cancel_frame(job_id, attempt, reason)
-  return cjson.encode({type = 'job_cancel', job_id = job_id, attempt = tonumber(attempt), reason = reason})
-end

@@ -13,7 +13,7 @@ if TERMINAL[job.state] then return {'finished', job.state} end
 if (job.node_id or '') ~= P.node_id then return {'moved'} end
 local node_id = job.node_id or ''
 if job.state == 'assigned' or job.state == 'running' then
-  deliver(node_id, cancel_frame(P.job_id, job.attempt, P.reason))
+  stop_on_node(node_id, P.job_id, job.attempt, P.reason, P.now_ms)
   release_slot(node_id, P.job_id, P.now_ms)
   forget_pending_result(P.job_id)
 end

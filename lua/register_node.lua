@@ -2,7 +2,8 @@
 -- register_node: create a node, or resume a known one whose secret matches,
 -- and bind it to a new session. A resumed node starts over in `registering`
 -- with a fresh health history and keeps its assigned jobs, whose job_assign
--- frames are queued again (the node drops the ones it already has).
+-- frames are queued again (the node drops the ones it already has), after
+-- the job_cancel frames it may have missed.
 --
 -- KEYS: the node bundle, then one model index key per P.index_models entry,
 --       then one label index key per P.index_labels entry.
@@ -57,9 +58,14 @@ set_member(K.gpu_index, node_id, f.gpu_available)
 redis.call('SREM', K.resources_index, node_id)
 refresh_capacity(node_id)
 
--- Frames queued for an older session are stale; the assignments are not.
+-- Frames queued for an older session are stale; the assignments and the
+-- cancels of attempts that may still run there are not.
 redis.call('DEL', K.queue)
 transition(node_id, 'registering', exists and 'resumed' or 'registered', now)
+redis.call('ZREMRANGEBYSCORE', K.cancels, '-inf', now)
+for _, frame in ipairs(redis.call('ZRANGE', K.cancels, 0, -1)) do
+  redis.call('RPUSH', K.queue, frame)
+end
 for _, frame in ipairs(redis.call('HVALS', K.assigned)) do
   redis.call('RPUSH', K.queue, frame)
 end

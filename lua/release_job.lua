@@ -20,7 +20,7 @@ if P.only_if_due then
   if not due or tonumber(due) > P.now_ms then return {'kept'} end
 end
 local node_id, now = job.node_id, P.now_ms
-if P.cancel_on_node then deliver(node_id, cancel_frame(P.job_id, job.attempt, P.message)) end
+if P.cancel_on_node then stop_on_node(node_id, P.job_id, job.attempt, P.message, now) end
 release_slot(node_id, P.job_id, now)
 forget_pending_result(P.job_id)
 if tonumber(job.attempt) < tonumber(job.max_attempts) then

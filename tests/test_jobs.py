@@ -174,6 +174,32 @@ def test_cancel_a_running_job_tells_the_node(system: Any, client: Any, live_node
     assert second.get(timeout=10) == "slot was freed"
 
 
+def test_a_node_away_when_its_job_was_cancelled_is_told_when_it_resumes(system: Any, client: Any,
+                                                                         live_nodes: Any, r: redis.Redis) -> None:
+    from tests.support import LiveNode
+
+    node = live_nodes(system.web, {"m": "ready"}, max_concurrent_jobs=2).wait_ready()
+    cancelled, kept = submit(client), submit(client)
+    first, second = node.take_job(), node.take_job()
+    assert {first["job_id"], second["job_id"]} == {cancelled.id, kept.id}
+    node.close()
+    wait_for(lambda: r.hget(Keys().node(node.node_id), "status") == "offline", what="offline")
+    reply = client.send_task("dispatcher.cancel_job", kwargs={"job_id": cancelled.id, "reason": "user gave up"})
+    assert reply.get(timeout=10) == "cancelled"
+    back = LiveNode(system.web.ws_url, {"m": "ready"}, node_id=node.node_id, node_secret=node.secret)
+    try:
+        cancel = back.expect("job_cancel")
+        assert (cancel["job_id"], cancel["attempt"], cancel["reason"]) == (cancelled.id, 1, "user gave up")
+        again = back.expect("job_assign")
+        assert again["job_id"] == kept.id, "only the job still assigned is sent again"
+        back.wait_ready()
+        assert [f["job_id"] for f in back.all_frames if f.get("type") == "job_assign"] == [kept.id]
+        back.succeed(again, "kept")
+        assert kept.get(timeout=10) == "kept"
+    finally:
+        back.close()
+
+
 def test_cancelling_a_finished_job_says_so(system: Any, client: Any, live_nodes: Any) -> None:
     node = live_nodes(system.web, {"m": "ready"}).wait_ready()
     result = submit(client)
