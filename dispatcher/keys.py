@@ -34,6 +34,7 @@ NODE_BUNDLE = (
     "epoch",
     "waiting",
     "lost",
+    "offline_since",
 )
 
 #: The keys every job script receives (after the node bundle, when it has one).
@@ -94,6 +95,11 @@ class Keys:
         they are sent again should the node resume (frames queued for a
         session are dropped when the node registers again)."""
         return f"{self.prefix}:node:{node_id}:cancels"
+
+    def offline_since(self) -> str:
+        """Sorted set: offline node id -> when it is next due for the scan's
+        retention check (ms): when it went offline, or was last seen."""
+        return f"{self.prefix}:offline_since"
 
     def drains(self) -> str:
         """Sorted set: draining node id -> drain deadline (ms)."""
@@ -202,6 +208,7 @@ class Keys:
             "epoch": self.epoch(),
             "waiting": self.waiting(),
             "lost": self.lost(),
+            "offline_since": self.offline_since(),
         }
         return [by_name[name] for name in NODE_BUNDLE]
 

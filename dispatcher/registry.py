@@ -99,6 +99,7 @@ class ScanSummary:
     expired: list[str] = field(default_factory=list)
     warmup_degraded: list[str] = field(default_factory=list)
     drains_ended: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
     suspected_partition: bool = False
     deferred: int = 0
 
@@ -324,13 +325,42 @@ class Registry:
             if handed_back is not None:
                 summary.drains_ended.append(node_id)
                 transitioned(node_id, "draining", "offline", f"drain deadline passed with {handed_back} jobs left")
+        if s.offline_node_retention_seconds:
+            summary.forgotten = self._forget_long_gone(now, int(s.offline_node_retention_seconds * 1000))
         self.client.hset(self.keys.scan_state(), mapping={
             "at_ms": now, "expired": len(summary.expired), "warmup_degraded": len(summary.warmup_degraded),
-            "suspected_partition": int(summary.suspected_partition), "deferred": summary.deferred})
+            "suspected_partition": int(summary.suspected_partition), "deferred": summary.deferred,
+            "forgotten": len(summary.forgotten)})
         log_event(log, "scan_summary", expired=len(summary.expired), warmup_degraded=len(summary.warmup_degraded),
-                  drains_ended=len(summary.drains_ended),
+                  drains_ended=len(summary.drains_ended), forgotten=len(summary.forgotten),
                   suspected_partition=summary.suspected_partition, deferred=summary.deferred)
         return summary
+
+    def _forget_long_gone(self, now: int, retention_ms: int) -> list[str]:
+        """Delete the nodes offline and unseen for the retention, so that the
+        records of nodes that never come back (a container that lost its state
+        file registers anew) do not pile up in Redis, the API and the page."""
+        forgotten = []
+        for node_id in self.client.zrangebyscore(self.keys.offline_since(), "-inf", now - retention_ms,
+                                                 0, _SCAN_BATCH):
+            for _ in range(_SCRIPT_ATTEMPTS):
+                stored_models, stored_labels = self.client.hmget(self.keys.node(node_id), "models", "labels")
+                index_models = sorted(m["model_id"] for m in json.loads(stored_models or "[]"))
+                index_labels = sorted(json.loads(stored_labels or "{}").items())
+                try:
+                    outcome = self.scripts.forget_node(
+                        node_id, self.keys.model_indexes(index_models) + self.keys.label_indexes(index_labels), {
+                            "now_ms": now, "retention_ms": retention_ms,
+                            "expected_models": stored_models, "expected_labels": stored_labels,
+                            "index_models": index_models,
+                            "index_labels": [f"{k}={v}" for k, v in index_labels]})
+                except ScriptRetry:
+                    continue
+                if outcome == "forgotten":
+                    forgotten.append(node_id)
+                    log_event(log, "node_forgotten", node_id=node_id, retention_s=retention_ms // 1000)
+                break
+        return forgotten
 
     def _expiry_budget(self, silent: int, summary: ScanSummary) -> int:
         """How many silent nodes this scan may take offline.

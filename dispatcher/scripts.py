@@ -178,6 +178,17 @@ class Scripts:
             "node_id": node_id, "now_ms": now_ms, "reassign_grace_ms": 0})
         return int(reply[1]) if reply[0] == "drained" else None
 
+    def forget_node(self, node_id: str, extra_keys: list[str], params: dict[str, Any]) -> str:
+        """Delete a long-gone node. Returns ``forgotten``, ``kept`` or ``gone``;
+        raises ScriptRetry when its models or labels changed since the caller read them."""
+        reply = self._call("forget_node", self.keys.node_bundle(node_id) + extra_keys,
+                           {"node_id": node_id, **params})
+        if reply[0] == "retry":
+            raise ScriptRetry("forget_node")
+        if reply[0] in ("forgotten", "kept", "gone"):
+            return str(reply[0])
+        raise self._unexpected("forget_node", reply)
+
     def pop_frames(self, node_id: str, session_id: str, max_frames: int) -> list[str] | None:
         """Frames queued for the node, or None when another session holds it."""
         reply = self._call("pop_frames", [self.keys.node(node_id), self.keys.queue(node_id)],

@@ -42,6 +42,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "status_report_interval_seconds",
         "partition_offline_fraction",
         "partition_offline_per_scan",
+        "offline_node_retention_seconds",
     ),
     "scheduler.dispatch": (
         "resource_threshold_percent",
@@ -95,6 +96,8 @@ class Settings(BaseSettings):
     partition_offline_fraction: float = Field(0.5, gt=0, le=1)
     #: Nodes the scan takes offline per run while a partition is suspected.
     partition_offline_per_scan: int = Field(5, ge=1)
+    #: A node offline and unheard of for this long is deleted (0: kept forever).
+    offline_node_retention_seconds: float = Field(7 * 24 * 3600, ge=0)
 
     # [scheduler.dispatch]
     resource_threshold_percent: float = Field(25, gt=0, le=100)

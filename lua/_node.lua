@@ -44,6 +44,9 @@ local function transition(node_id, to, reason, now_ms)
   if to == 'offline' then
     redis.call('ZREM', K.liveness, node_id)
     redis.call('ZREM', K.drains, node_id)
+    redis.call('ZADD', K.offline_since, now_ms, node_id)
+  else
+    redis.call('ZREM', K.offline_since, node_id)
   end
   if to == 'ready' then
     -- A node that turns ready may take waiting jobs: tell dispatchers their view is stale.

@@ -239,12 +239,16 @@ def assert_consistent(client: redis.Redis, keys: Keys) -> None:
     in_sets = {status: client.smembers(keys.status_set(status)) for status in STATUSES}
     live = set(client.zrange(keys.liveness(), 0, -1))
     warming = set(client.zrange(keys.warmup(), 0, -1))
+    offline = set(client.zrange(keys.offline_since(), 0, -1))
+    for indexed in (*in_sets.values(), live, warming, offline):
+        assert indexed <= nodes, f"indexed but not known: {indexed - nodes}"
     for node_id in nodes:
         status = client.hget(keys.node(node_id), "status")
         holders = [s for s, members in in_sets.items() if node_id in members]
         assert holders == [status], f"{node_id} is {status} but in sets {holders}"
         assert (node_id in live) == (status != "offline"), f"{node_id} ({status}) liveness index disagrees"
         assert (node_id in warming) == (status == "registering"), f"{node_id} ({status}) warmup index disagrees"
+        assert (node_id in offline) == (status == "offline"), f"{node_id} ({status}) offline index disagrees"
 
 
 class LiveNode:

@@ -170,6 +170,67 @@ def test_heartbeat_of_an_offline_node_is_refused(strict: Registry, r: redis.Redi
     assert result.refused == "offline" and status(r, keys, reg.node.node_id) == "offline"
 
 
+WEEK_MS = 7 * 24 * 3600 * 1000  # the default offline_node_retention_seconds
+
+
+def traces_of(r: redis.Redis, node_id: str) -> list[str]:
+    """The dispatcher's keys that name the node or hold it as a member
+    (the fleet's transition log, which is history, aside)."""
+    found = []
+    for key in r.scan_iter(match="{dispatcher}*"):
+        kind = r.type(key)
+        if node_id in key or (kind == "set" and r.sismember(key, node_id)) or (
+                kind == "zset" and r.zscore(key, node_id) is not None):
+            found.append(key)
+    return found
+
+
+def test_a_node_long_gone_is_forgotten_with_every_trace(strict: Registry, r: redis.Redis, keys: Keys) -> None:
+    models = [{"model_id": "whisper", "status": "ready"}, {"model_id": "llama", "status": "loading"}]
+    gone = register(strict, node_id="gone-1", labels={"rack": "a"}, installed_models=models,
+                    hardware={"gpus": [{"name": "H100", "memory_gb": 80}]})
+    later = register(strict, node_id="later-1", labels={"rack": "a"}, installed_models=models)
+    make_ready(strict, gone)
+    make_ready(strict, later, now=T0 + 5000)
+    strict.close_session("gone-1", gone.node.session_id, now=T0 + 5000)
+    strict.close_session("later-1", later.node.session_id, now=T0 + 9000)
+    assert strict.scan(now=T0 + 5000 + WEEK_MS - 1).forgotten == []
+    assert strict.scan(now=T0 + 5000 + WEEK_MS).forgotten == ["gone-1"]
+    assert traces_of(r, "gone-1") == []
+    assert status(r, keys, "later-1") == "offline" and traces_of(r, "later-1")
+    assert_consistent(r, keys)
+    again = register(strict, now=T0 + WEEK_MS + 10_000, node_id="gone-1", node_secret="the old one")
+    assert not again.resumed and again.status == "registering", "a new node under the old id"
+
+
+def test_a_drained_node_still_heartbeating_is_kept(strict: Registry, r: redis.Redis, keys: Keys) -> None:
+    reg = register(strict)
+    now = make_ready(strict, reg)
+    assert strict.drain(reg.node.node_id, "operator", "spare", now=now).status == "offline"
+    seen = now + WEEK_MS
+    assert beat(strict, reg, seen, {"whisper": "ready"}).refused is None
+    assert strict.scan(now=seen + 1000).forgotten == []
+    assert strict.scan(now=seen + WEEK_MS).forgotten == [reg.node.node_id]
+
+
+def test_an_offline_node_with_a_job_assigned_is_kept(strict: Registry, r: redis.Redis, keys: Keys) -> None:
+    reg = register(strict)
+    now = make_ready(strict, reg)
+    r.hset(keys.assigned(reg.node.node_id), "job-1", "{}")  # not yet taken back
+    strict.close_session(reg.node.node_id, reg.node.session_id, now=now)
+    assert strict.scan(now=now + WEEK_MS).forgotten == []
+    assert status(r, keys, reg.node.node_id) == "offline"
+    assert_consistent(r, keys)
+
+
+def test_a_zero_retention_keeps_offline_nodes_forever(make_settings: Any, r: redis.Redis, keys: Keys) -> None:
+    registry = Registry(r, make_settings(offline_node_retention_seconds=0))
+    reg = register(registry)
+    registry.close_session(reg.node.node_id, reg.node.session_id, now=T0 + 1000)
+    assert registry.scan(now=T0 + 100 * WEEK_MS).forgotten == []
+    assert status(r, keys, reg.node.node_id) == "offline"
+
+
 @pytest.mark.parametrize("start", ["ready", "degraded"])
 def test_drain_of_an_idle_node_ends_offline_at_once(strict: Registry, r: redis.Redis, keys: Keys, start: str) -> None:
     reg = register(strict)
