@@ -26,6 +26,7 @@ from pathlib import Path
 from celery import Celery
 from celery.result import ResultSet
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from common import ROOT, LocalRedis, env_for, free_port, start, summary, wait_http
 
@@ -44,19 +45,23 @@ async def fake_node(url: str, slots: int, ready: threading.Event, stop: asyncio.
                                           "resource_usage": {"cpu_percent": 1, "mem_percent": 1}}))
                 await asyncio.sleep(0.2)
         beater = asyncio.create_task(beat())
-        async for raw in ws:
-            frame = json.loads(raw)
-            if frame["type"] == "node_status" and frame["status"] == "ready":
-                ready.set()
-            elif frame["type"] == "error":
-                errors_seen.append(frame["code"])
-            elif frame["type"] == "job_assign":
-                assigned_at.setdefault(frame["job_id"], time.time())
-                job, attempt = frame["job_id"], frame["attempt"]
-                await ws.send(json.dumps({"type": "job_ack", "job_id": job, "attempt": attempt}))
-                await ws.send(json.dumps({"type": "job_result", "job_id": job, "attempt": attempt, "success": True,
-                                          "output": {"ok": True}, "duration_ms": 0}))
-        beater.cancel()
+        try:
+            async for raw in ws:
+                frame = json.loads(raw)
+                if frame["type"] == "node_status" and frame["status"] == "ready":
+                    ready.set()
+                elif frame["type"] == "error":
+                    errors_seen.append(frame["code"])
+                elif frame["type"] == "job_assign":
+                    assigned_at.setdefault(frame["job_id"], time.time())
+                    job, attempt = frame["job_id"], frame["attempt"]
+                    await ws.send(json.dumps({"type": "job_ack", "job_id": job, "attempt": attempt}))
+                    await ws.send(json.dumps({"type": "job_result", "job_id": job, "attempt": attempt,
+                                              "success": True, "output": {"ok": True}, "duration_ms": 0}))
+        except ConnectionClosed:
+            pass  # the bench is over and its web process stopping (1012)
+        finally:
+            beater.cancel()
 
 
 def run_nodes(url: str, count: int, slots: int) -> threading.Event:
