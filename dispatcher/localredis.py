@@ -31,10 +31,13 @@ def redis_server_binary() -> str:
 class LocalRedis:
     """A redis-server child process on 127.0.0.1; stopped with ``stop()``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, append_only: bool = True) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, append_only: bool = True,
+                 appendfsync: str = "everysec") -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.append_only = append_only
+        #: "always" loses nothing to a crash (SIGKILL), at the cost of a write per command.
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +49,7 @@ class LocalRedis:
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir.resolve()), "--save", "",
-            "--appendonly", "yes" if self.append_only else "no",
+            "--appendonly", "yes" if self.append_only else "no", "--appendfsync", self.appendfsync,
             "--logfile", "redis.log", "--maxclients", "10000",
         ]
         # Its own session: a Ctrl-C meant for the processes using it must not stop it before them.

@@ -203,6 +203,11 @@ class NodeSession:
         except redis.RedisError as exc:
             log_event(log, "store_unavailable", logging.ERROR, node_id=self.node_id, ref_type=ref_type, error=str(exc))
             self._error("INTERNAL_ERROR", "the dispatcher's store is unavailable; send it again later", ref_type)
+            if ref_type == "job_result":
+                # A lost heartbeat or progress frame is replaced by the next one; a
+                # lost result is not. Ending the session makes the node resume, which
+                # sends its job again, and a node sends a finished job's result again.
+                self.close(1011, "job result not recorded: reconnect and resume", why="result not recorded")
         except Exception:  # noqa: BLE001 - one bad frame must not end the session
             log.exception("frame_failed", extra={"event": "frame_failed", "node_id": self.node_id, "ref_type": ref_type})
             self._error("INTERNAL_ERROR", "internal error while handling the frame", ref_type)
