@@ -53,6 +53,12 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _indexed_under(stored_models: str | None, stored_labels: str | None) -> tuple[set[str], set[tuple[str, str]]]:
+    """The model ids and labels of a stored node record (its JSON texts), as its indexes hold them."""
+    return ({m["model_id"] for m in json.loads(stored_models or "[]")},
+            set(json.loads(stored_labels or "{}").items()))
+
+
 def _models_json(models: list[InstalledModel]) -> str:
     return json.dumps([m.model_dump(mode="json") for m in models], separators=(",", ":"))
 
@@ -153,11 +159,9 @@ class Registry:
                     log_event(log, "registration_conflict", logging.WARNING, node_id=node_id)
                     raise NodeIdConflict()
             secret = msg.node_secret if (msg.node_secret and not generated) else secrets.token_urlsafe(32)
-            old_models = [m["model_id"] for m in json.loads(stored_models or "[]")]
-            old_labels = [tuple(kv) for kv in json.loads(stored_labels or "{}").items()]
-            index_models = sorted(set(old_models) | {m.model_id for m in msg.installed_models})
-            index_labels = sorted(set(old_labels) | set(msg.labels.items()))
-            extra_keys = self.keys.model_indexes(index_models) + self.keys.label_indexes(index_labels)
+            old_models, old_labels = _indexed_under(stored_models, stored_labels)
+            extra_keys, index_params = self._index_entries(
+                old_models | {m.model_id for m in msg.installed_models}, old_labels | set(msg.labels.items()))
             try:
                 outcome, old_session = self.scripts.register_node(node_id, extra_keys, {
                     "secret_hash": hash_secret(secret),
@@ -169,8 +173,7 @@ class Registry:
                     "fields": fields,
                     "ready_models": ready_models,
                     "labels_flat": labels_flat,
-                    "index_models": index_models,
-                    "index_labels": [f"{k}={v}" for k, v in index_labels],
+                    **index_params,
                 })
             except ScriptRetry:
                 continue
@@ -345,15 +348,11 @@ class Registry:
                                                  0, _SCAN_BATCH):
             for _ in range(_SCRIPT_ATTEMPTS):
                 stored_models, stored_labels = self.client.hmget(self.keys.node(node_id), "models", "labels")
-                index_models = sorted(m["model_id"] for m in json.loads(stored_models or "[]"))
-                index_labels = sorted(json.loads(stored_labels or "{}").items())
+                extra_keys, index_params = self._index_entries(*_indexed_under(stored_models, stored_labels))
                 try:
-                    outcome = self.scripts.forget_node(
-                        node_id, self.keys.model_indexes(index_models) + self.keys.label_indexes(index_labels), {
-                            "now_ms": now, "retention_ms": retention_ms,
-                            "expected_models": stored_models, "expected_labels": stored_labels,
-                            "index_models": index_models,
-                            "index_labels": [f"{k}={v}" for k, v in index_labels]})
+                    outcome = self.scripts.forget_node(node_id, extra_keys, {
+                        "now_ms": now, "retention_ms": retention_ms,
+                        "expected_models": stored_models, "expected_labels": stored_labels, **index_params})
                 except ScriptRetry:
                     continue
                 if outcome == "forgotten":
@@ -361,6 +360,14 @@ class Registry:
                     log_event(log, "node_forgotten", node_id=node_id, retention_s=retention_ms // 1000)
                 break
         return forgotten
+
+    def _index_entries(self, models: set[str],
+                       labels: set[tuple[str, str]]) -> tuple[list[str], dict[str, list[str]]]:
+        """The model and label index keys a node script may change, and the
+        ``index_models`` / ``index_labels`` parameters naming them, in the same order."""
+        index_models, index_labels = sorted(models), sorted(labels)
+        keys = self.keys.model_indexes(index_models) + self.keys.label_indexes(index_labels)
+        return keys, {"index_models": index_models, "index_labels": [f"{k}={v}" for k, v in index_labels]}
 
     def _expiry_budget(self, silent: int, summary: ScanSummary) -> int:
         """How many silent nodes this scan may take offline.
