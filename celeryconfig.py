@@ -21,7 +21,9 @@ if _settings.redis_url.startswith("rediss://"):
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
-result_extended = True
+# Off: it would keep every submission's kwargs (payloads included) beside its result for
+# a day, a refused one too. Clients read a job's states and result, not its arguments.
+result_extended = False
 # Sized on purpose: redis-py 8 refuses to go past its pool size.
 redis_max_connections = _settings.redis_max_connections
 broker_pool_limit = 10

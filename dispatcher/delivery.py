@@ -35,9 +35,11 @@ class Outbox:
         self.scripts = scripts
         self.keys = keys
 
-    def pop(self, node_id: str, session_id: str) -> list[str] | None:
-        """Frames for the node, oldest first; None when another session holds the node."""
-        return self.scripts.pop_frames(node_id, session_id, POP_BATCH)
+    def pop(self, node_id: str, session_id: str, max_bytes: int) -> list[str] | None:
+        """Frames for the node, oldest first, about ``max_bytes`` at most (so that what
+        a session holds in memory stays bounded; the rest waits in Redis); None when
+        another session holds the node."""
+        return self.scripts.pop_frames(node_id, session_id, POP_BATCH, max_bytes)
 
     def pending(self, node_ids: Iterable[str]) -> list[str]:
         """The nodes among ``node_ids`` with frames waiting (one round trip)."""

@@ -84,7 +84,7 @@ class Dispatcher:
         set intersections inside Redis, never a node walk. Exact but for liveness: a
         ready node silent past the timeout counts as eligible until the scan expires it."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.scard(self.keys.nodes())
+        pipe.zcard(self.keys.nodes())
         keys: list[str] = []
         stages = self._stages(needs)
         for _, added in stages:
@@ -118,7 +118,7 @@ class Dispatcher:
         for _ in range(_ATTEMPTS):
             candidates, epoch = self.candidates(needs)
             reply = self.scripts.dispatch_job(
-                job_id, self.clock(), epoch, candidates, int(s.heartbeat_timeout_seconds * 1000),
+                job_id, needs.kind, self.clock(), epoch, candidates, int(s.heartbeat_timeout_seconds * 1000),
                 s.resource_threshold_percent, s.exclusion_examples)
             if reply[0] == "assigned":
                 return Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]),
@@ -136,7 +136,7 @@ class Dispatcher:
         the one place where the dispatcher reads the whole fleet.
         """
         s = self.settings
-        node_ids = sorted(self.client.smembers(self.keys.nodes()))
+        node_ids = self.client.zrange(self.keys.nodes(), 0, -1)
         now = self.clock()
         counts: Counter[str] = Counter()
         examples: dict[str, list[str]] = {}

@@ -5,10 +5,14 @@ with the values compared). The script decides; this explains.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from dispatcher.records import as_float, as_json
 
 #: Exclusion reasons, in the order of the filter's steps.
 REASONS = (
@@ -48,6 +52,23 @@ class JobNeeds:
         return cls(tuple(json.loads(job.get("required_models") or "[]")), job.get("require_gpu") == "1",
                    job.get("public") == "1", tuple(sorted(json.loads(job.get("node_selector") or "{}").items())))
 
+    def to_json(self) -> str:
+        """The needs in one canonical text: jobs that need the same are of one kind."""
+        return json.dumps({"required_models": sorted(set(self.required_models)), "require_gpu": self.require_gpu,
+                           "public": self.public, "node_selector": dict(sorted(self.node_selector))},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobNeeds:
+        data = json.loads(text)
+        return cls(tuple(data["required_models"]), data["require_gpu"], data["public"],
+                   tuple(sorted(data["node_selector"].items())))
+
+    @functools.cached_property
+    def kind(self) -> str:
+        """The id of this kind of needs (what a waiting job waits with)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Step:
@@ -59,7 +80,7 @@ class Step:
 
 
 def _number(value: str | None) -> float:
-    return float(value) if value not in (None, "") else 0.0
+    return as_float(value) or 0.0
 
 
 def evaluate(node: Mapping[str, str], assigned: int, needs: JobNeeds, now_ms: int,
@@ -67,8 +88,9 @@ def evaluate(node: Mapping[str, str], assigned: int, needs: JobNeeds, now_ms: in
     """Every step of the filter for one stored node (``node`` holds NODE_FIELDS)."""
     status = node.get("status") or "unknown"
     silent_ms = now_ms - _number(node.get("last_seen_ms"))
-    labels = json.loads(node.get("labels") or "{}")
-    ready_models = {m["model_id"] for m in json.loads(node.get("models") or "[]") if m.get("status") == "ready"}
+    labels = as_json(node.get("labels"), {})
+    ready_models = {m.get("model_id") for m in as_json(node.get("models"), []) if isinstance(m, dict)
+                    and m.get("status") == "ready"}
     missing_labels = [f"{k}={v}" for k, v in needs.node_selector if labels.get(k) != v]
     missing_models = [m for m in needs.required_models if m not in ready_models]
     max_jobs = int(_number(node.get("max_concurrent_jobs")) or 1)

@@ -2,65 +2,58 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from dispatcher.clock import Clock, now_ms
 from dispatcher.filter import JobNeeds, evaluate
 from dispatcher.keys import STATUSES, Keys
 from dispatcher.messages import NodeStatusMessage
+from dispatcher.records import as_float, as_int, as_json
 from dispatcher.settings import Settings
 
-#: Stored fields that never leave the dispatcher.
-_PRIVATE = {"secret_hash", "session_id"}
-
-
-def _number(value: str | None) -> float | None:
-    return float(value) if value not in (None, "") else None
-
-
-def _int(value: str | None) -> int | None:
-    return int(value) if value not in (None, "") else None
+#: Ids looked at per listed node when listing one status (see ``Fleet.nodes``).
+_FILTER_FACTOR = 10
 
 
 def node_view(raw: dict[str, str], assigned: list[str], now: int) -> dict[str, Any]:
     """The public shape of one stored node."""
-    last_heartbeat = _int(raw.get("last_heartbeat_ms"))
+    last_heartbeat = as_int(raw.get("last_heartbeat_ms"))
     window = raw.get("window", "")
     return {
         "node_id": raw["node_id"],
         "status": raw.get("status"),
         "previous_status": raw.get("previous_status") or None,
         "reason": raw.get("status_reason", ""),
-        "status_since_ms": _int(raw.get("status_since_ms")),
-        "registered_at_ms": _int(raw.get("registered_at_ms")),
+        "status_since_ms": as_int(raw.get("status_since_ms")),
+        "registered_at_ms": as_int(raw.get("registered_at_ms")),
         "last_heartbeat_ms": last_heartbeat,
         "last_heartbeat_age_s": None if last_heartbeat is None else round((now - last_heartbeat) / 1000, 1),
         "connected": raw.get("connected") == "1",
         "web_id": raw.get("web_id"),
         "version": raw.get("version", ""),
         "capability_schema_version": raw.get("capability_schema_version", ""),
-        "advanced_features": json.loads(raw.get("advanced_features") or "{}"),
-        "hardware": json.loads(raw.get("hardware") or "{}"),
+        "advanced_features": as_json(raw.get("advanced_features"), {}),
+        "hardware": as_json(raw.get("hardware"), {}),
         "gpu_available": raw.get("gpu_available") == "1",
         "resource_usage": {
-            "cpu_percent": _number(raw.get("cpu_percent")),
-            "gpu_percent": _number(raw.get("gpu_percent")),
-            "mem_percent": _number(raw.get("mem_percent")),
-            "running_jobs": _int(raw.get("running_jobs")),
+            "cpu_percent": as_float(raw.get("cpu_percent")),
+            "gpu_percent": as_float(raw.get("gpu_percent")),
+            "mem_percent": as_float(raw.get("mem_percent")),
+            "running_jobs": as_int(raw.get("running_jobs")),
         },
-        "models": json.loads(raw.get("models") or "[]"),
-        "labels": json.loads(raw.get("labels") or "{}"),
+        "models": [m for m in as_json(raw.get("models"), []) if isinstance(m, dict)],
+        "labels": as_json(raw.get("labels"), {}),
         "accept_public_jobs": raw.get("accept_public") == "1",
-        "max_concurrent_jobs": _int(raw.get("max_concurrent_jobs")),
+        "max_concurrent_jobs": as_int(raw.get("max_concurrent_jobs")),
         "assigned_jobs": sorted(assigned),
         "health": {
             "window": window,
             "window_failures": window.count("0"),
-            "consecutive_ok": _int(raw.get("consecutive_ok")) or 0,
-            "consecutive_fail": _int(raw.get("consecutive_fail")) or 0,
+            "consecutive_ok": as_int(raw.get("consecutive_ok")) or 0,
+            "consecutive_fail": as_int(raw.get("consecutive_fail")) or 0,
             "last_healthy": {"1": True, "0": False}.get(raw.get("last_healthy", "")),
             "last_reason": raw.get("last_health_reason", ""),
         },
@@ -76,10 +69,10 @@ def _drain_view(raw: dict[str, str], jobs_left: int) -> dict[str, Any] | None:
         "jobs_left": jobs_left,
         "requested_by": raw.get("drain_requested_by"),
         "reason": raw.get("drain_reason"),
-        "requested_at_ms": _int(raw.get("drain_requested_ms")),
-        "deadline_ms": _int(raw.get("drain_deadline_ms")),
-        "jobs_at_start": _int(raw.get("drain_jobs_at_start")),
-        "ended_at_ms": _int(raw.get("drain_ended_ms")),
+        "requested_at_ms": as_int(raw.get("drain_requested_ms")),
+        "deadline_ms": as_int(raw.get("drain_deadline_ms")),
+        "jobs_at_start": as_int(raw.get("drain_jobs_at_start")),
+        "ended_at_ms": as_int(raw.get("drain_ended_ms")),
         "outcome": raw.get("drain_outcome") or None,
     }
 
@@ -102,12 +95,37 @@ class Fleet:
         if not raw:
             return None
         view = node_view(raw, assigned, self.clock())
-        view["transitions"] = [json.loads(entry) for entry in history]
+        view["transitions"] = [as_json(entry, {}) for entry in history]
         return view
 
-    def nodes(self, status: str | None = None) -> list[dict[str, Any]]:
-        ids = self.client.smembers(self.keys.status_set(status) if status else self.keys.nodes())
-        return [v for v in self._views(sorted(ids)).values() if v is not None]
+    def nodes(self, status: str | None = None, limit: int = 100,
+              after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of nodes in id order, after the node id ``after``, and the cursor of the
+        next page (None on the last). With a status, at most ``_FILTER_FACTOR`` x ``limit``
+        ids are looked at per page, so a rare status costs more pages, never a long answer."""
+        start = f"({after}" if after else "-"
+        if status is None:
+            ids = self.client.zrange(self.keys.nodes(), start, "+", bylex=True, offset=0, num=limit + 1)
+            page, cursor = ids[:limit], (ids[limit - 1] if len(ids) > limit else None)
+        else:
+            page, cursor = self._page_with_status(status, start, limit)
+        return [v for v in self._views(page).values() if v is not None], cursor
+
+    def _page_with_status(self, status: str, start: str, limit: int) -> tuple[list[str], str | None]:
+        page: list[str] = []
+        budget = _FILTER_FACTOR * limit
+        while budget > 0:
+            ids = self.client.zrange(self.keys.nodes(), start, "+", bylex=True, offset=0, num=min(budget, 500))
+            if not ids:
+                return page, None
+            for node_id, member in zip(ids, self.client.smismember(self.keys.status_set(status), ids)):
+                if member:
+                    page.append(node_id)
+                    if len(page) == limit:
+                        return page, node_id
+            budget -= len(ids)
+            start = f"({ids[-1]}"
+        return page, start[1:]
 
     def _raw(self, node_ids: list[str]) -> dict[str, tuple[dict[str, str], list[str]]]:
         """Each node's stored hash and assigned job ids, in one round trip."""
@@ -131,11 +149,11 @@ class Fleet:
         return dict(zip(STATUSES, pipe.execute()))
 
     def recent_transitions(self, limit: int = 50) -> list[dict[str, Any]]:
-        return [json.loads(e) for e in self.client.lrange(self.keys.transitions(), 0, limit - 1)]
+        return [as_json(e, {}) for e in self.client.lrange(self.keys.transitions(), 0, limit - 1)]
 
     def last_scan(self) -> dict[str, Any]:
         raw = self.client.hgetall(self.keys.scan_state())
-        return {k: int(v) for k, v in raw.items()}
+        return {k: as_int(v) for k, v in raw.items()}
 
     def why_idle(self, raw: dict[str, str], assigned: int, head: JobNeeds | None) -> list[str]:
         """Why a ready node gets no job: the steps it fails for any job, then those it
@@ -169,14 +187,17 @@ class Fleet:
             idle = None
             if view["status"] == "ready":
                 idle = self.why_idle(raws[node_id][0], len(view["assigned_jobs"]), head)
-            reports[node_id] = NodeStatusMessage(
-                node_id=node_id,
-                status=view["status"],
-                previous_status=view["previous_status"],
-                reason=view["reason"],
-                timestamp=self.clock(),
-                health=view["health"],
-                assigned_jobs=view["assigned_jobs"],
-                not_eligible=idle,
-            )
+            try:
+                reports[node_id] = NodeStatusMessage(
+                    node_id=node_id,
+                    status=view["status"],
+                    previous_status=view["previous_status"],
+                    reason=view["reason"],
+                    timestamp=self.clock(),
+                    health=view["health"],
+                    assigned_jobs=view["assigned_jobs"],
+                    not_eligible=idle,
+                )
+            except ValidationError:
+                continue  # a record no report can be made of; the others go out
         return reports

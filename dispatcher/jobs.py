@@ -27,6 +27,7 @@ from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.messages import JobAck, JobProgress, JobResult
 from dispatcher.publish import Publisher
+from dispatcher.records import as_float, as_int, as_json
 from dispatcher.scripts import Scripts
 from dispatcher.settings import Settings
 
@@ -68,9 +69,11 @@ class Jobs:
     def submit(self, job_id: str, fields: dict[str, Any]) -> Decision | None:
         """Validate and record a job, then try to place it. Raises InvalidJob naming the field.
         Returns None when this job id was submitted before and is already past waiting."""
-        spec = JobSpec.parse(fields, self.settings.max_message_bytes - _FRAME_OVERHEAD)
+        spec = JobSpec.parse(job_id, fields, self.settings.max_message_bytes - _FRAME_OVERHEAD)
+        needs = JobNeeds(tuple(spec.required_models), spec.require_gpu, spec.public,
+                         tuple(sorted(spec.node_selector.items())))
         now = self.clock()
-        created, detail = self.scripts.enqueue_job(job_id, now, spec.queue_score(now), {
+        created, detail = self.scripts.enqueue_job(job_id, needs.kind, now, spec.queue_score(now), {
             "job_type": spec.job_type,
             "payload": spec.payload_json(),
             "required_models": json.dumps(spec.required_models),
@@ -82,6 +85,7 @@ class Jobs:
             "dispatch_timeout_ms": int(spec.dispatch_timeout_seconds * 1000),
             "priority": spec.priority,
             "node_selector": json.dumps(spec.node_selector, sort_keys=True),
+            "needs": needs.to_json(),
         })
         if created:
             log_event(log, "job_submitted", job_id=job_id, job_type=spec.job_type, priority=spec.priority,
@@ -93,8 +97,6 @@ class Jobs:
             # its order, so that a new job never takes a slot before an older or more urgent one.
             self.dispatch_waiting()
             return None
-        needs = JobNeeds(tuple(spec.required_models), spec.require_gpu, spec.public,
-                         tuple(sorted(spec.node_selector.items())))
         return self.place(job_id, needs, record_waiting=True)
 
     def place(self, job_id: str, needs: JobNeeds, record_waiting: bool) -> Decision:
@@ -124,30 +126,28 @@ class Jobs:
 
     def dispatch_waiting(self) -> int:
         """Place waiting jobs in order (priority, then age) while any ready node has a
-        free slot. Jobs whose needs already found no node in this pass are skipped, so
-        a pass costs about one attempt per distinct kind of job, not per waiting job."""
+        free slot. Jobs wait by kind of needs: a pass tries the first job of each kind,
+        in the order of those first jobs, and drops a kind for the pass once no node
+        takes it. So a pass costs one attempt per kind waiting plus one per job placed,
+        however many jobs wait that no node can take."""
         self.client.delete(self.keys.kick())
-        placed, offset, hopeless = 0, 0, set()
-        page = self.settings.waiting_kick_batch
+        placed, given_up = 0, set()
         while self.dispatcher.free_slots_anywhere():
-            job_ids = self.client.zrange(self.keys.waiting(), offset, offset + page - 1)
-            if not job_ids:
+            kinds = self.client.zrange(self.keys.waiting_classes(), 0, len(given_up))
+            kind = next((k for k in kinds if k not in given_up), None)
+            if kind is None:
                 break
-            offset += page
-            for job_id in job_ids:
-                needs = self._needs(job_id)
-                if needs is None:
-                    self.client.zrem(self.keys.waiting(), job_id)
-                    continue
-                if needs in hopeless:
-                    continue
-                if self.place(job_id, needs, record_waiting=False).outcome == "assigned":
-                    placed += 1
-                    offset -= 1  # the queue moved up by one
-                    if not self.dispatcher.free_slots_anywhere():
-                        return placed
-                else:
-                    hopeless.add(needs)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrange(self.keys.waiting_class(kind), 0, 0)
+            pipe.hget(self.keys.waiting_needs(), kind)
+            head, needs_json = pipe.execute()
+            if not head or needs_json is None:
+                given_up.add(kind)  # emptied meanwhile
+                continue
+            if self.place(head[0], JobNeeds.from_json(needs_json), record_waiting=False).outcome == "assigned":
+                placed += 1
+            else:
+                given_up.add(kind)
         return placed
 
     # --- frames from nodes (web) -----------------------------------------------------
@@ -192,27 +192,28 @@ class Jobs:
     # --- completion, cancellation (worker) -------------------------------------------
 
     def _with_current_node(self, job_id: str, call: Any) -> Any:
-        """Run a job+node script with the node the job is on, re-reading if it moved
-        meanwhile (the script answers "moved", alone or first in a tuple)."""
+        """Run a job+node script with the node the job is on (and the job's kind of
+        needs), re-reading if it moved meanwhile (the script answers "moved", alone or
+        first in a tuple)."""
         for _ in range(5):
-            node_id = self.client.hget(self.keys.job(job_id), "node_id") or ""
-            outcome = call(node_id)
+            node_id, kind = self.client.hmget(self.keys.job(job_id), "node_id", "needs_class")
+            outcome = call(node_id or "", kind or "")
             if (outcome[0] if isinstance(outcome, tuple) else outcome) != "moved":
                 return outcome
         raise redis.RedisError(f"job {job_id} kept moving between nodes")
 
     def complete(self, job_id: str) -> str:
         """Apply the node's recorded result: finish, or retry elsewhere."""
-        outcome = self._with_current_node(job_id, lambda node_id: self.scripts.complete_job(
-            job_id, node_id, self.clock(), RETENTION_MS))
+        outcome = self._with_current_node(job_id, lambda node_id, kind: self.scripts.complete_job(
+            job_id, kind, node_id, self.clock(), RETENTION_MS))
         log_event(log, "job_completed", job_id=job_id, outcome=outcome)
         self._after_release(job_id, outcome)
         return outcome
 
     def cancel(self, job_id: str, reason: str = "cancelled by the client") -> str:
         """Cancel a waiting or running job. Returns "cancelled", or the state of a job already over."""
-        outcome, detail = self._with_current_node(job_id, lambda node_id: self.scripts.cancel_job(
-            job_id, node_id, self.clock(), reason, RETENTION_MS))
+        outcome, detail = self._with_current_node(job_id, lambda node_id, kind: self.scripts.cancel_job(
+            job_id, kind, node_id, self.clock(), reason, RETENTION_MS))
         if outcome == "unknown":
             raise UnknownJob(f"no job {job_id}")
         if outcome == "finished":
@@ -242,8 +243,9 @@ class Jobs:
         now = self.clock() if now is None else now
         summary = JobScanSummary()
         k = self.keys
+        explained: dict[JobNeeds, tuple[int, int, dict[str, Any]]] = {}
         for job_id in self.client.zrangebyscore(k.deadlines(), "-inf", now, 0, _SCAN_BATCH):
-            self._deadline(job_id, now, summary)
+            self._deadline(job_id, now, summary, explained)
         lost = self.client.zrangebyscore(k.lost(), "-inf", now, 0, _SCAN_BATCH)
         for node_id in lost[:lost_budget]:
             self._release_lost(node_id, now, summary)
@@ -257,23 +259,29 @@ class Jobs:
             summary.placed = self.dispatch_waiting()
         return summary
 
-    def _deadline(self, job_id: str, now: int, summary: JobScanSummary) -> None:
-        state, node_id, attempt, timeout_ms = self.client.hmget(
-            self.keys.job(job_id), "state", "node_id", "attempt", "timeout_ms")
+    def _deadline(self, job_id: str, now: int, summary: JobScanSummary,
+                  explained: dict[JobNeeds, tuple[int, int, dict[str, Any]]]) -> None:
+        """The job's current phase timed out: it found no node in time, or its node did not finish.
+        ``explained`` keeps each kind of needs' explanation for the rest of the scan (one walk
+        of the fleet per kind, however many of its jobs expire together)."""
+        state, node_id, attempt, timeout_ms, kind, *needs_fields = self.client.hmget(
+            self.keys.job(job_id), "state", "node_id", "attempt", "timeout_ms", "needs_class", *JobNeeds.FIELDS)
         if state == "waiting":
-            needs = self._needs(job_id)
-            assert needs is not None
-            eligible, total, exclusions = self.dispatcher.explain(needs)
+            needs = JobNeeds.from_values(needs_fields)
+            assert needs is not None and kind is not None
+            if needs not in explained:
+                explained[needs] = self.dispatcher.explain(needs)
+            eligible, total, exclusions = explained[needs]
             decision = Decision(job_id, "failed", exclusions=exclusions, eligible=eligible, total=total)
-            if self.scripts.expire_dispatch(job_id, now, decision.summary(), exclusions, RETENTION_MS):
+            if self.scripts.expire_dispatch(job_id, kind, now, decision.summary(), exclusions, RETENTION_MS):
                 self.dispatcher.record(decision)
                 summary.expired_waiting.append(job_id)
                 self.publisher.finished(job_id)
         elif state in ("assigned", "running"):
             message = (f"node {node_id} did not finish attempt {attempt} within "
                        f"{int(timeout_ms or 0) / 1000:g} s")
-            outcome = self.scripts.release_job(job_id, node_id, now, "TIMEOUT", message, cancel_on_node=True,
-                                               only_if_due=True, retention_ms=RETENTION_MS)
+            outcome = self.scripts.release_job(job_id, kind or "", node_id, now, "TIMEOUT", message,
+                                               cancel_on_node=True, only_if_due=True, retention_ms=RETENTION_MS)
             if outcome in ("retry", "failed"):
                 summary.timed_out.append(job_id)
                 log_event(log, "job_timed_out", logging.WARNING, job_id=job_id, node_id=node_id, attempt=attempt,
@@ -293,8 +301,12 @@ class Jobs:
         else:
             code = "NODE_LOST"
             message = f"node {node_id} went offline ({reason}) and did not come back within {grace_s:g} s"
-        for job_id in self.client.hkeys(self.keys.assigned(node_id)):
-            outcome = self.scripts.release_job(job_id, node_id, now, code, message, cancel_on_node=True,
+        job_ids = self.client.hkeys(self.keys.assigned(node_id))
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "needs_class")
+        for job_id, kind in zip(job_ids, pipe.execute()):
+            outcome = self.scripts.release_job(job_id, kind or "", node_id, now, code, message, cancel_on_node=True,
                                                only_if_offline=True, retention_ms=RETENTION_MS)
             if outcome == "gone":
                 self.client.hdel(self.keys.assigned(node_id), job_id)  # a leftover of a job already over
@@ -345,17 +357,17 @@ class Jobs:
             return None
 
         def number(name: str) -> int | None:
-            return int(raw[name]) if raw.get(name) not in (None, "") else None
+            return as_int(raw.get(name))
         return {
             "job_id": job_id,
             "state": raw.get("state"),
             "job_type": raw.get("job_type"),
             "priority": number("priority"),
-            "required_models": json.loads(raw.get("required_models") or "[]"),
+            "required_models": as_json(raw.get("required_models"), []),
             "require_gpu": raw.get("require_gpu") == "1",
             "public": raw.get("public") == "1",
-            "node_selector": json.loads(raw.get("node_selector") or "{}"),
-            "timeout_seconds": float(raw.get("timeout_seconds") or 0),
+            "node_selector": as_json(raw.get("node_selector"), {}),
+            "timeout_seconds": as_float(raw.get("timeout_seconds")),
             "max_attempts": number("max_attempts"),
             "payload_bytes": len(raw.get("payload") or ""),
             "attempt": number("attempt"),
@@ -364,13 +376,13 @@ class Jobs:
             "assigned_ms": number("assigned_ms"),
             "acked_ms": number("acked_ms"),
             "finished_ms": number("finished_ms"),
-            "progress": float(raw["progress"]) if raw.get("progress") else None,
+            "progress": as_float(raw.get("progress")),
             "progress_message": raw.get("progress_message") or None,
-            "avoid_nodes": json.loads(raw.get("avoid") or "[]"),
-            "outcome": json.loads(raw["outcome"]) if raw.get("outcome") else None,
-            "last_error": json.loads(raw["last_error"]) if raw.get("last_error") else None,
-            "last_decision": json.loads(raw["last_decision"]) if raw.get("last_decision") else None,
-            "attempts": [json.loads(a) for a in attempts],
+            "avoid_nodes": as_json(raw.get("avoid"), []),
+            "outcome": as_json(raw.get("outcome"), {}) or None,
+            "last_error": as_json(raw.get("last_error"), {}) or None,
+            "last_decision": as_json(raw.get("last_decision"), {}) or None,
+            "attempts": [as_json(a, {}) for a in attempts],
             "why_waiting": self._why_waiting(raw) if raw.get("state") == "waiting" else None,
         }
 

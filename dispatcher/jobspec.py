@@ -8,14 +8,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dispatcher.errors import InvalidJob
-from dispatcher.messages import LabelKey, LabelValue, ModelId, describe_validation_error
+from dispatcher.messages import (
+    JOB_ID_PATTERN,
+    JsonObject,
+    LabelKey,
+    LabelValue,
+    ModelId,
+    describe_validation_error,
+    valid_job_id,
+)
 
 
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     job_type: str = Field(min_length=1, max_length=100)
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: JsonObject = Field(default_factory=dict)
     required_models: list[ModelId] = Field(default_factory=list, max_length=100)
     require_gpu: bool = False
     public: bool = False
@@ -29,8 +37,12 @@ class JobSpec(BaseModel):
     node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
 
     @classmethod
-    def parse(cls, fields: dict[str, Any], max_payload_bytes: int) -> JobSpec:
-        """Validate submitted kwargs; InvalidJob names every field at fault."""
+    def parse(cls, job_id: str, fields: dict[str, Any], max_payload_bytes: int) -> JobSpec:
+        """Validate a job id and its submitted kwargs; InvalidJob names every field at fault."""
+        if not isinstance(job_id, str) or not valid_job_id(job_id):
+            # The id names the job's keys and the node's frames: refuse it before anything is written.
+            raise InvalidJob(f"invalid job: job_id: must match {JOB_ID_PATTERN.pattern} "
+                             f"(letters, digits, '-', '_', '.'; at most 128)")
         try:
             spec = cls.model_validate(fields)
         except ValidationError as exc:
@@ -47,3 +59,22 @@ class JobSpec(BaseModel):
     def queue_score(self, submitted_ms: int) -> int:
         """Waiting order: higher priority first, then first submitted."""
         return (9 - self.priority) * 10**13 + submitted_ms
+
+
+#: Submitted fields shown in logs and task events; the payload never is.
+_SHOWN = ("job_type", "required_models", "require_gpu", "public", "priority", "timeout_seconds",
+          "dispatch_timeout_seconds", "max_attempts", "node_selector")
+
+
+def describe_submission(fields: Any) -> str:
+    """What a log line or Flower may say of a submission: the small fields, and only the
+    size of the payload (it may hold signed URLs or a user's data)."""
+    if not isinstance(fields, dict):
+        return f"<{type(fields).__name__}>"
+    shown = {k: fields[k] for k in _SHOWN if k in fields}
+    text = repr(shown)[:300]
+    if "payload" in fields:
+        payload = fields["payload"]
+        size = len(payload) if isinstance(payload, (dict, list, str)) else 1
+        text += f" payload: <{type(payload).__name__} of {size} items, not shown>"
+    return text

@@ -42,6 +42,9 @@ JOB_BUNDLE = (
     "job",
     "job_attempts",
     "waiting",
+    "waiting_class",
+    "waiting_classes",
+    "waiting_needs",
     "deadlines",
     "results",
     "publish",
@@ -61,7 +64,7 @@ class Keys:
         return f"{self.prefix}:node:{node_id}"
 
     def nodes(self) -> str:
-        """Set of every known node id."""
+        """Sorted set of every known node id, all scored 0 (so read in id order, by pages)."""
         return f"{self.prefix}:nodes"
 
     def liveness(self) -> str:
@@ -143,6 +146,21 @@ class Keys:
         """Sorted set of waiting job ids, highest priority first, then oldest."""
         return f"{self.prefix}:waiting"
 
+    def waiting_class(self, needs_class: str | None) -> str:
+        """Sorted set of the waiting jobs of one kind of needs, in ``waiting``'s order. A
+        caller that never moves the job in or out of waiting (an ack, a result) passes None:
+        the key then names no set, and those scripts never touch it."""
+        return f"{self.prefix}:waiting:{needs_class or '-'}"
+
+    def waiting_classes(self) -> str:
+        """Sorted set: kind of needs -> the score of its first waiting job. A pass over the
+        waiting jobs walks kinds, not jobs: one that no node can take costs one try."""
+        return f"{self.prefix}:waiting_classes"
+
+    def waiting_needs(self) -> str:
+        """Hash: kind of needs -> its needs as JSON, while jobs of that kind wait."""
+        return f"{self.prefix}:waiting_needs"
+
     def deadlines(self) -> str:
         """Sorted set: job id -> when its current phase times out (ms): the
         dispatch timeout while waiting, the attempt's timeout once assigned."""
@@ -212,12 +230,15 @@ class Keys:
         }
         return [by_name[name] for name in NODE_BUNDLE]
 
-    def job_bundle(self, job_id: str) -> list[str]:
-        """The keys of ``JOB_BUNDLE`` for one job, in order."""
+    def job_bundle(self, job_id: str, needs_class: str | None) -> list[str]:
+        """The keys of ``JOB_BUNDLE`` for one job (of the given kind of needs), in order."""
         by_name = {
             "job": self.job(job_id),
             "job_attempts": self.job_attempts(job_id),
             "waiting": self.waiting(),
+            "waiting_class": self.waiting_class(needs_class),
+            "waiting_classes": self.waiting_classes(),
+            "waiting_needs": self.waiting_needs(),
             "deadlines": self.deadlines(),
             "results": self.results(),
             "publish": self.publish(),

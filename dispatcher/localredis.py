@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -13,10 +14,22 @@ import redis
 from dispatcher.errors import ConfigError
 
 
+#: Ports handed out for servers, below Linux's default ephemeral range (32768-60999): a
+#: port the kernel picked for us would be free now but may be any client's a moment later.
+_SERVER_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no process listens on now, outside the range outgoing connections take theirs from."""
+    for _ in range(100):
+        port = random.choice(_SERVER_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port found")
 
 
 def redis_server_binary() -> str:

@@ -38,10 +38,20 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+#: Longest text a log field keeps: peers choose some of what is logged (ids, reasons).
+MAX_FIELD_CHARS = 500
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return f"{value[:MAX_FIELD_CHARS]}... ({len(value)} characters)"
+    return value
+
+
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one named event; ``fields`` become keys of the JSON line."""
+    """Log one named event; ``fields`` become keys of the JSON line (long texts cut short)."""
     if logger.isEnabledFor(level):
-        logger.log(level, event, extra={"event": event, **fields})
+        logger.log(level, event, extra={"event": event, **{k: _bounded(v) for k, v in fields.items()}})
 
 
 #: Long GC pauses seen since the last report: (generation, pause_ms, collected).

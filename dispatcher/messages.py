@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,16 +25,63 @@ from pydantic import (
     field_validator,
 )
 
-#: A node id the server accepts from a node: letters, digits, '-', '_', '.'.
-NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: A node id the server accepts from a node: letters, digits, '-', '_', '.' (use ``fullmatch``).
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: A job id (the Celery task id): the same alphabet, longer (a UUID, or a client's own scheme).
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
-NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN.pattern)]
-ModelId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
+#: Deepest nesting of a JSON value a frame may carry (payload, output, features). The
+#: frame around it adds a level or two; pydantic's parser, which the agent uses too,
+#: stops at 200, and no JavaScript or Go parser in common use stops earlier.
+MAX_JSON_DEPTH = 64
+#: Largest count a frame may carry (running jobs, CPU cores, attempts).
+MAX_COUNT = 1_000_000
+#: ``advanced_features`` of one node, as JSON.
+MAX_FEATURES_BYTES = 8 * 1024
+#: Models one node may list.
+MAX_MODELS = 256
+#: A duration or time the server accepts, in ms: about 3 years (times are ms since 1970).
+MAX_MS = 2**53
+
+
+def check_json_value(value: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``value`` unchanged, or ValueError when it nests deeper than ``max_depth`` or
+    holds a number JSON cannot carry (NaN, Infinity: Python's parsers accept them,
+    most others refuse the text they become)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{item} is not a JSON number")
+        if isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise ValueError(f"nested deeper than {max_depth} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, float)))
+    return value
+
+
+#: Any JSON value, finite and at most MAX_JSON_DEPTH deep.
+JsonValue = Annotated[Any, AfterValidator(check_json_value)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_value)]
+
+NodeId = Annotated[str, StringConstraints(pattern=f"^{NODE_ID_PATTERN.pattern}$")]
+JobId = Annotated[str, StringConstraints(pattern=f"^{JOB_ID_PATTERN.pattern}$")]
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S+$")]
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
 LabelValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{0,63}$")]
 Percent = Annotated[float, Field(ge=0, le=100)]
-JobId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-Attempt = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Attempt = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+Size = Annotated[float, Field(ge=0, le=MAX_COUNT)]
+
+
+def valid_node_id(node_id: str) -> bool:
+    return NODE_ID_PATTERN.fullmatch(node_id) is not None
+
+
+def valid_job_id(job_id: str) -> bool:
+    return JOB_ID_PATTERN.fullmatch(job_id) is not None
 
 
 class NodeStatus(str, enum.Enum):
@@ -80,13 +129,13 @@ class InstalledModel(_Wire):
 
 
 class Gpu(_Wire):
-    name: str = ""
-    memory_gb: float = Field(0, ge=0)
+    name: str = Field("", max_length=200)
+    memory_gb: Size = 0
 
 
 class Hardware(_Wire):
-    cpu_cores: int = Field(0, ge=0)
-    memory_gb: float = Field(0, ge=0)
+    cpu_cores: Count = 0
+    memory_gb: Size = 0
     gpus: list[Gpu] = Field(default_factory=list, max_length=64)
 
 
@@ -94,7 +143,7 @@ class ResourceUsage(_Wire):
     cpu_percent: Percent = 0
     gpu_percent: Percent | None = None
     mem_percent: Percent = 0
-    running_jobs: int = Field(0, ge=0)
+    running_jobs: Count = 0
 
 
 # --- node to server ----------------------------------------------------------
@@ -102,14 +151,14 @@ class ResourceUsage(_Wire):
 
 class NodeRegister(_Wire):
     type: Literal["node_register"]
-    node_id: str | None = None  # validated by the registry: unknown ids must match NODE_ID_PATTERN
+    node_id: NodeId | None = None
     node_secret: str | None = Field(None, max_length=512)
     registration_token: str | None = Field(None, max_length=512)
     version: str = Field("", max_length=100)
     capability_schema_version: str = Field("1.0", max_length=20)
-    advanced_features: dict[str, Any] = Field(default_factory=dict)
+    advanced_features: JsonObject = Field(default_factory=dict)
     hardware: Hardware = Field(default_factory=Hardware)
-    installed_models: list[InstalledModel] = Field(default_factory=list, max_length=500)
+    installed_models: list[InstalledModel] = Field(default_factory=list, max_length=MAX_MODELS)
     accept_public_jobs: bool = False
     max_concurrent_jobs: int = Field(1, ge=1, le=1024)
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
@@ -119,14 +168,23 @@ class NodeRegister(_Wire):
     def _unique_models(cls, models: list[InstalledModel]) -> list[InstalledModel]:
         return _unique(models)
 
+    @field_validator("advanced_features")
+    @classmethod
+    def _small_features(cls, features: dict[str, Any]) -> dict[str, Any]:
+        # Stored with the node and shown in every view of it: keep each record small.
+        size = len(json.dumps(features, separators=(",", ":")))
+        if size > MAX_FEATURES_BYTES:
+            raise ValueError(f"{size} bytes of JSON, more than {MAX_FEATURES_BYTES}")
+        return features
+
 
 class NodeHeartbeat(_Wire):
     type: Literal["node_heartbeat"]
-    node_id: str | None = None
+    node_id: NodeId | None = None
     #: The node's own clock; informational only, liveness uses the server's.
-    timestamp: int | None = None
+    timestamp: int | None = Field(None, ge=0, le=MAX_MS)
     resource_usage: ResourceUsage = Field(default_factory=ResourceUsage)
-    installed_models: list[InstalledModel] | None = Field(None, max_length=500)
+    installed_models: list[InstalledModel] | None = Field(None, max_length=MAX_MODELS)
     gpu_available: bool | None = None
 
     @field_validator("installed_models")
@@ -139,7 +197,7 @@ class JobAck(_Wire):
     type: Literal["job_ack"]
     job_id: JobId
     attempt: Attempt
-    node_id: str | None = None
+    node_id: NodeId | None = None
 
 
 class JobProgress(_Wire):
@@ -148,7 +206,7 @@ class JobProgress(_Wire):
     attempt: Attempt
     progress: float | None = Field(None, ge=0, le=1)
     message: str | None = Field(None, max_length=1000)
-    node_id: str | None = None
+    node_id: NodeId | None = None
 
 
 class NodeJobError(_Wire):
@@ -162,17 +220,17 @@ class JobResult(_Wire):
     job_id: JobId
     attempt: Attempt
     success: bool
-    output: Any = None
+    output: JsonValue = None
     error: NodeJobError | None = None
-    duration_ms: int | None = Field(None, ge=0)
-    node_id: str | None = None
+    duration_ms: int | None = Field(None, ge=0, le=MAX_MS)
+    node_id: NodeId | None = None
 
 
 class NodeDrain(_Wire):
     type: Literal["node_drain"]
     reason: str = Field("requested by the node", max_length=500)
-    deadline_seconds: float | None = Field(None, gt=0)
-    node_id: str | None = None
+    deadline_seconds: float | None = Field(None, gt=0, le=MAX_COUNT)
+    node_id: NodeId | None = None
 
 
 NodeMessage = Annotated[
@@ -216,7 +274,7 @@ class JobAssign(_Outbound):
     job_id: str
     attempt: Attempt
     job_type: str
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: JsonObject = Field(default_factory=dict)
     required_models: list[str] = Field(default_factory=list)
     require_gpu: bool = False
     timeout_seconds: float = 300
@@ -246,7 +304,8 @@ _server_messages: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
 
 
 class DecodeError(ValueError):
-    """Raised when a frame cannot be decoded; the message names the field at fault."""
+    """Raised when a frame cannot be decoded; the message names the field at fault.
+    ``ref_type`` is the frame's type when it is one of the known types."""
 
     def __init__(self, message: str, ref_type: str | None = None) -> None:
         super().__init__(message)
@@ -255,38 +314,39 @@ class DecodeError(ValueError):
 
 def decode_node_message(frame: str | bytes) -> NodeMessage:
     """Parse and validate one frame a node sent."""
-    return _decode(_node_messages, frame, NODE_MESSAGE_TYPES)
+    return _decode(_node_messages, frame)
 
 
 def decode_server_message(frame: str | bytes) -> ServerMessage:
     """Parse and validate one frame the server sent (used by node agents)."""
-    return _decode(_server_messages, frame, ("node_register_ack", "node_status", "job_assign", "job_cancel", "error"))
+    return _decode(_server_messages, frame)
 
 
-def _decode(adapter: TypeAdapter[Any], frame: str | bytes, known: tuple[str, ...]) -> Any:
+def _decode(adapter: TypeAdapter[Any], frame: str | bytes) -> Any:
+    # One pass: pydantic parses and validates together, and its parser refuses
+    # nesting deeper than 200 levels instead of recursing until the stack ends.
     try:
-        data = json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"frame is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise DecodeError("frame must be a JSON object")
-    kind = data.get("type")
-    if not isinstance(kind, str):
-        raise DecodeError("type: required string field is missing")
-    if kind not in known:
-        raise DecodeError(f"type: unknown message type {kind!r}", ref_type=kind)
-    try:
-        # JSON mode so that strict validation still reads dicts as models.
-        return adapter.validate_json(frame if isinstance(frame, (str, bytes)) else json.dumps(data))
+        return adapter.validate_json(frame)
     except ValidationError as exc:
-        raise DecodeError(describe_validation_error(exc, skip=1), ref_type=kind) from exc
+        first = exc.errors(include_url=False)[0]
+        kind, ctx = first["type"], first.get("ctx") or {}
+        if kind == "json_invalid":
+            raise DecodeError(f"frame is not JSON: {ctx.get('error', first['msg'])}") from None
+        if kind in ("dict_type", "model_type", "model_attributes_type"):
+            raise DecodeError("frame must be a JSON object") from None
+        if kind == "union_tag_not_found":
+            raise DecodeError("type: required string field is missing") from None
+        if kind == "union_tag_invalid":
+            raise DecodeError(f"type: unknown message type {str(ctx.get('tag'))[:64]!r}") from None
+        raise DecodeError(describe_validation_error(exc, skip=1), ref_type=str(first["loc"][0])) from None
 
 
 def describe_validation_error(exc: ValidationError, skip: int = 0) -> str:
     """One line naming each failing field, e.g. ``resource_usage.cpu_percent: ...``."""
     parts = []
     for err in exc.errors(include_url=False)[:5]:
-        loc = ".".join(str(p) for p in err["loc"][skip:]) or "message"
+        # A location may hold a key the peer chose (a label): never echo much of it.
+        loc = ".".join(str(p)[:64] for p in err["loc"][skip:]) or "message"
         parts.append(f"{loc}: {err['msg']}")
     return "; ".join(parts)
 

@@ -29,7 +29,7 @@ from dispatcher.errors import (
 from dispatcher.health import HealthVerdict, check_health
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
-from dispatcher.messages import NODE_ID_PATTERN, InstalledModel, NodeHeartbeat, NodeRegister
+from dispatcher.messages import InstalledModel, NodeHeartbeat, NodeRegister, valid_node_id
 from dispatcher.metrics import HEARTBEATS, TRANSITIONS
 from dispatcher.scripts import HeartbeatOutcome, Scripts
 from dispatcher.settings import Settings
@@ -128,7 +128,7 @@ class Registry:
         now = self.clock() if now is None else now
         node_id = msg.node_id
         generated = node_id is None
-        if node_id is not None and not NODE_ID_PATTERN.match(node_id):
+        if node_id is not None and not valid_node_id(node_id):
             log_event(log, "registration_failed", logging.WARNING, node_id=node_id[:80], why="invalid node_id")
             raise InvalidMessage("node_id: letters, digits, '-', '_' and '.' only, at most 64 characters")
         gpu_count = len(msg.hardware.gpus)
@@ -199,7 +199,7 @@ class Registry:
         # Compare with every token so the time taken does not tell which one nearly matched.
         matched = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in tokens]
         if not any(matched):
-            log_event(log, "registration_failed", logging.WARNING, node_id=msg.node_id,
+            log_event(log, "registration_failed", logging.WARNING, node_id=(msg.node_id or "")[:80] or None,
                       why="registration token missing or not accepted")
             raise Unauthorized("registration token missing or not accepted")
 

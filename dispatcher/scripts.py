@@ -189,32 +189,35 @@ class Scripts:
             return str(reply[0])
         raise self._unexpected("forget_node", reply)
 
-    def pop_frames(self, node_id: str, session_id: str, max_frames: int) -> list[str] | None:
-        """Frames queued for the node, or None when another session holds it."""
+    def pop_frames(self, node_id: str, session_id: str, max_frames: int, max_bytes: int) -> list[str] | None:
+        """Frames queued for the node (at most ``max_frames``, and ``max_bytes`` but for
+        the first), or None when another session holds it."""
         reply = self._call("pop_frames", [self.keys.node(node_id), self.keys.queue(node_id)],
-                           args=[session_id, max_frames])
+                           args=[session_id, max_frames, max_bytes])
         return None if reply is None else list(reply)
 
     # --- jobs --------------------------------------------------------------
 
-    def _job_call(self, name: str, job_id: str, params: dict[str, Any], node_id: str | None = None,
-                  extra_keys: list[str] | None = None) -> Any:
-        keys = self.keys.job_bundle(job_id)
+    def _job_call(self, name: str, job_id: str, needs_class: str | None, params: dict[str, Any],
+                  node_id: str | None = None, extra_keys: list[str] | None = None) -> Any:
+        keys = self.keys.job_bundle(job_id, needs_class)
         if node_id is not None:
             keys = self.keys.node_bundle(node_id) + keys
-        return self._call(name, keys + (extra_keys or []), {"job_id": job_id, **params})
+        return self._call(name, keys + (extra_keys or []), {"job_id": job_id, "needs_class": needs_class, **params})
 
-    def enqueue_job(self, job_id: str, now_ms: int, queue_score: int, fields: dict[str, Any]) -> tuple[bool, Any]:
+    def enqueue_job(self, job_id: str, needs_class: str, now_ms: int, queue_score: int,
+                    fields: dict[str, Any]) -> tuple[bool, Any]:
         """Record a new job as waiting. Returns (True, jobs waiting now) when created,
         else (False, the existing job's state)."""
-        reply = self._job_call("enqueue_job", job_id, {"now_ms": now_ms, "queue_score": queue_score, "fields": fields})
+        reply = self._job_call("enqueue_job", job_id, needs_class,
+                               {"now_ms": now_ms, "queue_score": queue_score, "fields": fields})
         return (True, int(reply[1])) if reply[0] == "created" else (False, reply[1])
 
-    def dispatch_job(self, job_id: str, now_ms: int, epoch: str | None, candidates: list[str],
+    def dispatch_job(self, job_id: str, needs_class: str, now_ms: int, epoch: str | None, candidates: list[str],
                      heartbeat_timeout_ms: int, resource_threshold: float, examples: int) -> list[Any]:
         """Filter the candidates, pick one and assign the job atomically. Returns the reply:
         ["assigned", node, attempt, exclusions] | ["waiting" | "retry", exclusions] | ["not_waiting", state]."""
-        return list(self._job_call("dispatch_job", job_id, {
+        return list(self._job_call("dispatch_job", job_id, needs_class, {
             "now_ms": now_ms, "epoch": epoch or "", "candidates": candidates,
             "heartbeat_timeout_ms": heartbeat_timeout_ms, "resource_threshold": resource_threshold,
             "examples": examples}, extra_keys=self.keys.candidate_keys(candidates)))
@@ -222,38 +225,39 @@ class Scripts:
     def ack_job(self, job_id: str, attempt: int, node_id: str, now_ms: int, progress: float | None = None,
                 message: str | None = None) -> str:
         """Returns "started" (first ack), "running" or "stale"."""
-        return self._job_call("ack_job", job_id, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
-                                                  "progress": progress, "message": message})[0]
+        return self._job_call("ack_job", job_id, None, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
+                                                        "progress": progress, "message": message})[0]
 
     def record_result(self, job_id: str, attempt: int, node_id: str, now_ms: int, meta: str, output: str) -> str:
         """Returns "accepted", "duplicate" or "stale"."""
-        return self._job_call("record_result", job_id, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
-                                                        "meta": meta, "output": output})[0]
+        return self._job_call("record_result", job_id, None, {"attempt": attempt, "node_id": node_id,
+                                                              "now_ms": now_ms, "meta": meta, "output": output})[0]
 
-    def complete_job(self, job_id: str, node_id: str, now_ms: int, retention_ms: int) -> str:
+    def complete_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, retention_ms: int) -> str:
         """Apply a recorded result. Returns "succeeded", "failed", "retry", "nothing", "stale" or "moved"."""
-        return self._job_call("complete_job", job_id, {"node_id": node_id, "now_ms": now_ms,
-                                                       "retention_ms": retention_ms}, node_id=node_id)[0]
+        return self._job_call("complete_job", job_id, needs_class, {
+            "node_id": node_id, "now_ms": now_ms, "retention_ms": retention_ms}, node_id=node_id)[0]
 
-    def release_job(self, job_id: str, node_id: str, now_ms: int, code: str, message: str, *,
+    def release_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, code: str, message: str, *,
                     cancel_on_node: bool, only_if_offline: bool = False, only_if_due: bool = False,
                     retention_ms: int) -> str:
         """End an attempt without a result. Returns "retry", "failed", "kept", "gone" or "moved"."""
-        return self._job_call("release_job", job_id, {
+        return self._job_call("release_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,
             "cancel_on_node": cancel_on_node, "only_if_offline": only_if_offline, "only_if_due": only_if_due,
             "retention_ms": retention_ms, "reassign_grace_ms": 0}, node_id=node_id)[0]
 
-    def cancel_job(self, job_id: str, node_id: str, now_ms: int, reason: str, retention_ms: int) -> tuple[str, str]:
+    def cancel_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, reason: str,
+                   retention_ms: int) -> tuple[str, str]:
         """Returns ("cancelled", node id or ""), ("finished", state), ("unknown", "") or ("moved", "")."""
-        reply = self._job_call("cancel_job", job_id, {"node_id": node_id, "now_ms": now_ms, "reason": reason,
-                                                      "retention_ms": retention_ms, "reassign_grace_ms": 0},
-                               node_id=node_id)
+        reply = self._job_call("cancel_job", job_id, needs_class, {
+            "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms,
+            "reassign_grace_ms": 0}, node_id=node_id)
         return reply[0], (reply[1] if len(reply) > 1 else "")
 
-    def expire_dispatch(self, job_id: str, now_ms: int, message: str, exclusions: dict[str, Any],
+    def expire_dispatch(self, job_id: str, needs_class: str, now_ms: int, message: str, exclusions: dict[str, Any],
                         retention_ms: int) -> bool:
         """Fail a job still waiting at its dispatch deadline. Returns whether it did."""
-        return self._job_call("expire_dispatch", job_id, {"now_ms": now_ms, "message": message,
-                                                          "exclusions": exclusions,
-                                                          "retention_ms": retention_ms})[0] == "failed"
+        return self._job_call("expire_dispatch", job_id, needs_class, {
+            "now_ms": now_ms, "message": message, "exclusions": exclusions,
+            "retention_ms": retention_ms})[0] == "failed"

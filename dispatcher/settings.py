@@ -57,7 +57,14 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "registration_tokens",
         "admin_token",
         "web_worker_connections",
+        "http_connections_reserved",
         "ws_ping_interval_seconds",
+        "ws_send_timeout_seconds",
+        "registration_timeout_seconds",
+        "max_unregistered_sessions",
+        "max_unregistered_sessions_per_address",
+        "allowed_origins",
+        "trusted_proxy_hops",
         "delivery_sweep_interval_seconds",
         "log_level",
     ),
@@ -119,7 +126,22 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     #: gunicorn --worker-connections: node sessions plus HTTP requests per web process.
     web_worker_connections: int = Field(5000, ge=10)
+    #: Of those, kept for HTTP: a process holding its most sessions still answers /healthz.
+    http_connections_reserved: int = Field(100, ge=1)
+    #: A session that has received nothing for this long is pinged; silent for twice as long, cut.
     ws_ping_interval_seconds: float | None = Field(25, gt=0)
+    #: A node that does not take what is sent to it within this long is cut off.
+    ws_send_timeout_seconds: float = Field(10, gt=0)
+    #: A session that has not registered by then is closed (1008).
+    registration_timeout_seconds: float = Field(10, gt=0)
+    #: Sessions not yet registered, per web process and per client address; past either, 503.
+    max_unregistered_sessions: int = Field(1000, ge=1)
+    max_unregistered_sessions_per_address: int = Field(64, ge=1)
+    #: Browser origins allowed to open /ws/node (agents send no Origin and are always allowed).
+    allowed_origins: list[str] = Field(default_factory=list)
+    #: Proxies in front of the web process that append to X-Forwarded-For (Heroku's router: 1);
+    #: 0 takes the client address from the connection itself.
+    trusted_proxy_hops: int = Field(0, ge=0, le=10)
     #: The safety net for wake-ups lost outside a listener reconnect (which sweeps at once).
     delivery_sweep_interval_seconds: float = Field(10.0, gt=0)
     log_level: str = "INFO"
@@ -140,12 +162,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
+        if self.http_connections_reserved >= self.web_worker_connections:
+            raise ValueError(
+                "http_connections_reserved must be below web_worker_connections "
+                f"({self.http_connections_reserved} >= {self.web_worker_connections})"
+            )
         if self.failure_rate_threshold > self.failure_rate_window_size:
             raise ValueError(
                 "failure_rate_threshold must not exceed failure_rate_window_size "
                 f"({self.failure_rate_threshold} > {self.failure_rate_window_size})"
             )
         return self
+
+    @property
+    def max_sessions(self) -> int:
+        """Node sessions one web process holds at most (registered or not)."""
+        return self.web_worker_connections - self.http_connections_reserved
 
     @property
     def reassign_grace_seconds(self) -> float:

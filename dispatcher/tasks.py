@@ -10,10 +10,12 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore
+from celery.worker.request import Request
 
 from dispatcher.celery_app import app
 from dispatcher.connection import redis_client
 from dispatcher.jobs import Jobs
+from dispatcher.jobspec import describe_submission
 from dispatcher.registry import Registry
 from dispatcher.settings import get_settings
 
@@ -29,7 +31,17 @@ def jobs() -> Jobs:
     return Jobs(registry().client, get_settings(), app)
 
 
-@app.task(name="dispatcher.submit_job", bind=True)
+class SubmissionRequest(Request):
+    """A submission as the worker sees it, whose payload never reaches a log line or a
+    task event: Celery logs and sends each received task's kwargs (``kwargsrepr``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._argsrepr = self._request_dict["argsrepr"] = "()"
+        self._kwargsrepr = self._request_dict["kwargsrepr"] = describe_submission(self.kwargs)
+
+
+@app.task(name="dispatcher.submit_job", bind=True, Request=SubmissionRequest)
 def submit_job(self: Task, **fields: Any) -> None:
     """Record the job and hand it to a node. The task ends without a result;
     the job's end is written to the backend under this task's id when the node

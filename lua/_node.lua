@@ -4,6 +4,12 @@
 
 local STATUSES = {'registering', 'ready', 'degraded', 'draining', 'offline'}
 
+-- Refuse, before anything is written, a node id that could name another key
+-- ('' for a job script whose job is on no node).
+if type(P.node_id) ~= 'string' or #P.node_id > 64 or not P.node_id:match('^[%w_.-]*$') then
+  return redis.error_reply('invalid node id')
+end
+
 local function status_key(status)
   return K[status]
 end

@@ -5,7 +5,7 @@
 --
 -- KEYS: the job bundle, then for each candidate in P.candidates: its node
 --       hash, its assigned-jobs hash and its queue (three keys each).
--- P: job_id, now_ms, epoch (read together with the candidates; "" when unset),
+-- P: job_id, needs_class, now_ms, epoch (read together with the candidates; "" when unset),
 --    candidates (node ids, least loaded first), heartbeat_timeout_ms,
 --    resource_threshold, examples (how many ids to keep per reason), wake_channel
 -- Filter, in the contract's order; the first failing step names the reason:
@@ -118,7 +118,7 @@ redis.call('HSET', J.job, 'state', 'assigned', 'attempt', attempt, 'node_id', no
   'acked_ms', '', 'progress', '', 'progress_message', '',
   'last_decision', cjson.encode({outcome = 'assigned', node_id = node_id, at_ms = decision_at,
     examined = #P.candidates, counts = counts, examples = examples}))
-redis.call('ZREM', J.waiting, P.job_id)
+wait_leave(P.job_id, P.needs_class)
 redis.call('ZADD', J.deadlines, now + tonumber(job.timeout_ms), P.job_id)
 redis.call('RPUSH', J.job_attempts, cjson.encode({attempt = attempt, node_id = node_id, assigned_ms = now}))
 return {'assigned', node_id, attempt, exclusions, now - tonumber(job.waiting_since_ms)}

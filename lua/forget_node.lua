@@ -32,10 +32,10 @@ end
 
 for i = NEXT, #KEYS do redis.call('SREM', KEYS[i], node_id) end
 for _, status in ipairs(STATUSES) do redis.call('SREM', status_key(status), node_id) end
-for _, key in ipairs({K.nodes, K.gpu_index, K.public_index, K.resources_index}) do
+for _, key in ipairs({K.gpu_index, K.public_index, K.resources_index}) do
   redis.call('SREM', key, node_id)
 end
-for _, key in ipairs({K.liveness, K.warmup, K.capacity_index, K.drains, K.lost, K.offline_since}) do
+for _, key in ipairs({K.nodes, K.liveness, K.warmup, K.capacity_index, K.drains, K.lost, K.offline_since}) do
   redis.call('ZREM', key, node_id)
 end
 redis.call('DEL', K.node, K.queue, K.node_transitions, K.assigned, K.cancels)

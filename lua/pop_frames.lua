@@ -1,9 +1,23 @@
 -- pop_frames: take the frames queued for a node, for the session that holds it.
+-- Plain KEYS/ARGV, no prelude: the web process calls it for every delivery, and
+-- it needs neither a bundle nor the JSON parameters.
 --
 -- KEYS[1]: the node hash   KEYS[2]: the node's queue
 -- ARGV[1]: session id      ARGV[2]: most frames to take
+-- ARGV[3]: most bytes to take (the first frame is taken whatever its size)
 -- Returns: the frames, oldest first (possibly none), or false when another
 --          session holds the node (the caller's session is superseded).
 
 if redis.call('HGET', KEYS[1], 'session_id') ~= ARGV[1] then return false end
-return redis.call('LPOP', KEYS[2], tonumber(ARGV[2])) or {}
+local frames = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+local max_bytes, taken, size = tonumber(ARGV[3]), 0, 0
+for i, frame in ipairs(frames) do
+  if i > 1 and size + #frame > max_bytes then break end
+  taken, size = i, size + #frame
+end
+if taken == 0 then return {} end
+redis.call('LTRIM', KEYS[2], taken, -1)
+if taken < #frames then
+  for i = #frames, taken + 1, -1 do frames[i] = nil end
+end
+return frames

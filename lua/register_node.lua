@@ -49,7 +49,7 @@ redis.call('HSET', K.node,
 if not exists then redis.call('HSET', K.node, 'registered_at_ms', now) end
 -- A drained node that registers again is back in service.
 if stored[6] == 'drained' then redis.call('HSET', K.node, 'drain_outcome', 'ended: registered again') end
-redis.call('SADD', K.nodes, node_id)
+redis.call('ZADD', K.nodes, 0, node_id)
 redis.call('ZADD', K.liveness, now, node_id)
 redis.call('ZREM', K.lost, node_id)
 set_member(K.public_index, node_id, f.accept_public)

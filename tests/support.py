@@ -130,7 +130,11 @@ class WebServer:
             self.process.kill()  # reap a dead one (or stop a live one) before taking its port
         self.process = Process("web", [PYTHON, "-m", "gunicorn", "-c", self.config],
                                self.env, self.log_dir, cwd=self.log_dir)
-        wait_for(self._healthy, 20, 0.05, what=f"web server on port {self.port}")
+        try:
+            wait_for(self._healthy, 20, 0.05, what=f"web server on port {self.port}")
+        except AssertionError:
+            self.process.kill()
+            raise
         return self
 
     def _healthy(self) -> bool:
@@ -235,7 +239,7 @@ class NodeClient:
 
 def assert_consistent(client: redis.Redis, keys: Keys) -> None:
     """Every node is in exactly the status set its record names; the indexes agree."""
-    nodes = client.smembers(keys.nodes())
+    nodes = set(client.zrange(keys.nodes(), 0, -1))
     in_sets = {status: client.smembers(keys.status_set(status)) for status in STATUSES}
     live = set(client.zrange(keys.liveness(), 0, -1))
     warming = set(client.zrange(keys.warmup(), 0, -1))
@@ -340,3 +344,116 @@ class LiveNode:
     def close(self) -> None:
         self.closed.set()
         self.client.close()
+
+
+class RawSocket:
+    """A WebSocket spoken by hand over a plain socket: a peer that can misbehave
+    (never read, pick its source address, send any Origin)."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", origin: str | None = None,
+                 receive_buffer: int | None = None, path: str = "/ws/node") -> None:
+        import base64
+        import socket
+
+        self.sock = socket.socket()
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.bind((source, 0))
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if origin is not None:
+            lines.append(f"Origin: {origin}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        self.status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+        self.buffer = head.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in head else b""
+
+    @staticmethod
+    def frame(text: str | bytes, opcode: int = 0x1) -> bytes:
+        """One masked client frame."""
+        import struct
+
+        payload = text.encode() if isinstance(text, str) else text
+        header = bytes([0x80 | opcode])
+        size = len(payload)
+        if size < 126:
+            header += bytes([0x80 | size])
+        elif size < 65536:
+            header += bytes([0x80 | 126]) + struct.pack("!H", size)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack("!Q", size)
+        mask = os.urandom(4)
+        return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    def send(self, frame: dict[str, Any] | str) -> None:
+        self.sock.sendall(self.frame(frame if isinstance(frame, str) else json.dumps(frame)))
+
+    def recv(self, timeout_s: float = 5) -> tuple[int, bytes] | None:
+        """The next server frame as (opcode, payload), or None once the server closed the TCP stream."""
+        import struct
+
+        self.sock.settimeout(timeout_s)
+
+        def need(n: int) -> bool:
+            while len(self.buffer) < n:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return False
+                self.buffer += chunk
+            return True
+        if not need(2):
+            return None
+        opcode, size = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+        offset = 2
+        if size == 126:
+            if not need(4):
+                return None
+            size, offset = struct.unpack("!H", self.buffer[2:4])[0], 4
+        elif size == 127:
+            if not need(10):
+                return None
+            size, offset = struct.unpack("!Q", self.buffer[2:10])[0], 10
+        if not need(offset + size):
+            return None
+        payload, self.buffer = self.buffer[offset:offset + size], self.buffer[offset + size:]
+        return opcode, payload
+
+    def recv_json(self, timeout_s: float = 5) -> dict[str, Any]:
+        while True:
+            got = self.recv(timeout_s)
+            assert got is not None, "closed"
+            if got[0] == 0x1:
+                return json.loads(got[1])
+            assert got[0] != 0x8, f"closed with {got[1][:2].hex()} {got[1][2:]!r}"
+
+    def close_code(self, timeout_s: float = 5) -> int | None:
+        """Read until the server's close frame: its code (None if the stream ended without one)."""
+        import struct
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            got = self.recv(max(0.1, deadline - time.monotonic()))
+            if got is None:
+                return None
+            if got[0] == 0x8:
+                return struct.unpack("!H", got[1][:2])[0] if len(got[1]) >= 2 else 1005
+        raise AssertionError(f"no close within {timeout_s} s")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def web_worker_rss(server: WebServer) -> int:
+    """Resident bytes of the web server's worker processes (gunicorn's children)."""
+    import psutil
+
+    assert server.process is not None
+    return sum(child.memory_info().rss for child in psutil.Process(server.process.popen.pid).children(recursive=True))

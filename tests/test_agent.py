@@ -54,7 +54,7 @@ def test_agent_registers_reports_real_usage_and_keeps_its_identity(start_web: An
     again = agents(server, state)
     wait_for(lambda: status_of(r, node_id) == "ready", what="resumed agent ready")
     assert [e["node_id"] for e in events(again, "registered")] == [node_id]
-    assert r.scard(Keys().nodes()) == 1
+    assert r.zcard(Keys().nodes()) == 1
 
 
 def test_agent_reconnects_after_the_web_process_dies(start_web: Any, agents: Any, tmp_path: Path,
@@ -70,7 +70,7 @@ def test_agent_reconnects_after_the_web_process_dies(start_web: Any, agents: Any
     wait_for(lambda: r.hget(Keys().node(node_id), "web_id") != old_web, timeout_s=20,
              what="agent resumed on the new web process")
     wait_for(lambda: status_of(r, node_id) == "ready", what="ready again")
-    assert r.scard(Keys().nodes()) == 1
+    assert r.zcard(Keys().nodes()) == 1
 
 
 def test_agent_with_a_refused_id_registers_anew(start_web: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:

@@ -168,13 +168,13 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
     expected = first_failure(evaluate(stored, node["assigned"], needs, T0 + 10_000, 45_000, 80))
     event(expected.reason if expected else "eligible")
 
-    jobs.scripts.enqueue_job("j", T0, 0, {
+    jobs.scripts.enqueue_job("j", needs.kind, T0, 0, {
         "job_type": "t", "payload": "{}", "required_models": json.dumps(job["required_models"]),
         "require_gpu": job["require_gpu"], "public": job["public"], "timeout_seconds": 1, "timeout_ms": 1000,
         "max_attempts": 1, "dispatch_timeout_ms": 1000, "priority": 5,
-        "node_selector": json.dumps(job["node_selector"])})
+        "node_selector": json.dumps(job["node_selector"]), "needs": needs.to_json()})
     candidates, _ = jobs.dispatcher.candidates(needs)
-    reply = jobs.scripts.dispatch_job("j", T0 + 10_000, r.get(keys.epoch()), [node_id], 45_000, 80, 3)
+    reply = jobs.scripts.dispatch_job("j", needs.kind, T0 + 10_000, r.get(keys.epoch()), [node_id], 45_000, 80, 3)
     if expected is None:
         assert reply[0] == "assigned", (stored, job, reply)
         assert node_id in candidates, "an eligible node is found by the indexes"

@@ -53,7 +53,7 @@ def test_node_list_filters_by_status(web: WebServer, nodes: Any, r: redis.Redis)
     status, listing = web.get("/api/nodes?status=ready")
     assert status == 200 and [n["node_id"] for n in listing["nodes"]] == [ready.node_id]
     assert web.get("/api/nodes?status=sleeping")[0] == 400
-    assert r.scard(Keys().nodes()) == 2
+    assert r.zcard(Keys().nodes()) == 2
 
 
 def test_job_record_and_dispatch_statistics(system: Any, client: Any, live_nodes: Any) -> None:

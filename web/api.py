@@ -14,9 +14,39 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dispatcher.errors import InvalidTransition, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
 from dispatcher.keys import STATUSES
-from dispatcher.messages import describe_validation_error
+from dispatcher.messages import describe_validation_error, valid_job_id, valid_node_id
 from dispatcher.metrics import exposition
 from web.hub import Hub
+
+
+class BadQuery(ValueError):
+    """Raised when a query or path value is malformed; answered with a JSON 400."""
+
+
+def query_int(name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within [low, high]."""
+    text = request.args.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadQuery(f"{name}: an integer, not {text[:40]!r}") from None
+    if not low <= value <= high:
+        raise BadQuery(f"{name}: between {low} and {high}, not {value}")
+    return value
+
+
+def node_id_in_path(node_id: str) -> str:
+    if not valid_node_id(node_id):
+        raise UnknownNode(f"no node {node_id[:80]!r}: not a valid node id")
+    return node_id
+
+
+def job_id_in_path(job_id: str) -> str:
+    if not valid_job_id(job_id):
+        raise UnknownJob(f"no job {job_id[:80]!r}: not a valid job id")
+    return job_id
 
 
 class DrainRequest(BaseModel):
@@ -61,10 +91,17 @@ def api_blueprint(hub: Hub) -> Blueprint:
 
     @api.get("/api/nodes")
     def nodes() -> Any:
+        """One page of nodes in id order: ``?status=&limit=&cursor=``; ``next_cursor`` is
+        the ``cursor`` of the next page (null on the last)."""
         status = request.args.get("status")
         if status is not None and status not in STATUSES:
-            return jsonify(error=f"status must be one of {', '.join(STATUSES)}"), 400
-        return jsonify(nodes=fleet.nodes(status), counts=fleet.counts_by_status())
+            raise BadQuery(f"status: one of {', '.join(STATUSES)}")
+        limit = query_int("limit", 100, 1, 1000)
+        cursor = request.args.get("cursor") or None
+        if cursor is not None and not valid_node_id(cursor):
+            raise BadQuery("cursor: the next_cursor of an earlier page")
+        page, next_cursor = fleet.nodes(status, limit, cursor)
+        return jsonify(nodes=page, next_cursor=next_cursor, counts=fleet.counts_by_status())
 
     def found(view: dict[str, Any] | None, missing: Exception) -> Any:
         """The view as JSON, or the 404 the error handlers give an unknown node or job."""
@@ -74,11 +111,12 @@ def api_blueprint(hub: Hub) -> Blueprint:
 
     @api.get("/api/nodes/<node_id>")
     def node(node_id: str) -> Any:
-        return found(fleet.node(node_id), UnknownNode(f"no node {node_id}"))
+        return found(fleet.node(node_id_in_path(node_id)), UnknownNode(f"no node {node_id}"))
 
     @api.post("/api/nodes/<node_id>/drain")
     @admin
     def drain(node_id: str) -> Any:
+        node_id_in_path(node_id)
         try:
             body = DrainRequest.model_validate(request.get_json(silent=True) or {})
         except ValidationError as exc:
@@ -91,7 +129,8 @@ def api_blueprint(hub: Hub) -> Blueprint:
     @api.delete("/api/nodes/<node_id>/drain")
     @admin
     def undrain(node_id: str) -> Any:
-        by = request.args.get("requested_by") or f"HTTP client {request.remote_addr}"
+        node_id_in_path(node_id)
+        by = (request.args.get("requested_by") or f"HTTP client {request.remote_addr}")[:100]
         status = registry.undrain(node_id, by)
         jobs.request_kick()
         return jsonify(node_id=node_id, status=status)
@@ -100,22 +139,23 @@ def api_blueprint(hub: Hub) -> Blueprint:
     def eligibility(node_id: str) -> Any:
         """Why not this node: each filter step for one job (``?job=<id>``, or its needs
         as ``required_models=a,b&require_gpu=true&public=true&node_selector=k=v,k2=v2``)."""
+        node_id_in_path(node_id)
         args = request.args
         if "job" in args:
-            needs = jobs.needs_of(args["job"])
+            needs = jobs.needs_of(job_id_in_path(args["job"]))
         else:
             def flag(name: str) -> bool:
                 return args.get(name, "false").lower() in ("1", "true", "yes")
             models = tuple(m for m in args.get("required_models", "").split(",") if m)
             pairs = [p.split("=", 1) for p in args.get("node_selector", "").split(",") if p]
             if any(len(p) != 2 for p in pairs):
-                return jsonify(error="node_selector: write key=value pairs separated by commas"), 400
+                raise BadQuery("node_selector: write key=value pairs separated by commas")
             needs = JobNeeds(models, flag("require_gpu"), flag("public"), tuple(sorted((k, v) for k, v in pairs)))
         return found(jobs.eligibility(node_id, needs), UnknownNode(f"no node {node_id}"))
 
     @api.get("/api/jobs/<job_id>")
     def job(job_id: str) -> Any:
-        return found(jobs.view(job_id),
+        return found(jobs.view(job_id_in_path(job_id)),
                      UnknownJob(f"no job {job_id} (unknown, or finished longer ago than the retention)"))
 
     @api.get("/api/stats")
@@ -129,13 +169,16 @@ def api_blueprint(hub: Hub) -> Blueprint:
 
     @api.get("/api/transitions")
     def transitions() -> Any:
-        limit = min(int(request.args.get("limit", "50")), 500)
-        return jsonify(transitions=fleet.recent_transitions(limit))
+        return jsonify(transitions=fleet.recent_transitions(query_int("limit", 50, 1, 500)))
 
     @api.errorhandler(UnknownNode)
     @api.errorhandler(UnknownJob)
     def unknown(exc: Exception) -> Any:
         return jsonify(error=str(exc)), 404
+
+    @api.errorhandler(BadQuery)
+    def bad_query(exc: BadQuery) -> Any:
+        return jsonify(error=str(exc)), 400
 
     @api.errorhandler(InvalidTransition)
     def conflict(exc: InvalidTransition) -> Any:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from flask import Flask
+from flask import Flask, Response, jsonify, request
 from flask_sock import Sock
+from werkzeug.exceptions import HTTPException
 
 from dispatcher.celery_app import app as celery_app
 from dispatcher.connection import redis_client
@@ -17,9 +19,22 @@ from web.api import api_blueprint
 from web.hub import Hub
 from web.page import page_blueprint
 from web.session import NodeSession
-from web.wsserver import server_options
+from web.transport import server_options, strip_extensions
 
 log = logging.getLogger("web.app")
+
+#: Where nodes open their sessions.
+NODE_PATH = "/ws/node"
+
+
+def client_address(environ: dict[str, Any], trusted_proxy_hops: int) -> str:
+    """The address a connection comes from: the peer's, or, behind ``trusted_proxy_hops``
+    proxies that append to X-Forwarded-For, the entry the outermost one added."""
+    if trusted_proxy_hops:
+        forwarded = [a.strip() for a in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
+        if len(forwarded) >= trusted_proxy_hops:
+            return forwarded[-trusted_proxy_hops][:64]
+    return str(environ.get("REMOTE_ADDR") or "unknown")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -30,17 +45,47 @@ def create_app(settings: Settings | None = None) -> Flask:
     hub = Hub(registry, Jobs(client, settings, celery_app), settings)
 
     app = Flask(__name__)
-    app.config["SOCK_SERVER_OPTIONS"] = server_options(settings.max_message_bytes, settings.ws_ping_interval_seconds)
+    app.config["SOCK_SERVER_OPTIONS"] = server_options()
     app.extensions["dispatcher.hub"] = hub
     sock = Sock(app)
 
-    @sock.route("/ws/node")
+    @app.before_request
+    def admit_node_sessions() -> Any:
+        # Before the handshake: a refused client costs one short HTTP answer.
+        if request.path != NODE_PATH:
+            return None
+        refused = hub.admit(client_address(request.environ, settings.trusted_proxy_hops),
+                            request.headers.get("Origin"))
+        if refused is not None:
+            status, why = refused
+            log_event(log, "session_refused", logging.WARNING, status=status, why=why)
+            return Response(why + "\n", status=status, mimetype="text/plain", headers={"Retry-After": "5"})
+        strip_extensions(request.environ)
+        return None
+
+    @sock.route(NODE_PATH)
     def node_socket(ws: object) -> None:
         hub.start()
-        NodeSession(ws, hub).run()
+        NodeSession(ws, hub, client_address(request.environ, settings.trusted_proxy_hops)).run()
 
     app.register_blueprint(api_blueprint(hub))
     app.register_blueprint(page_blueprint(hub))
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    def api_paths_answer_json(exc: HTTPException) -> Any:
+        if request.path.startswith("/api/"):
+            return jsonify(error=f"{exc.name}: {request.method} {request.path[:200]}"), exc.code
+        return exc
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        # The page sets its own policy (its one inline script, by hash); everything else is data.
+        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
     if not settings.registration_tokens:
         log_event(log, "open_registration", logging.WARNING,
                   why="no registration_tokens configured: any client may register as a node")

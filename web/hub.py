@@ -15,6 +15,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,9 @@ _CHUNK = 250
 
 
 class Hub:
+    """The sessions one web process holds, and the shared work that serves them:
+    admission, the wake listener, the ticker. Nothing here waits on one peer."""
+
     def __init__(self, registry: Registry, jobs: Jobs, settings: Settings) -> None:
         self.registry = registry
         self.jobs = jobs
@@ -50,29 +54,63 @@ class Hub:
         self.fleet = Fleet(registry.client, settings, registry.clock)
         self.outbox = Outbox(registry.client, registry.scripts, registry.keys)
         self.web_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        #: Registered sessions, by node id.
         self.sessions: dict[str, NodeSession] = {}
+        #: Every open session, registered or not.
+        self.connections: set[NodeSession] = set()
+        #: Sessions not yet registered, by client address, and in all.
+        self.unregistered: Counter[str] = Counter()
+        self.unregistered_total = 0
         self._lock = threading.Lock()
         self._started = False
         self._listener: WakeListener | None = None
         self._stopping: Callable[[], bool] = lambda: False
 
-    # --- sessions ----------------------------------------------------------
+    # --- admission and sessions ------------------------------------------------
+
+    def admit(self, address: str, origin: str | None) -> tuple[int, str] | None:
+        """Whether a new session may open: None, or the HTTP status and reason to refuse it."""
+        s = self.settings
+        if origin is not None and origin not in s.allowed_origins:
+            return 403, f"origin {origin[:100]!r} is not allowed (allowed_origins)"
+        if len(self.connections) >= s.max_sessions:
+            return 503, f"this web process holds its most sessions ({s.max_sessions}); try another or later"
+        if self.unregistered_total >= s.max_unregistered_sessions:
+            return 503, "too many sessions waiting to register; try again later"
+        if self.unregistered[address] >= s.max_unregistered_sessions_per_address:
+            return 503, f"too many sessions waiting to register from {address}; try again later"
+        return None
+
+    def opened(self, session: NodeSession) -> None:
+        self.connections.add(session)
+        self.unregistered[session.address] += 1
+        self.unregistered_total += 1
+
+    def closed(self, session: NodeSession) -> None:
+        self.connections.discard(session)
+        if session.node_id is None:
+            self._registered_or_gone(session.address)
+        with self._lock:
+            if session.node_id is not None and self.sessions.get(session.node_id) is session:
+                del self.sessions[session.node_id]
+                SESSIONS.set(len(self.sessions))
+
+    def _registered_or_gone(self, address: str) -> None:
+        self.unregistered[address] -= 1
+        self.unregistered_total -= 1
+        if self.unregistered[address] <= 0:
+            del self.unregistered[address]
 
     def attach(self, session: NodeSession) -> None:
         """The session registered its node; an older local session of that node closes."""
         assert session.node_id is not None
+        self._registered_or_gone(session.address)
         with self._lock:
             older = self.sessions.get(session.node_id)
             self.sessions[session.node_id] = session
             SESSIONS.set(len(self.sessions))
         if older is not None and older is not session:
             older.close(4001, "superseded by a newer session", why="superseded")
-
-    def detach(self, session: NodeSession) -> None:
-        with self._lock:
-            if session.node_id is not None and self.sessions.get(session.node_id) is session:
-                del self.sessions[session.node_id]
-                SESSIONS.set(len(self.sessions))
 
     def session_count(self) -> int:
         return len(self.sessions)
@@ -83,7 +121,7 @@ class Hub:
         self._stopping = stopping
 
     def close_all(self, code: int, reason: str) -> None:
-        sessions = list(self.sessions.values())
+        sessions = list(self.connections)
         for session in sessions:
             session.close(code, reason, why=reason)
         log_event(log, "sessions_closed", sessions=len(sessions), reason=reason)
@@ -148,9 +186,30 @@ class Hub:
             for session in chunk:
                 session.next_report_s = now_s + interval_s
                 report = reports.get(session.node_id or "")
-                if report is not None:
+                # A report is only news of the present: a node still behind on what was sent misses one.
+                if report is not None and session.transport.buffered_bytes() == 0:
                     session.send(report.encode())
             time.sleep(0)
+
+    def keep_time(self) -> None:
+        """Per-session deadlines, for every open session: registration, the close
+        handshake, pings. Never waits: each action only queues or cuts."""
+        now_s = time.monotonic()
+        ping_s = self.settings.ws_ping_interval_seconds
+        for i, session in enumerate(list(self.connections)):
+            transport = session.transport
+            if transport.overdue(now_s):
+                transport.abort()
+            elif session.node is None and now_s > session.registration_deadline_s:
+                session.close(1008, "registration timeout: send node_register first",
+                              why="registration timeout")
+            elif ping_s is not None and now_s - transport.last_received_s > ping_s:
+                if not transport.ping_sent:
+                    transport.ping()
+                elif now_s - transport.last_received_s > 2 * ping_s:
+                    transport.abort()  # no pong, nothing else either: the peer is gone
+            if i % _CHUNK == _CHUNK - 1:
+                time.sleep(0)
 
     def _tick_loop(self) -> None:
         tick_s = min(1.0, self.settings.status_report_interval_seconds)
@@ -161,6 +220,7 @@ class Hub:
                 self.close_all(1012, "server restarting: reconnect")
                 return
             try:
+                self.keep_time()
                 if time.monotonic() >= next_sweep_s:
                     next_sweep_s = time.monotonic() + self.settings.delivery_sweep_interval_seconds
                     self.sweep()

@@ -1,24 +1,26 @@
 """One node's WebSocket session: frames in, frames out.
 
-The receive loop validates each frame and hands it to the core; a sender
-thread (a greenlet under gevent) pops the node's queue when the hub wakes it.
-Nothing a node sends can make the loop raise: protocol errors become ``error``
-frames, store errors become ``INTERNAL_ERROR``, and only the errors that say so
-close the session.
+The session's own greenlet reads one frame at a time (``Transport.receive``),
+validates it and hands it to the core; what goes to the node is queued on the
+transport, whose writer sends it, popping the node's Redis queue when the hub
+wakes the session. Nothing a node sends can make the loop raise: protocol
+errors become ``error`` frames, store errors become ``INTERNAL_ERROR``, and
+only the errors that say so close the session.
+
+Before it registers, a session may send only a small frame, few of them, for
+``registration_timeout_seconds``: what a client without a token costs is bounded.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis
-from simple_websocket import ConnectionClosed
 
-from dispatcher.delivery import CONTROL_PREFIX, parse_control
+from dispatcher.delivery import CONTROL_PREFIX, POP_BATCH, parse_control
 from dispatcher.errors import (
     InvalidMessage,
     MessageTooLarge,
@@ -43,15 +45,26 @@ from dispatcher.messages import (
     decode_node_message,
 )
 from dispatcher.registry import SessionNode
+from web.transport import FrameTooLarge, Transport
 
 if TYPE_CHECKING:
     from web.hub import Hub
 
 log = logging.getLogger("web.session")
 
+#: The largest frame a session may send before it registers: a node_register with
+#: every list at its bound fits; a client without a token cannot make us hold more.
+UNREGISTERED_FRAME_BYTES = 128 * 1024
+#: What may wait to be sent to a session that has not registered (error frames only).
+UNREGISTERED_BUFFER_BYTES = 64 * 1024
+#: Frames the sender puts out per error it answers to a flood: the first, then one in this many.
+_RATE_LIMIT_ANSWER_EVERY = 100
+
 
 class TokenBucket:
     """Allows ``rate_per_s`` frames a second on average, bursts up to ``burst``."""
+
+    __slots__ = ("rate_per_s", "burst", "tokens", "updated_s")
 
     def __init__(self, rate_per_s: float, burst: float) -> None:
         self.rate_per_s = rate_per_s
@@ -70,18 +83,24 @@ class TokenBucket:
 
 
 class NodeSession:
-    def __init__(self, ws: Any, hub: Hub) -> None:
-        self.ws = ws
+    """The server's side of one node's WebSocket, from handshake to close."""
+
+    __slots__ = ("transport", "hub", "session_id", "node", "address", "next_report_s", "registration_deadline_s",
+                 "_close_reason", "_bucket", "_rate_limited")
+
+    def __init__(self, ws: Any, hub: Hub, address: str) -> None:
+        s = hub.settings
+        self.transport = Transport(ws, min(UNREGISTERED_FRAME_BYTES, s.max_message_bytes),
+                                   UNREGISTERED_BUFFER_BYTES, s.ws_send_timeout_seconds)
         self.hub = hub
-        self.settings = hub.settings
         self.session_id = secrets.token_hex(12)
         self.node: SessionNode | None = None
+        #: The client address holding one of the hub's unregistered places until it registers.
+        self.address = address
         self.next_report_s = 0.0
-        self._send_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
+        self.registration_deadline_s = time.monotonic() + s.registration_timeout_seconds
         self._close_reason = "session closed"
-        self._bucket = TokenBucket(self.settings.max_messages_per_second, 2 * self.settings.max_messages_per_second)
+        self._bucket = TokenBucket(s.max_messages_per_second, 2 * s.max_messages_per_second)
         self._rate_limited = 0
 
     @property
@@ -92,25 +111,27 @@ class NodeSession:
 
     def run(self) -> None:
         """Serve the session until it closes. Never raises."""
-        sender = threading.Thread(target=self._send_loop, name=f"sender-{self.session_id}", daemon=True)
-        sender.start()
+        self.hub.opened(self)
         try:
-            while not self._closed:
-                frame = self.ws.receive()
-                if frame is None:
+            while True:
+                try:
+                    frame = self.transport.receive()
+                except FrameTooLarge as exc:
+                    self._refuse(MessageTooLarge(f"{exc}: max_message_bytes is {exc.limit}"
+                                                 + ("" if self.node else " before registration")), None)
                     continue
-                self._handle(frame)
-        except ConnectionClosed:
-            pass
+                if frame is None:
+                    break
+                if self.transport.closing_since_s is None:  # once closing, frames are read only to reach the close
+                    self._handle(frame)
         except Exception:  # the route must never let one escape
             log.exception("session_crashed", extra={"event": "session_crashed", "node_id": self.node_id})
         finally:
-            self._closed = True
-            self._wake.set()
+            self.transport.abort()
             self._end()
 
     def _end(self) -> None:
-        self.hub.detach(self)
+        self.hub.closed(self)
         if self.node is None:
             return
         try:
@@ -120,75 +141,55 @@ class NodeSession:
             log_event(log, "session_close_failed", logging.WARNING, node_id=self.node.node_id, error=str(exc))
 
     def close(self, code: int = 1000, reason: str = "", why: str | None = None) -> None:
-        """Close from any thread; the receive loop then ends."""
-        if self._closed:
-            return
-        self._closed = True
+        """Close from any greenlet, without waiting: what is queued goes first."""
         if why:
             self._close_reason = why
-        with self._send_lock:
-            try:
-                self.ws.close(code, reason)
-            except Exception:  # noqa: BLE001 - already closed or broken; either way it is over
-                pass
-        # simple-websocket's close does not wake a blocked receive(); this does.
-        self.ws.event.set()
-        self._wake.set()
+        self.transport.close(code, reason)
 
     # --- outgoing ----------------------------------------------------------
 
     def send(self, frame: str) -> bool:
-        with self._send_lock:
-            if self._closed:
-                return False
-            try:
-                self.ws.send(frame)
-                return True
-            except (ConnectionClosed, OSError):
-                return False
+        """Queue a frame for the node; never blocks (a node that does not read is cut off)."""
+        return self.transport.send(frame)
 
     def wake(self) -> None:
-        self._wake.set()
+        """Frames wait in the node's Redis queue: the writer fetches them once it is idle."""
+        if self.node is not None:
+            self.transport.want_refill(self._refill)
 
-    def _send_loop(self) -> None:
-        while not self._closed:
-            self._wake.wait()
-            self._wake.clear()
-            if self._closed or self.node is None:
-                continue
-            try:
-                frames = self.hub.outbox.pop(self.node.node_id, self.session_id)
-            except redis.RedisError as exc:
-                log_event(log, "delivery_failed", logging.WARNING, node_id=self.node_id, error=str(exc))
-                continue  # the sweep wakes us again
-            if frames is None:
-                self.close(4001, "superseded by a newer session", why="superseded")
-                return
-            for frame in frames:
-                if frame.startswith(CONTROL_PREFIX):
-                    verb, code, reason = parse_control(frame)
-                    if verb == "close":
-                        self.close(code, reason[:120], why=reason)
-                        return
-                    continue
-                if not self.send(frame):
-                    # Job frames stay recorded as assigned and are queued again when the node resumes.
+    def _refill(self) -> None:
+        # Runs on the transport's writer greenlet: a Redis round trip blocks only this session.
+        assert self.node is not None
+        budget = self.hub.settings.max_message_bytes
+        try:
+            frames = self.hub.outbox.pop(self.node.node_id, self.session_id, budget)
+        except redis.RedisError as exc:
+            log_event(log, "delivery_failed", logging.WARNING, node_id=self.node_id, error=str(exc))
+            return  # the sweep wakes us again
+        if frames is None:
+            self.close(4001, "superseded by a newer session", why="superseded")
+            return
+        for frame in frames:
+            if frame.startswith(CONTROL_PREFIX):
+                verb, code, reason = parse_control(frame)
+                if verb == "close":
+                    self.close(code, reason, why=reason)
                     return
+                continue
+            if not self.send(frame):
+                # Job frames stay recorded as assigned and are queued again when the node resumes.
+                return
+        if frames and (len(frames) >= POP_BATCH or sum(map(len, frames)) >= budget):
+            self.wake()  # a full batch: more may be waiting
 
     # --- incoming ----------------------------------------------------------
 
     def _handle(self, frame: str | bytes) -> None:
         ref_type = None
         try:
-            size = len(frame.encode() if isinstance(frame, str) else frame)
-            if size > self.settings.max_message_bytes:
-                raise MessageTooLarge(f"frame of {size} bytes exceeds max_message_bytes {self.settings.max_message_bytes}")
             if not self._bucket.take():
-                self._rate_limited += 1
-                if self._rate_limited % 100 == 1:  # the first, then every hundredth
-                    log_event(log, "frames_rate_limited", logging.WARNING, node_id=self.node_id,
-                              dropped=self._rate_limited)
-                raise RateLimited(f"more than {self.settings.max_messages_per_second:g} frames per second; frame dropped")
+                self._flooded()
+                return
             try:
                 msg = decode_node_message(frame)
             except DecodeError as exc:
@@ -211,6 +212,19 @@ class NodeSession:
         except Exception:  # noqa: BLE001 - one bad frame must not end the session
             log.exception("frame_failed", extra={"event": "frame_failed", "node_id": self.node_id, "ref_type": ref_type})
             self._error("INTERNAL_ERROR", "internal error while handling the frame", ref_type)
+
+    def _flooded(self) -> None:
+        self._rate_limited += 1
+        rate = self.hub.settings.max_messages_per_second
+        if self.node is None:
+            # Nothing legitimate sends a burst before its node_register is answered.
+            self._refuse(RateLimited(f"more than {2 * rate:g} frames before registering"), None)
+            self.close(1008, "too many frames before registration", why="flood before registration")
+            return
+        if self._rate_limited % _RATE_LIMIT_ANSWER_EVERY == 1:  # the first, then every hundredth
+            log_event(log, "frames_rate_limited", logging.WARNING, node_id=self.node_id, dropped=self._rate_limited)
+            self._refuse(RateLimited(f"more than {rate:g} frames per second; frames dropped "
+                                     f"({self._rate_limited} so far)"), None)
 
     def _refuse(self, exc: ProtocolError, ref_type: str | None) -> None:
         if not isinstance(exc, SessionSuperseded):
@@ -244,6 +258,9 @@ class NodeSession:
         registration = self.hub.registry.register(msg, self.session_id, self.hub.web_id)
         self.node = registration.node
         s = self.settings
+        self.transport.max_frame_bytes = s.max_message_bytes
+        # Room for one batch from the node's queue (about max_message_bytes) on top of a full frame.
+        self.transport.max_buffered_bytes = 2 * s.max_message_bytes + UNREGISTERED_BUFFER_BYTES
         self.send(NodeRegisterAck(
             node_id=self.node.node_id,
             node_secret=registration.secret,
@@ -254,6 +271,10 @@ class NodeSession:
         self.next_report_s = self.hub.first_report_s()
         self.hub.attach(self)
         self.wake()
+
+    @property
+    def settings(self) -> Any:
+        return self.hub.settings
 
     def _on_heartbeat(self, msg: NodeHeartbeat) -> None:
         assert self.node is not None
