@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -98,18 +99,23 @@ class Fleet:
         view["transitions"] = [as_json(entry, {}) for entry in history]
         return view
 
-    def nodes(self, status: str | None = None, limit: int = 100,
-              after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        """One page of nodes in id order, after the node id ``after``, and the cursor of the
-        next page (None on the last). With a status, at most ``_FILTER_FACTOR`` x ``limit``
-        ids are looked at per page, so a rare status costs more pages, never a long answer."""
+    def page(self, status: str | None = None, limit: int = 100,
+             after: str | None = None) -> tuple[list[str], str | None]:
+        """The ids of one page of nodes in id order, after the node id ``after``, and the
+        cursor of the next page (None on the last). With a status, at most
+        ``_FILTER_FACTOR`` x ``limit`` ids are looked at per page, so a rare status costs
+        more pages, never a long answer."""
         start = f"({after}" if after else "-"
         if status is None:
             ids = self.client.zrange(self.keys.nodes(), start, "+", bylex=True, offset=0, num=limit + 1)
-            page, cursor = ids[:limit], (ids[limit - 1] if len(ids) > limit else None)
-        else:
-            page, cursor = self._page_with_status(status, start, limit)
-        return [v for v in self._views(page).values() if v is not None], cursor
+            return ids[:limit], (ids[limit - 1] if len(ids) > limit else None)
+        return self._page_with_status(status, start, limit)
+
+    def views_in_chunks(self, node_ids: list[str], chunk: int = 50) -> Iterator[list[dict[str, Any]]]:
+        """The views of these nodes, a pipeline per ``chunk``: the caller can yield the
+        loop between chunks, so a long answer never holds up the sessions."""
+        for start in range(0, len(node_ids), chunk):
+            yield [v for v in self._views(node_ids[start:start + chunk]).values() if v is not None]
 
     def _page_with_status(self, status: str, start: str, limit: int) -> tuple[list[str], str | None]:
         page: list[str] = []

@@ -237,3 +237,25 @@ def test_what_a_peer_chooses_is_never_logged_or_echoed_at_length(start_web: Any)
     log = server.process.log()
     assert '"event": "registration_failed"' in log and '"event": "session_refused"' in log
     assert max(len(line) for line in log.splitlines()) < 3000
+
+
+def test_a_page_of_large_records_is_cut_short_not_sent_whole(web: WebServer, nodes: Any) -> None:
+    """One token holder registers nodes as large as a record may be: a page stops at
+    its byte budget and the next page carries on where it stopped."""
+    models = [{"model_id": f"m{i:03d}-" + "x" * 120, "status": "ready"} for i in range(250)]
+    ids = set()
+    for i in range(80):
+        node = nodes(web)
+        node.register(node_id=f"big-{i:02d}", installed_models=models)
+        ids.add(node.node_id)
+        node.close()
+    seen, cursor, pages = [], None, 0
+    while True:
+        status, body = web.get("/api/nodes?limit=100" + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200
+        pages += 1
+        seen += [n["node_id"] for n in body["nodes"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages >= 2 and ids <= set(seen) and len(seen) == len(set(seen))

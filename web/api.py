@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import hmac
+import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dispatcher.errors import InvalidTransition, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
+from dispatcher.fleet import Fleet
 from dispatcher.keys import STATUSES
 from dispatcher.messages import describe_validation_error, valid_job_id, valid_node_id
 from dispatcher.metrics import exposition
 from web.hub import Hub
+
+
+#: The most one page of /api/nodes holds (a node record is at most about 70 KB).
+MAX_PAGE_BYTES = 2 * 1024 * 1024
 
 
 class BadQuery(ValueError):
@@ -35,6 +42,22 @@ def query_int(name: str, default: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise BadQuery(f"{name}: between {low} and {high}, not {value}")
     return value
+
+
+def encoded_views(fleet: Fleet, ids: list[str], next_cursor: str | None) -> tuple[list[str], str | None]:
+    """The nodes' views as JSON texts, at most MAX_PAGE_BYTES of them (the next page then
+    starts after the last one given), yielding the loop between chunks: a long answer
+    never holds up the sessions this process serves."""
+    parts, size, last = [], 0, None
+    for views in fleet.views_in_chunks(ids):
+        for view in views:
+            text = json.dumps(view, separators=(",", ":"))
+            if parts and size + len(text) > MAX_PAGE_BYTES:
+                return parts, last
+            parts.append(text)
+            size, last = size + len(text), view["node_id"]
+        time.sleep(0)
+    return parts, next_cursor
 
 
 def node_id_in_path(node_id: str) -> str:
@@ -100,8 +123,11 @@ def api_blueprint(hub: Hub) -> Blueprint:
         cursor = request.args.get("cursor") or None
         if cursor is not None and not valid_node_id(cursor):
             raise BadQuery("cursor: the next_cursor of an earlier page")
-        page, next_cursor = fleet.nodes(status, limit, cursor)
-        return jsonify(nodes=page, next_cursor=next_cursor, counts=fleet.counts_by_status())
+        ids, next_cursor = fleet.page(status, limit, cursor)
+        parts, next_cursor = encoded_views(fleet, ids, next_cursor)
+        body = (f'{{"nodes":[{",".join(parts)}],"next_cursor":{json.dumps(next_cursor)},'
+                f'"counts":{json.dumps(fleet.counts_by_status())}}}')
+        return Response(body, mimetype="application/json")
 
     def found(view: dict[str, Any] | None, missing: Exception) -> Any:
         """The view as JSON, or the 404 the error handlers give an unknown node or job."""
