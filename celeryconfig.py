@@ -28,6 +28,12 @@ result_extended = False
 redis_max_connections = _settings.redis_max_connections
 broker_pool_limit = 10
 broker_connection_retry_on_startup = True
+# A managed Redis restarts for maintenance: keep reconnecting however long it takes (a
+# worker that gave up would sit idle until its platform restarted it).
+broker_connection_max_retries = None
+# Celery 6's default: a task running when the broker connection is lost is cancelled
+# and comes back (ours are short and idempotent) instead of ending with a failed ack.
+worker_cancel_long_running_tasks_on_connection_loss = True
 # Every dispatcher task ends within a second, so an unacknowledged one (its worker
 # was killed) may come back after 5 minutes rather than Celery's default hour. The
 # job's own truth lives in our records; this bounds only the moment between a

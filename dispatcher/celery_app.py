@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import setup_logging
 
+import dispatcher.brokerfix  # noqa: F401 - patches kombu's Redis transport on import (see there)
 from dispatcher.logs import configure_logging
 from dispatcher.settings import get_settings
 
