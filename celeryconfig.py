@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ssl
 
+from kombu import Queue
+
 from dispatcher.settings import get_settings
 
 _settings = get_settings()
@@ -34,11 +36,26 @@ broker_connection_max_retries = None
 # Celery 6's default: a task running when the broker connection is lost is cancelled
 # and comes back (ours are short and idempotent) instead of ending with a failed ack.
 worker_cancel_long_running_tasks_on_connection_loss = True
-# Every dispatcher task ends within a second, so an unacknowledged one (its worker
-# was killed) may come back after 5 minutes rather than Celery's default hour. The
-# job's own truth lives in our records; this bounds only the moment between a
-# submit_job being received and the job being recorded.
-broker_transport_options = {"max_connections": _settings.redis_max_connections, "visibility_timeout": 300}
+# Every dispatcher task ends within a second, so a message a killed worker held comes
+# back after a minute (Celery's default is an hour), from a sweep every 10 s. The job's
+# own truth lives in our records; this bounds only the moment between a submit_job being
+# received and the job being recorded. (kombu sweeps every unacknowledged message of the
+# database: give the dispatcher a Redis database of its own, no other app's workers.)
+broker_transport_options = {
+    "max_connections": _settings.redis_max_connections,
+    "visibility_timeout": 60,
+    "unacked_restore_interval": 10,
+    "unacked_restore_throttle": 1,
+    # The internal queue is read first: completions and the scan never wait behind a
+    # flood of submissions (kombu's BRPOP takes the first non-empty queue it names).
+    "queue_order_strategy": "priority",
+}
+#: Completions, passes over waiting jobs and the scan: what keeps running jobs moving.
+INTERNAL_QUEUE = "dispatcher.internal"
+task_default_queue = "celery"
+task_queues = (Queue(INTERNAL_QUEUE), Queue("celery"))
+task_routes = {name: {"queue": INTERNAL_QUEUE}
+               for name in ("dispatcher.complete_job", "dispatcher.dispatch_waiting", "dispatcher.scan_nodes")}
 
 # Our tasks are short and idempotent; the truth about jobs lives in our own records.
 task_acks_late = True

@@ -243,15 +243,17 @@ class Jobs:
         now = self.clock() if now is None else now
         summary = JobScanSummary()
         k = self.keys
+        # Results the nodes sent first: a result recorded in time stands, whatever a
+        # timeout or a lost node would say of the attempt now.
+        for job_id in self.client.zrangebyscore(k.results(), "-inf", now - STALL_MS, 0, _SCAN_BATCH):
+            self.complete(job_id)
+            summary.completed += 1
         explained: dict[JobNeeds, tuple[int, int, dict[str, Any]]] = {}
         for job_id in self.client.zrangebyscore(k.deadlines(), "-inf", now, 0, _SCAN_BATCH):
             self._deadline(job_id, now, summary, explained)
         lost = self.client.zrangebyscore(k.lost(), "-inf", now, 0, _SCAN_BATCH)
         for node_id in lost[:lost_budget]:
             self._release_lost(node_id, now, summary)
-        for job_id in self.client.zrangebyscore(k.results(), "-inf", now - STALL_MS, 0, _SCAN_BATCH):
-            self.complete(job_id)
-            summary.completed += 1
         for job_id in self.client.zrangebyscore(k.publish(), "-inf", now - STALL_MS, 0, _SCAN_BATCH):
             self.publisher.finished(job_id)
             summary.published += 1
@@ -282,7 +284,9 @@ class Jobs:
                        f"{int(timeout_ms or 0) / 1000:g} s")
             outcome = self.scripts.release_job(job_id, kind or "", node_id, now, "TIMEOUT", message,
                                                cancel_on_node=True, only_if_due=True, retention_ms=RETENTION_MS)
-            if outcome in ("retry", "failed"):
+            if outcome == "has_result":
+                self.complete(job_id)
+            elif outcome in ("retry", "failed"):
                 summary.timed_out.append(job_id)
                 log_event(log, "job_timed_out", logging.WARNING, job_id=job_id, node_id=node_id, attempt=attempt,
                           outcome=outcome)
@@ -310,7 +314,9 @@ class Jobs:
                                                only_if_offline=True, retention_ms=RETENTION_MS)
             if outcome == "gone":
                 self.client.hdel(self.keys.assigned(node_id), job_id)  # a leftover of a job already over
-            if outcome in ("retry", "failed"):
+            elif outcome == "has_result":
+                self.complete(job_id)
+            elif outcome in ("retry", "failed"):
                 summary.released_from_lost_nodes.append(job_id)
                 log_event(log, "job_released", logging.WARNING, job_id=job_id, node_id=node_id, outcome=outcome,
                           why=message)

@@ -241,7 +241,8 @@ class Scripts:
     def release_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, code: str, message: str, *,
                     cancel_on_node: bool, only_if_offline: bool = False, only_if_due: bool = False,
                     retention_ms: int) -> str:
-        """End an attempt without a result. Returns "retry", "failed", "kept", "gone" or "moved"."""
+        """End an attempt without a result. Returns "retry", "failed", "kept", "gone", "moved",
+        or "has_result" when the node's result for the attempt is recorded (it stands)."""
         return self._job_call("release_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,
             "cancel_on_node": cancel_on_node, "only_if_offline": only_if_offline, "only_if_due": only_if_due,

@@ -134,7 +134,8 @@ class Settings(BaseSettings):
     ws_send_timeout_seconds: float = Field(10, gt=0)
     #: A session that has not registered by then is closed (1008).
     registration_timeout_seconds: float = Field(10, gt=0)
-    #: Sessions not yet registered, per web process and per client address; past either, 503.
+    #: Sessions not yet registered, per web process (past it, the oldest is closed to make
+    #: room) and per client address (past it, 503).
     max_unregistered_sessions: int = Field(1000, ge=1)
     max_unregistered_sessions_per_address: int = Field(64, ge=1)
     #: Browser origins allowed to open /ws/node (agents send no Origin and are always allowed).

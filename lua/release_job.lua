@@ -10,10 +10,13 @@
 --    only_if_due (timeout: not before the deadline), retention_ms, wake_channel
 -- Returns: {"retry"} | {"failed"} | {"kept"}: the condition no longer holds
 --          {"gone"}: the job is not on a node any more | {"moved"}: read again
+--          {"has_result"}: the node's result for this attempt is recorded and
+--          waits to be applied: it stands (the caller completes the job)
 
-local job = job_get('state', 'attempt', 'node_id', 'max_attempts')
+local job = job_get('state', 'attempt', 'node_id', 'max_attempts', 'pending_attempt')
 if job.state ~= 'assigned' and job.state ~= 'running' then return {'gone'} end
 if job.node_id ~= P.node_id then return {'moved'} end
+if job.pending_attempt == job.attempt then return {'has_result'} end
 if P.only_if_offline and redis.call('HGET', K.node, 'status') ~= 'offline' then return {'kept'} end
 if P.only_if_due then
   local due = redis.call('ZSCORE', J.deadlines, P.job_id)

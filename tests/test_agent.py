@@ -166,3 +166,44 @@ def test_runner_dedups_redelivered_jobs_and_enforces_its_capacity() -> None:
     assert ("job_result", "j2", False, "NODE_AT_CAPACITY") in kinds
     assert kinds.count(("job_result", "j1", True, None)) == 2
     assert [f for f in sent if f["type"] == "job_result" and f["job_id"] == "j1"][0]["output"] == {"n": 1}
+
+
+def test_a_restarted_runner_never_runs_an_attempt_twice(tmp_path: Path) -> None:
+    """What the journal on disk tells a new process: a finished attempt's result is
+    sent again; one its crash cut short is reported failed (retryable: the server
+    runs the job again as a new attempt), and neither runs again."""
+    import threading
+
+    from dispatcher.agent.journal import JobJournal
+    from dispatcher.agent.runner import JobRunner
+    from dispatcher.messages import JobAssign
+
+    runs: list[str] = []
+    release = threading.Event()
+
+    def handler(job: dict[str, Any], ctx: Any) -> Any:
+        runs.append(job["job_id"])
+        if job["job_id"] == "cut-short":
+            release.wait(5)
+        return {"done": job["job_id"]}
+    path = tmp_path / "agent.json.jobs"
+    first = JobRunner(handler, 2, lambda frame: None, JobJournal(path))
+    first.assign(JobAssign(job_id="finished", attempt=1, job_type="t"))
+    first.assign(JobAssign(job_id="cut-short", attempt=1, job_type="t"))
+    wait_for(lambda: runs == ["finished", "cut-short"] or sorted(runs) == ["cut-short", "finished"], what="both run")
+    wait_for(lambda: ("finished", 1) in JobJournal(path).finished, what="the first on disk")
+
+    sent: list[dict[str, Any]] = []  # a new process, as after a crash (the first never finishes cut-short)
+    second = JobRunner(handler, 2, sent.append, JobJournal(path))
+    second.assign(JobAssign(job_id="finished", attempt=1, job_type="t"))
+    second.assign(JobAssign(job_id="cut-short", attempt=1, job_type="t"))
+    second.assign(JobAssign(job_id="cut-short", attempt=2, job_type="t"))  # the server's new attempt runs
+    release.set()
+    assert second.wait_idle(5)
+    results = {(f["job_id"], f["attempt"]): f for f in sent if f["type"] == "job_result"}
+    assert results[("finished", 1)]["output"] == {"done": "finished"}
+    assert results[("cut-short", 1)]["error"]["code"] == "NODE_RESTARTED"
+    assert results[("cut-short", 1)]["error"]["retryable"] is True
+    assert results[("cut-short", 2)]["success"] is True
+    assert sorted(runs) == ["cut-short", "cut-short", "finished"], "attempt 1 of each ran once, attempt 2 once"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"

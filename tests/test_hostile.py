@@ -103,18 +103,25 @@ def test_a_session_that_never_registers_is_closed(start_web: Any) -> None:
 
 
 def test_unregistered_sessions_are_capped_per_address_and_per_process(start_web: Any, nodes: Any) -> None:
+    """Per address, past the cap, a new session is refused; per process, the oldest
+    session still waiting to register makes room (else a few addresses could keep
+    every honest node out)."""
     server = start_web(max_unregistered_sessions=5, max_unregistered_sessions_per_address=3)
     held = [RawSocket(server.port) for _ in range(3)]
     assert [s.status for s in held] == [101] * 3
     assert RawSocket(server.port).status == 503, "a fourth from the same address waits"
-    held += [RawSocket(server.port, source=f"127.0.0.{i}") for i in (2, 3)]
-    assert [s.status for s in held[3:]] == [101, 101]
-    assert RawSocket(server.port, source="127.0.0.4").status == 503, "the process holds its most"
     held[0].send({"type": "node_register"})
     held[0].recv_json()
     again = RawSocket(server.port)
     assert again.status == 101, "a registered session frees its place"
-    for s in (*held, again):
+    held += [again] + [RawSocket(server.port, source=f"127.0.0.{i}") for i in (2, 3)]
+    assert [s.status for s in held[3:]] == [101, 101, 101], "five wait to register: the most"
+    newcomer = RawSocket(server.port, source="127.0.0.4")
+    assert newcomer.status == 101
+    assert held[1].close_code() == 1008, "the oldest waiting one made room"
+    newcomer.send({"type": "node_register"})
+    assert newcomer.recv_json()["type"] == "node_register_ack"
+    for s in (*held, newcomer):
         s.close()
 
 

@@ -58,9 +58,9 @@ class Hub:
         self.sessions: dict[str, NodeSession] = {}
         #: Every open session, registered or not.
         self.connections: set[NodeSession] = set()
-        #: Sessions not yet registered, by client address, and in all.
+        #: Sessions not yet registered, oldest first, and how many from each client address.
+        self.waiting_to_register: dict[NodeSession, None] = {}
         self.unregistered: Counter[str] = Counter()
-        self.unregistered_total = 0
         self._lock = threading.Lock()
         self._started = False
         self._listener: WakeListener | None = None
@@ -75,36 +75,41 @@ class Hub:
             return 403, f"origin {origin[:100]!r} is not allowed (allowed_origins)"
         if len(self.connections) >= s.max_sessions:
             return 503, f"this web process holds its most sessions ({s.max_sessions}); try another or later"
-        if self.unregistered_total >= s.max_unregistered_sessions:
-            return 503, "too many sessions waiting to register; try again later"
         if self.unregistered[address] >= s.max_unregistered_sessions_per_address:
             return 503, f"too many sessions waiting to register from {address}; try again later"
+        if len(self.waiting_to_register) >= s.max_unregistered_sessions:
+            # The oldest has had the longest to register: it makes room. (Refusing the new one
+            # instead would let a few addresses lock every honest node out; an honest node
+            # registers within a round trip, far sooner than others can cycle the whole pool.)
+            oldest = next(iter(self.waiting_to_register))
+            del self.waiting_to_register[oldest]
+            oldest.close(1008, "too many sessions waiting to register", why="evicted before registering")
         return None
 
     def opened(self, session: NodeSession) -> None:
         self.connections.add(session)
+        self.waiting_to_register[session] = None
         self.unregistered[session.address] += 1
-        self.unregistered_total += 1
 
     def closed(self, session: NodeSession) -> None:
         self.connections.discard(session)
         if session.node_id is None:
-            self._registered_or_gone(session.address)
+            self._registered_or_gone(session)
         with self._lock:
             if session.node_id is not None and self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
                 SESSIONS.set(len(self.sessions))
 
-    def _registered_or_gone(self, address: str) -> None:
-        self.unregistered[address] -= 1
-        self.unregistered_total -= 1
-        if self.unregistered[address] <= 0:
-            del self.unregistered[address]
+    def _registered_or_gone(self, session: NodeSession) -> None:
+        self.waiting_to_register.pop(session, None)
+        self.unregistered[session.address] -= 1
+        if self.unregistered[session.address] <= 0:
+            del self.unregistered[session.address]
 
     def attach(self, session: NodeSession) -> None:
         """The session registered its node; an older local session of that node closes."""
         assert session.node_id is not None
-        self._registered_or_gone(session.address)
+        self._registered_or_gone(session)
         with self._lock:
             older = self.sessions.get(session.node_id)
             self.sessions[session.node_id] = session

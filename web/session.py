@@ -124,6 +124,9 @@ class NodeSession:
                     break
                 if self.transport.closing_since_s is None:  # once closing, frames are read only to reach the close
                     self._handle(frame)
+                # A socket that always has data never makes recv wait, so it never yields by
+                # itself: one frame, then every other session gets its turn.
+                time.sleep(0)
         except Exception:  # the route must never let one escape
             log.exception("session_crashed", extra={"event": "session_crashed", "node_id": self.node_id})
         finally:

@@ -20,6 +20,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from dispatcher.agent.journal import JobJournal
 from dispatcher.agent.probe import Probe
 from dispatcher.agent.runner import Handler, JobRunner
 from dispatcher.agent.state import Identity, StateFile
@@ -68,7 +69,8 @@ class NodeAgent:
         self.config = config
         self.state = StateFile(config.state_path)
         self.probe = probe or Probe()
-        self.runner = JobRunner(handler, config.max_concurrent_jobs, self._send_threadsafe)
+        journal = JobJournal(config.state_path.with_name(config.state_path.name + ".jobs"))
+        self.runner = JobRunner(handler, config.max_concurrent_jobs, self._send_threadsafe, journal)
         self.status: str | None = None
         self.node_id: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

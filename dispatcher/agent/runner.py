@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from dispatcher.agent.journal import JobJournal
 from dispatcher.messages import JobAssign
 
 log = logging.getLogger("dispatcher.agent.runner")
@@ -65,10 +66,13 @@ def load_handler(spec: str) -> Handler:
 
 
 class JobRunner:
-    def __init__(self, handler: Handler, max_concurrent_jobs: int, send: Send) -> None:
+    def __init__(self, handler: Handler, max_concurrent_jobs: int, send: Send,
+                 journal: JobJournal | None = None) -> None:
         self.handler = handler
         self.max_concurrent_jobs = max_concurrent_jobs
         self._send = send
+        #: What earlier processes of this agent started and finished (None: memory only).
+        self._journal = journal
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="job")
         self._lock = threading.Lock()
         self._running: dict[tuple[str, int], JobContext] = {}
@@ -89,16 +93,39 @@ class JobRunner:
             if key in self._running:
                 self._send({"type": "job_ack", "job_id": msg.job_id, "attempt": msg.attempt})
                 return
+            if self._journal is not None and self._from_journal(key):
+                return
             if len(self._running) >= self.max_concurrent_jobs:
                 self._send(_failure(msg.job_id, msg.attempt, "NODE_AT_CAPACITY",
                                     f"node already runs {self.max_concurrent_jobs} jobs", retryable=True))
                 return
             ctx = JobContext(msg.job_id, msg.attempt, _send=self._send)
             self._running[key] = ctx
+        if self._journal is not None:
+            self._journal.started(msg.job_id, msg.attempt)  # on disk before it runs
         self._send({"type": "job_ack", "job_id": msg.job_id, "attempt": msg.attempt})
         log.info("job started", extra={"event": "job_started", "job_id": msg.job_id, "attempt": msg.attempt,
                                        "job_type": msg.job_type})
         self._pool.submit(self._run, msg, ctx)
+
+    def _from_journal(self, key: tuple[str, int]) -> bool:
+        """An attempt an earlier process of this agent ran: send its result again, or,
+        when the crash cut it short (or its result was too large to keep), report it
+        failed so that the server runs the job again as a new attempt. True when handled."""
+        assert self._journal is not None
+        frame = self._journal.result(key)
+        if frame is None and not (self._journal.interrupted(key) or key in self._journal.finished):
+            return False
+        if frame is None:
+            frame = _failure(key[0], key[1], "NODE_RESTARTED", "the node restarted while it held this attempt; "
+                             "it is not run twice", retryable=True)
+            self._journal.ended(key[0], key[1], frame)
+        log.info("job delivered again after a restart; not running it twice",
+                 extra={"event": "job_redelivered_after_restart", "job_id": key[0], "attempt": key[1],
+                        "success": frame["success"]})
+        self._finished[key] = frame
+        self._send(frame)
+        return True
 
     def cancel(self, job_id: str, attempt: int, reason: str) -> None:
         with self._lock:
@@ -121,6 +148,8 @@ class JobRunner:
             log.exception("handler failed", extra={"event": "handler_failed", "job_id": msg.job_id})
             frame = _failure(msg.job_id, msg.attempt, "HANDLER_ERROR", f"{type(exc).__name__}: {exc}", True)
         key = (msg.job_id, msg.attempt)
+        if self._journal is not None:
+            self._journal.ended(msg.job_id, msg.attempt, frame)  # on disk before the result leaves
         with self._lock:
             self._running.pop(key, None)
             self._finished[key] = frame
