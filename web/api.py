@@ -21,7 +21,6 @@ from dispatcher.messages import describe_validation_error, valid_job_id, valid_n
 from dispatcher.metrics import exposition
 from web.hub import Hub
 
-
 #: The most one page of /api/nodes holds (a node record is at most about 70 KB).
 MAX_PAGE_BYTES = 2 * 1024 * 1024
 

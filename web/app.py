@@ -15,26 +15,17 @@ from dispatcher.jobs import Jobs
 from dispatcher.logs import configure_logging, log_event
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings, get_settings
+from web.admission import Admission
 from web.api import api_blueprint
 from web.hub import Hub
 from web.page import page_blueprint
 from web.session import NodeSession
-from web.transport import server_options, strip_extensions
+from web.transport import server_options
 
 log = logging.getLogger("web.app")
 
 #: Where nodes open their sessions.
 NODE_PATH = "/ws/node"
-
-
-def client_address(environ: dict[str, Any], trusted_proxy_hops: int) -> str:
-    """The address a connection comes from: the peer's, or, behind ``trusted_proxy_hops``
-    proxies that append to X-Forwarded-For, the entry the outermost one added."""
-    if trusted_proxy_hops:
-        forwarded = [a.strip() for a in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
-        if len(forwarded) >= trusted_proxy_hops:
-            return forwarded[-trusted_proxy_hops][:64]
-    return str(environ.get("REMOTE_ADDR") or "unknown")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -49,24 +40,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["dispatcher.hub"] = hub
     sock = Sock(app)
 
-    @app.before_request
-    def admit_node_sessions() -> Any:
-        # Before the handshake: a refused client costs one short HTTP answer.
-        if request.path != NODE_PATH:
-            return None
-        refused = hub.admit(client_address(request.environ, settings.trusted_proxy_hops),
-                            request.headers.get("Origin"))
-        if refused is not None:
-            status, why = refused
-            log_event(log, "session_refused", logging.WARNING, status=status, why=why)
-            return Response(why + "\n", status=status, mimetype="text/plain", headers={"Retry-After": "5"})
-        strip_extensions(request.environ)
-        return None
+    # Before Flask and before the handshake: a refused client costs one short HTTP answer.
+    app.wsgi_app = Admission(app.wsgi_app, NODE_PATH, settings, hub.admit, hub.count_refusal)  # type: ignore[method-assign]
 
     @sock.route(NODE_PATH)
     def node_socket(ws: object) -> None:
         hub.start()
-        NodeSession(ws, hub, client_address(request.environ, settings.trusted_proxy_hops)).run()
+        NodeSession(ws, hub, request.environ["dispatcher.client_address"]).run()
 
     app.register_blueprint(api_blueprint(hub))
     app.register_blueprint(page_blueprint(hub))

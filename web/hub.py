@@ -31,6 +31,7 @@ from dispatcher.messages import JobAck, JobProgress, JobResult, NodeDrain
 from dispatcher.metrics import SESSIONS
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings
+from web.admission import WaitingRoom
 
 if TYPE_CHECKING:
     from web.session import NodeSession
@@ -58,9 +59,11 @@ class Hub:
         self.sessions: dict[str, NodeSession] = {}
         #: Every open session, registered or not.
         self.connections: set[NodeSession] = set()
-        #: Sessions not yet registered, oldest first, and how many from each client address.
-        self.waiting_to_register: dict[NodeSession, None] = {}
-        self.unregistered: Counter[str] = Counter()
+        #: Sessions not yet registered.
+        self.waiting_room = WaitingRoom(settings.max_unregistered_sessions_per_address,
+                                        settings.max_unregistered_sessions)
+        #: Handshakes refused since the ticker last logged them, by reason.
+        self.refused: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._started = False
         self._listener: WakeListener | None = None
@@ -75,41 +78,29 @@ class Hub:
             return 403, f"origin {origin[:100]!r} is not allowed (allowed_origins)"
         if len(self.connections) >= s.max_sessions:
             return 503, f"this web process holds its most sessions ({s.max_sessions}); try another or later"
-        if self.unregistered[address] >= s.max_unregistered_sessions_per_address:
-            return 503, f"too many sessions waiting to register from {address}; try again later"
-        if len(self.waiting_to_register) >= s.max_unregistered_sessions:
-            # The oldest has had the longest to register: it makes room. (Refusing the new one
-            # instead would let a few addresses lock every honest node out; an honest node
-            # registers within a round trip, far sooner than others can cycle the whole pool.)
-            oldest = next(iter(self.waiting_to_register))
-            del self.waiting_to_register[oldest]
-            oldest.close(1008, "too many sessions waiting to register", why="evicted before registering")
-        return None
+        why = self.waiting_room.refusal(address)
+        return None if why is None else (503, why)
+
+    def count_refusal(self, status: int, why: str) -> None:
+        # Logged in sums by the ticker: a flood of handshakes must not become a flood of log lines.
+        self.refused[f"{status} {why.split(';')[0].split(' from ')[0]}"] += 1
 
     def opened(self, session: NodeSession) -> None:
         self.connections.add(session)
-        self.waiting_to_register[session] = None
-        self.unregistered[session.address] += 1
+        self.waiting_room.enter(session, session.address)
 
     def closed(self, session: NodeSession) -> None:
         self.connections.discard(session)
-        if session.node_id is None:
-            self._registered_or_gone(session)
+        self.waiting_room.leave(session, session.address)
         with self._lock:
             if session.node_id is not None and self.sessions.get(session.node_id) is session:
                 del self.sessions[session.node_id]
                 SESSIONS.set(len(self.sessions))
 
-    def _registered_or_gone(self, session: NodeSession) -> None:
-        self.waiting_to_register.pop(session, None)
-        self.unregistered[session.address] -= 1
-        if self.unregistered[session.address] <= 0:
-            del self.unregistered[session.address]
-
     def attach(self, session: NodeSession) -> None:
         """The session registered its node; an older local session of that node closes."""
         assert session.node_id is not None
-        self._registered_or_gone(session)
+        self.waiting_room.leave(session, session.address)
         with self._lock:
             older = self.sessions.get(session.node_id)
             self.sessions[session.node_id] = session
@@ -226,6 +217,9 @@ class Hub:
                 return
             try:
                 self.keep_time()
+                if self.refused:
+                    refused, self.refused = self.refused, Counter()
+                    log_event(log, "sessions_refused", logging.WARNING, refused=dict(refused))
                 if time.monotonic() >= next_sweep_s:
                     next_sweep_s = time.monotonic() + self.settings.delivery_sweep_interval_seconds
                     self.sweep()

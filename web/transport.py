@@ -15,9 +15,7 @@ the socket, because its reader thread would not hold a peer to anything:
 - One greenlet per idle session: the writer exists only while there is
   something to write.
 
-Permessage-deflate is never negotiated (``strip_extensions``): its zlib state
-costs about 300 KiB per session, and a small compressed frame can inflate
-without bound before any size limit sees it.
+Permessage-deflate is never negotiated (web/admission.py drops the offer).
 """
 
 from __future__ import annotations
@@ -64,11 +62,6 @@ class NoReaderThread:
 def server_options() -> dict[str, Any]:
     """flask-sock's SOCK_SERVER_OPTIONS: the handshake only (limits and pings are ours)."""
     return {"thread_class": NoReaderThread, "ping_interval": None, "max_message_size": None}
-
-
-def strip_extensions(environ: dict[str, Any]) -> None:
-    """Drop the client's extension offers (permessage-deflate) before the handshake."""
-    environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
 class Transport:
