@@ -53,7 +53,7 @@ broker_transport_options = {
 #: Completions, passes over waiting jobs and the scan: what keeps running jobs moving.
 INTERNAL_QUEUE = "dispatcher.internal"
 task_default_queue = "celery"
-task_queues = (Queue(INTERNAL_QUEUE), Queue("celery"))
+task_queues = (Queue(INTERNAL_QUEUE), *(Queue(name) for name in _settings.priority_queues), Queue("celery"))
 task_routes = {name: {"queue": INTERNAL_QUEUE}
                for name in ("dispatcher.complete_job", "dispatcher.dispatch_waiting", "dispatcher.scan_nodes")}
 

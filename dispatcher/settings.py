@@ -13,9 +13,9 @@ import functools
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, StringConstraints, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -50,6 +50,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "exclusion_examples",
         "dispatch_candidates",
         "waiting_kick_batch",
+        "priority_queues",
     ),
     "server": (
         "max_message_bytes",
@@ -116,6 +117,11 @@ class Settings(BaseSettings):
     dispatch_candidates: int = Field(32, ge=1, le=1000)
     #: Waiting jobs tried per wake-up when capacity appears.
     waiting_kick_batch: int = Field(50, ge=1)
+    #: Celery queues the workers read before the default one ("celery"), in this order:
+    #: a client that must not wait behind another's flood submits to its own
+    #: (``send_task("dispatcher.submit_job", queue=...)``).
+    priority_queues: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]] = Field(
+        default_factory=list)
 
     # [server]
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
