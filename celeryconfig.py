@@ -9,6 +9,7 @@ import ssl
 
 from kombu import Queue
 
+from dispatcher.keys import CELERY_RESULT_EXPIRES_S
 from dispatcher.settings import get_settings
 
 _settings = get_settings()
@@ -26,6 +27,8 @@ accept_content = ["json"]
 # Off: it would keep every submission's kwargs (payloads included) beside its result for
 # a day, a refused one too. Clients read a job's states and result, not its arguments.
 result_extended = False
+# The job scripts write the results of jobs themselves (dispatcher/keys.py): the same expiry.
+result_expires = CELERY_RESULT_EXPIRES_S
 # Sized on purpose: redis-py 8 refuses to go past its pool size.
 redis_max_connections = _settings.redis_max_connections
 broker_pool_limit = 10
@@ -50,12 +53,11 @@ broker_transport_options = {
     # flood of submissions (kombu's BRPOP takes the first non-empty queue it names).
     "queue_order_strategy": "priority",
 }
-#: Completions, passes over waiting jobs and the scan: what keeps running jobs moving.
+#: Passes over waiting jobs and the scan: what keeps running jobs moving.
 INTERNAL_QUEUE = "dispatcher.internal"
 task_default_queue = "celery"
 task_queues = (Queue(INTERNAL_QUEUE), *(Queue(name) for name in _settings.priority_queues), Queue("celery"))
-task_routes = {name: {"queue": INTERNAL_QUEUE}
-               for name in ("dispatcher.complete_job", "dispatcher.dispatch_waiting", "dispatcher.scan_nodes")}
+task_routes = {name: {"queue": INTERNAL_QUEUE} for name in ("dispatcher.dispatch_waiting", "dispatcher.scan_nodes")}
 
 # Our tasks are short and idempotent; the truth about jobs lives in our own records.
 task_acks_late = True

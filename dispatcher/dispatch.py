@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,10 @@ log = logging.getLogger("dispatcher.dispatch")
 
 #: Attempts when the epoch keeps moving under us.
 _ATTEMPTS = 5
+#: Nodes the candidate search looks at in load order before it intersects the indexes instead.
+_CANDIDATE_BUDGET = 64
+#: Seconds between writes of the decision statistics.
+_FLUSH_EVERY_S = 1.0
 #: Nodes read per pipeline when explaining a failure over the whole fleet.
 _WALK_CHUNK = 500
 
@@ -62,6 +68,11 @@ class Dispatcher:
         self.scripts = scripts
         self.keys: Keys = scripts.keys
         self.clock = clock
+        # Decisions tallied here, written in sums by a flusher thread started on the first one.
+        self._tally: Counter[str] = Counter()
+        self._examples: dict[str, list[str]] = {}
+        self._tally_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
 
     def _stages(self, needs: JobNeeds) -> list[tuple[str, list[str]]]:
         """The filter's indexed steps, in order: (reason, the index keys that step adds)."""
@@ -98,25 +109,28 @@ class Dispatcher:
             before = after
         return before, total, explanation(counts, {})
 
-    def candidates(self, needs: JobNeeds) -> tuple[list[str], str | None]:
-        """The least-loaded nodes that pass every indexed step, and the epoch they were read at."""
-        k = self.keys
-        sets = [key for reason, keys in self._stages(needs) if reason != "CapacityExceeded" for key in keys]
-        scratch = k.scratch("candidates")
-        pipe = self.client.pipeline(transaction=True)  # one snapshot: indexes and epoch together
-        # Plain sets count as score 1; weight 0 leaves each candidate scored by its load.
-        pipe.zinterstore(scratch, {k.capacity_index(): 1, **{s: 0 for s in sets}})
-        pipe.zrange(scratch, 0, self.settings.dispatch_candidates - 1)
-        pipe.delete(scratch)
-        pipe.get(k.epoch())
-        _, candidates, _, epoch = pipe.execute()
-        return candidates, epoch
+    def candidates(self, needs: JobNeeds) -> tuple[list[str], str]:
+        """The least-loaded live nodes that pass every indexed step, and the epoch they were read at."""
+        s = self.settings
+        # The capacity index holds ready nodes only; the job's own needs go before the
+        # resources index: the likelier to rule a node out, the sooner it is checked.
+        sets = [key for reason, keys in self._stages(needs)
+                if reason not in ("StatusNotReady", "CapacityExceeded", "ResourceThresholdExceeded") for key in keys]
+        sets.append(self.keys.resources_index())
+        return self.scripts.find_candidates(sets, self.clock(), int(s.heartbeat_timeout_seconds * 1000),
+                                            s.dispatch_candidates, _CANDIDATE_BUDGET)
 
-    def dispatch(self, job_id: str, needs: JobNeeds) -> Decision:
-        """Try to place one waiting job now."""
+    def dispatch(self, job_id: str, needs: JobNeeds, read: tuple[list[str], str] | None = None) -> Decision:
+        """Try to place one waiting job now. ``read`` is a candidate search made already (the
+        dispatch script tells, by the epoch, when it went stale). No candidate at all: the job
+        stays waiting without a script call, since whatever may change that (a node turning
+        ready, a slot freed, a heartbeat) moves the epoch and asks for another pass."""
         s = self.settings
         for _ in range(_ATTEMPTS):
-            candidates, epoch = self.candidates(needs)
+            candidates, epoch = read or self.candidates(needs)
+            read = None
+            if not candidates:
+                return Decision(job_id, "waiting")
             reply = self.scripts.dispatch_job(
                 job_id, needs.kind, self.clock(), epoch, candidates, int(s.heartbeat_timeout_seconds * 1000),
                 s.resource_threshold_percent, s.exclusion_examples)
@@ -162,19 +176,22 @@ class Dispatcher:
 
     def free_slots_anywhere(self) -> bool:
         """Whether any ready node has a free slot (else no waiting job can be placed)."""
-        return bool(self.client.zintercard(2, [self.keys.capacity_index(), self.keys.status_set("ready")], limit=1))
+        return bool(self.client.zcard(self.keys.capacity_index()))
 
     def record(self, decision: Decision) -> None:
-        """Add one decision to the aggregate statistics and log it."""
+        """Add one decision to the statistics and log it. The counts go to Redis in sums,
+        at most once a second: a decision adds no Redis call of its own."""
         counts = decision.exclusions.get("counts", {})
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(self.keys.stats(), f"decisions:{decision.outcome}", 1)
-        for reason, n in counts.items():
-            pipe.hincrby(self.keys.stats(), f"excluded:{reason}", n)
-        for reason, ids in decision.exclusions.get("examples", {}).items():
-            if ids:
-                pipe.hset(self.keys.stats_examples(), reason, json.dumps(ids))
-        pipe.execute()
+        with self._tally_lock:
+            self._tally[f"decisions:{decision.outcome}"] += 1
+            for reason, n in counts.items():
+                self._tally[f"excluded:{reason}"] += n
+            for reason, ids in decision.exclusions.get("examples", {}).items():
+                if ids:
+                    self._examples[reason] = ids
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_every_second, name="stats-flush", daemon=True)
+                self._flusher.start()
         DECISIONS.labels(decision.outcome).inc()
         for reason, n in counts.items():
             EXCLUSIONS.labels(reason).inc(n)
@@ -185,7 +202,31 @@ class Dispatcher:
                   examples=decision.exclusions.get("examples", {}), eligible=decision.eligible,
                   total=decision.total)
 
+    def _flush_every_second(self) -> None:
+        while True:
+            time.sleep(_FLUSH_EVERY_S)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the decisions tallied since the last flush."""
+        with self._tally_lock:
+            if not self._tally and not self._examples:
+                return
+            tally, examples = self._tally, self._examples
+            self._tally, self._examples = Counter(), {}
+        pipe = self.client.pipeline(transaction=False)
+        for name, n in tally.items():
+            pipe.hincrby(self.keys.stats(), name, n)
+        if examples:
+            pipe.hset(self.keys.stats_examples(), mapping={r: json.dumps(ids) for r, ids in examples.items()})
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            with self._tally_lock:
+                self._tally.update(tally)  # kept for the next flush
+
     def stats(self) -> dict[str, Any]:
+        self.flush()
         raw = self.client.hgetall(self.keys.stats())
         examples = self.client.hgetall(self.keys.stats_examples())
         return {

@@ -37,17 +37,18 @@ NODE_BUNDLE = (
     "offline_since",
 )
 
+#: Seconds Celery's backend keeps a task's result (``result_expires``; the job scripts write it).
+CELERY_RESULT_EXPIRES_S = 24 * 3600
+
 #: The keys every job script receives (after the node bundle, when it has one).
 JOB_BUNDLE = (
     "job",
-    "job_attempts",
     "waiting",
     "waiting_class",
     "waiting_classes",
     "waiting_needs",
     "deadlines",
-    "results",
-    "publish",
+    "result",
     "epoch",
     "capacity_index",
 )
@@ -120,7 +121,8 @@ class Keys:
         return f"{self.prefix}:idx:resources"
 
     def capacity_index(self) -> str:
-        """Sorted set: node id -> assigned / max_concurrent_jobs, for nodes with a free slot."""
+        """Sorted set: ready node with a free slot -> its load (assigned / max_concurrent_jobs),
+        then when it last got or freed a slot in the last digits (equally loaded nodes take turns)."""
         return f"{self.prefix}:idx:capacity"
 
     def model_index(self, model_id: str) -> str:
@@ -136,11 +138,9 @@ class Keys:
 
     # --- jobs --------------------------------------------------------------
     def job(self, job_id: str) -> str:
+        """Hash: the job's spec, state, current attempt, and its ended attempts (field
+        ``attempts``, JSON: node, assigned, acked, ended, outcome; oldest first)."""
         return f"{self.prefix}:job:{job_id}"
-
-    def job_attempts(self, job_id: str) -> str:
-        """List of the job's attempts (node, assigned, acked, ended, outcome), oldest first."""
-        return f"{self.prefix}:job:{job_id}:attempts"
 
     def waiting(self) -> str:
         """Sorted set of waiting job ids, highest priority first, then oldest."""
@@ -165,14 +165,6 @@ class Keys:
         """Sorted set: job id -> when its current phase times out (ms): the
         dispatch timeout while waiting, the attempt's timeout once assigned."""
         return f"{self.prefix}:deadlines"
-
-    def results(self) -> str:
-        """Sorted set: job id -> when a node's result was recorded and awaits completion."""
-        return f"{self.prefix}:results"
-
-    def publish(self) -> str:
-        """Sorted set: job id -> when it finished, until its Celery result is written."""
-        return f"{self.prefix}:publish"
 
     def kick(self) -> str:
         """Set while a pass over the waiting jobs is queued (so events queue one, not many)."""
@@ -234,18 +226,26 @@ class Keys:
         """The keys of ``JOB_BUNDLE`` for one job (of the given kind of needs), in order."""
         by_name = {
             "job": self.job(job_id),
-            "job_attempts": self.job_attempts(job_id),
             "waiting": self.waiting(),
             "waiting_class": self.waiting_class(needs_class),
             "waiting_classes": self.waiting_classes(),
             "waiting_needs": self.waiting_needs(),
             "deadlines": self.deadlines(),
-            "results": self.results(),
-            "publish": self.publish(),
+            "result": self.celery_result(job_id),
             "epoch": self.epoch(),
             "capacity_index": self.capacity_index(),
         }
         return [by_name[name] for name in JOB_BUNDLE]
+
+    def candidate_indexes(self, sets: list[str]) -> list[str]:
+        """The keys of find_candidates.lua: capacity, liveness, epoch, a scratch key, then the sets."""
+        return [self.capacity_index(), self.liveness(), self.epoch(), self.scratch("candidates"), *sets]
+
+    def celery_result(self, task_id: str) -> str:
+        """Celery's result key of a task: its backend's, not under our prefix. The job scripts
+        write it with the job's state, so the two always agree (Celery and kombu need one
+        Redis, not a cluster, so a script may touch it beside our keys)."""
+        return f"celery-task-meta-{task_id}"
 
     def candidate_keys(self, node_ids: Iterable[str]) -> list[str]:
         """Node hash, assigned jobs and queue of each candidate node, in order."""

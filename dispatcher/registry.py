@@ -73,6 +73,8 @@ class SessionNode:
     gpu_count: int
     gpu_available: bool
     last_verdict: HealthVerdict | None = None
+    #: Job id -> kind of needs, from the job's ack, for its result (saves a read).
+    job_kinds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from datetime import UTC, datetime
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import redis
 
 from dispatcher.errors import ScriptRetry, StoreError
-from dispatcher.keys import JOB_BUNDLE, NODE_BUNDLE, Keys
+from dispatcher.keys import CELERY_RESULT_EXPIRES_S, JOB_BUNDLE, NODE_BUNDLE, Keys
 from dispatcher.metrics import SCRIPT_SECONDS
 
 _INCLUDE = "--#include "
@@ -203,62 +204,75 @@ class Scripts:
         keys = self.keys.job_bundle(job_id, needs_class)
         if node_id is not None:
             keys = self.keys.node_bundle(node_id) + keys
-        return self._call(name, keys + (extra_keys or []), {"job_id": job_id, "needs_class": needs_class, **params})
+        # For Celery's result, written with the job's state: its expiry and when it ended.
+        done_at = datetime.fromtimestamp(params["now_ms"] / 1000, UTC).isoformat()
+        return self._call(name, keys + (extra_keys or []), {
+            "job_id": job_id, "needs_class": needs_class, "done_at": done_at,
+            "result_expires_s": CELERY_RESULT_EXPIRES_S, **params})
 
-    def enqueue_job(self, job_id: str, needs_class: str, now_ms: int, queue_score: int,
-                    fields: dict[str, Any]) -> tuple[bool, Any]:
-        """Record a new job as waiting. Returns (True, jobs waiting now) when created,
-        else (False, the existing job's state)."""
-        reply = self._job_call("enqueue_job", job_id, needs_class,
-                               {"now_ms": now_ms, "queue_score": queue_score, "fields": fields})
-        return (True, int(reply[1])) if reply[0] == "created" else (False, reply[1])
+    def find_candidates(self, sets: list[str], now_ms: int, heartbeat_timeout_ms: int, wanted: int,
+                        budget: int) -> tuple[list[str], str]:
+        """The least loaded live ready nodes with a free slot in every one of ``sets``, and the epoch."""
+        reply = self._call("find_candidates", self.keys.candidate_indexes(sets),
+                           args=[now_ms, heartbeat_timeout_ms, wanted, budget])
+        return list(reply[0]), str(reply[1])
 
-    def dispatch_job(self, job_id: str, needs_class: str, now_ms: int, epoch: str | None, candidates: list[str],
+    def submit_job(self, job_id: str, needs_class: str, now_ms: int, queue_score: int, fields: dict[str, Any],
+                   candidates: list[str], epoch: str, heartbeat_timeout_ms: int, resource_threshold: float,
+                   examples: int) -> list[Any]:
+        """Record a job and give it to a candidate, or make it wait. Returns the reply:
+        ["assigned", node, attempt, exclusions] | ["waiting", exclusions] | ["queued"] | ["retry"] | ["exists", state]."""
+        return list(self._job_call("submit_job", job_id, needs_class, {
+            "now_ms": now_ms, "queue_score": queue_score, "fields": fields, "epoch": epoch, "candidates": candidates,
+            "heartbeat_timeout_ms": heartbeat_timeout_ms, "resource_threshold": resource_threshold,
+            "examples": examples}, extra_keys=self.keys.candidate_keys(candidates)))
+
+    def dispatch_job(self, job_id: str, needs_class: str, now_ms: int, epoch: str, candidates: list[str],
                      heartbeat_timeout_ms: int, resource_threshold: float, examples: int) -> list[Any]:
-        """Filter the candidates, pick one and assign the job atomically. Returns the reply:
-        ["assigned", node, attempt, exclusions] | ["waiting" | "retry", exclusions] | ["not_waiting", state]."""
+        """Give a waiting job to a candidate. Returns the reply:
+        ["assigned", node, attempt, exclusions, waited ms] | ["waiting" | "retry", exclusions] | ["not_waiting", state]."""
         return list(self._job_call("dispatch_job", job_id, needs_class, {
-            "now_ms": now_ms, "epoch": epoch or "", "candidates": candidates,
+            "now_ms": now_ms, "epoch": epoch, "candidates": candidates,
             "heartbeat_timeout_ms": heartbeat_timeout_ms, "resource_threshold": resource_threshold,
             "examples": examples}, extra_keys=self.keys.candidate_keys(candidates)))
 
     def ack_job(self, job_id: str, attempt: int, node_id: str, now_ms: int, progress: float | None = None,
-                message: str | None = None) -> str:
-        """Returns "started" (first ack), "running" or "stale"."""
-        return self._job_call("ack_job", job_id, None, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
-                                                        "progress": progress, "message": message})[0]
+                message: str | None = None) -> tuple[str, str]:
+        """Returns ("started" | "running", the job's kind of needs) or ("stale", its state)."""
+        reply = self._job_call("ack_job", job_id, None, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
+                                                         "progress": progress, "message": message})
+        return str(reply[0]), str(reply[1])
 
-    def record_result(self, job_id: str, attempt: int, node_id: str, now_ms: int, meta: str, output: str) -> str:
-        """Returns "accepted", "duplicate" or "stale"."""
-        return self._job_call("record_result", job_id, None, {"attempt": attempt, "node_id": node_id,
-                                                              "now_ms": now_ms, "meta": meta, "output": output})[0]
-
-    def complete_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, retention_ms: int) -> str:
-        """Apply a recorded result. Returns "succeeded", "failed", "retry", "nothing", "stale" or "moved"."""
-        return self._job_call("complete_job", job_id, needs_class, {
-            "node_id": node_id, "now_ms": now_ms, "retention_ms": retention_ms}, node_id=node_id)[0]
+    def complete_job(self, job_id: str, needs_class: str | None, node_id: str, attempt: int, now_ms: int,
+                     meta: str, output: str, retention_ms: int) -> list[Any]:
+        """Apply a node's result. Returns ["succeeded" | "failed", kick, outcome JSON, assigned_ms],
+        ["retry", kick], ["stale", state], or ["need_kind"] when it would requeue the job and
+        ``needs_class`` is None; kick "1" when a waiting job could take the freed slot."""
+        return list(self._job_call("complete_job", job_id, needs_class, {
+            "node_id": node_id, "attempt": attempt, "now_ms": now_ms, "meta": meta, "output": output,
+            "retention_ms": retention_ms}, node_id=node_id))
 
     def release_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, code: str, message: str, *,
                     cancel_on_node: bool, only_if_offline: bool = False, only_if_due: bool = False,
-                    retention_ms: int) -> str:
-        """End an attempt without a result. Returns "retry", "failed", "kept", "gone", "moved",
-        or "has_result" when the node's result for the attempt is recorded (it stands)."""
-        return self._job_call("release_job", job_id, needs_class, {
+                    retention_ms: int) -> list[Any]:
+        """End an attempt without a result. Returns ["retry"], ["failed", outcome JSON], ["kept"],
+        ["gone"] or ["moved"]."""
+        return list(self._job_call("release_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,
             "cancel_on_node": cancel_on_node, "only_if_offline": only_if_offline, "only_if_due": only_if_due,
-            "retention_ms": retention_ms, "reassign_grace_ms": 0}, node_id=node_id)[0]
+            "retention_ms": retention_ms, "reassign_grace_ms": 0}, node_id=node_id))
 
     def cancel_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, reason: str,
-                   retention_ms: int) -> tuple[str, str]:
-        """Returns ("cancelled", node id or ""), ("finished", state), ("unknown", "") or ("moved", "")."""
-        reply = self._job_call("cancel_job", job_id, needs_class, {
+                   retention_ms: int) -> list[Any]:
+        """Returns ["cancelled", node id or "", outcome JSON], ["finished", state], ["unknown"] or ["moved"]."""
+        return list(self._job_call("cancel_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms,
-            "reassign_grace_ms": 0}, node_id=node_id)
-        return reply[0], (reply[1] if len(reply) > 1 else "")
+            "reassign_grace_ms": 0}, node_id=node_id))
 
     def expire_dispatch(self, job_id: str, needs_class: str, now_ms: int, message: str, exclusions: dict[str, Any],
-                        retention_ms: int) -> bool:
-        """Fail a job still waiting at its dispatch deadline. Returns whether it did."""
-        return self._job_call("expire_dispatch", job_id, needs_class, {
-            "now_ms": now_ms, "message": message, "exclusions": exclusions,
-            "retention_ms": retention_ms})[0] == "failed"
+                        retention_ms: int) -> dict[str, Any] | None:
+        """Fail a job still waiting at its dispatch deadline. Returns its outcome when it did."""
+        reply = self._job_call("expire_dispatch", job_id, needs_class, {
+            "now_ms": now_ms, "message": message, "exclusions": exclusions, "retention_ms": retention_ms})
+        return json.loads(reply[1]) if reply[0] == "failed" else None
+

@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     job_reassign_grace_seconds: float | None = Field(None, ge=0)
     #: Example node ids kept per exclusion reason in each decision.
     exclusion_examples: int = Field(5, ge=0, le=100)
-    #: Least-loaded candidates handed to the dispatch script per attempt.
-    dispatch_candidates: int = Field(32, ge=1, le=1000)
+    #: Least-loaded candidates handed to the dispatch script per attempt (it takes the first
+    #: that passes; the indexes they come from are exact but for a race or a silent node).
+    dispatch_candidates: int = Field(3, ge=1, le=100)
     #: Waiting jobs tried per wake-up when capacity appears.
     waiting_kick_batch: int = Field(50, ge=1)
     #: Celery queues the workers read before the default one ("celery"), in this order:

@@ -9,13 +9,14 @@ from dataclasses import asdict
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
 from celery.worker.request import Request
 
 from dispatcher.celery_app import app
 from dispatcher.connection import redis_client
+from dispatcher.errors import InvalidJob
 from dispatcher.jobs import Jobs
 from dispatcher.jobspec import describe_submission
+from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry
 from dispatcher.settings import get_settings
 
@@ -33,21 +34,35 @@ def jobs() -> Jobs:
 
 class SubmissionRequest(Request):
     """A submission as the worker sees it, whose payload never reaches a log line or a
-    task event: Celery logs and sends each received task's kwargs (``kwargsrepr``)."""
+    task event: Celery logs and sends each received task's kwargs (``kwargsrepr``).
+
+    Its return value is never stored, even when the client's message asks for it
+    (``send_task(..., ignore_result=False)``): Celery's SUCCESS with None would
+    overwrite the node's output, which may already be there."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._ignore_result = self._request_dict["ignore_result"] = True
         self._argsrepr = self._request_dict["argsrepr"] = "()"
         self._kwargsrepr = self._request_dict["kwargsrepr"] = describe_submission(self.kwargs)
 
 
-@app.task(name="dispatcher.submit_job", bind=True, Request=SubmissionRequest)
+# The task stores no result and sends no events of its own: the job's scripts write its
+# states under this task's id as they happen, and the publisher tells Flower the job's
+# story (received here, started and ended where the node's frames arrive). Only a refused
+# submission's error is stored, by Celery, as the task's failure.
+@app.task(name="dispatcher.submit_job", bind=True, Request=SubmissionRequest, ignore_result=True,
+          store_errors_even_if_ignored=True, send_events=False)
 def submit_job(self: Task, **fields: Any) -> None:
-    """Record the job and hand it to a node. The task ends without a result;
-    the job's end is written to the backend under this task's id when the node
-    (or a timeout) ends it."""
-    jobs().submit(self.request.id, fields)
-    raise Ignore()
+    """Record the job and hand it to a node (or let it wait for one)."""
+    job_id = self.request.id
+    publisher = jobs().publisher
+    publisher.received(job_id, self.request.kwargsrepr)
+    try:
+        jobs().submit(job_id, fields)
+    except InvalidJob as exc:
+        publisher.refused(job_id, exc)
+        raise
 
 
 @app.task(name="dispatcher.cancel_job")
@@ -72,19 +87,15 @@ def undrain_node(node_id: str, requested_by: str = "a dispatcher.undrain_node ta
     return status
 
 
-@app.task(name="dispatcher.complete_job", ignore_result=True)
-def complete_job(job_id: str) -> str:
-    return jobs().complete(job_id)
-
-
-@app.task(name="dispatcher.dispatch_waiting", ignore_result=True)
+# Internal tasks send no events: Flower lists the jobs and the contract's tasks.
+@app.task(name="dispatcher.dispatch_waiting", ignore_result=True, send_events=False)
 def dispatch_waiting() -> int:
     return jobs().dispatch_waiting()
 
 
-@app.task(name="dispatcher.scan_nodes", ignore_result=True)
+@app.task(name="dispatcher.scan_nodes", ignore_result=True, send_events=False)
 def scan_nodes(now_ms: int | None = None) -> dict[str, Any]:
     """The periodic scan: node timeouts, then the jobs' deadlines and anything left half-way."""
     nodes = registry().scan(now_ms)
     budget = get_settings().partition_offline_per_scan if nodes.suspected_partition else None
-    return {"nodes": asdict(nodes), "jobs": asdict(jobs().scan(now_ms, lost_budget=budget))}
+    return {"nodes": asdict(nodes), "jobs": asdict(Recovery(jobs()).scan(now_ms, lost_budget=budget))}

@@ -20,15 +20,20 @@ local function deliver_to(queue_key, node_id, frame)
   redis.call('PUBLISH', P.wake_channel, node_id)
 end
 
--- The capacity index holds the nodes with a free slot, scored by their load
--- (assigned / max_concurrent_jobs): the dispatcher reads the least loaded first.
-local function refresh_capacity_of(node_key, assigned_key, capacity_key, node_id)
-  local max_jobs = hget_number(node_key, 'max_concurrent_jobs', 1)
-  local assigned = redis.call('HLEN', assigned_key)
+-- The capacity index holds the ready nodes with a free slot, scored by their load
+-- (assigned / max_concurrent_jobs), then (in the last digits) by when they were
+-- last given or freed a slot: the dispatcher reads the least loaded first, and
+-- equally loaded nodes take turns.
+local function set_capacity(capacity_key, node_id, assigned, max_jobs, now_ms)
   if assigned < max_jobs then
-    redis.call('ZADD', capacity_key, assigned / max_jobs, node_id)
+    redis.call('ZADD', capacity_key, assigned / max_jobs + (now_ms % 100000000) * 1e-12, node_id)
   else
     redis.call('ZREM', capacity_key, node_id)
   end
+end
+
+local function refresh_capacity_of(node_key, assigned_key, capacity_key, node_id, now_ms)
+  local assigned = redis.call('HLEN', assigned_key)
+  set_capacity(capacity_key, node_id, assigned, hget_number(node_key, 'max_concurrent_jobs', 1), now_ms)
   return assigned
 end

@@ -2,46 +2,51 @@
 -- script also includes `node`, the bundle K of the node running the job.
 --
 -- A job is `waiting`, `assigned` (queued for its node), `running` (the node
--- acknowledged it), or finished: `succeeded`, `failed`, `cancelled`.
+-- acknowledged it), or finished: `succeeded`, `failed`, `cancelled`. Its
+-- attempts that ended are a JSON list in its own hash (field `attempts`);
+-- the current one is the `attempt`, `node_id`, `assigned_ms`, `acked_ms` fields.
 --
 -- A waiting job is in J.waiting (all of them, in order) and in the sorted set
 -- of its kind of needs, J.waiting_class (P.needs_class names the kind); the
 -- kinds are ranked by their first job in J.waiting_classes. A pass over the
 -- waiting jobs then tries each kind once, whatever the number of jobs.
 
-local TERMINAL = {succeeded = true, failed = true, cancelled = true}
-
--- Refuse, before anything is written, a job id that could name another key, and
--- keys built for another kind of needs than the job's (J.waiting_class).
+-- Refuse, before anything is written, a job id that could name another key.
 if type(P.job_id) ~= 'string' or #P.job_id > 128 or not P.job_id:match('^[%w_.-]+$') then
   return redis.error_reply('invalid job id')
 end
-if P.needs_class ~= nil and P.needs_class ~= cjson.null then
-  local stored_class = redis.call('HGET', J.job, 'needs_class')
-  if stored_class and stored_class ~= P.needs_class then
-    return redis.error_reply('job ' .. P.job_id .. ' is of kind ' .. stored_class .. ', not ' .. P.needs_class)
-  end
-end
 
-local function job_get(...)
-  local values = redis.call('HMGET', J.job, ...)
+local TERMINAL = {succeeded = true, failed = true, cancelled = true}
+
+--- The job fields a script that ends or requeues an attempt reads (with HMGET, once).
+local LIFE_FIELDS = {'state', 'attempt', 'node_id', 'assigned_ms', 'acked_ms', 'attempts', 'needs_class', 'needs',
+  'queue_score', 'dispatch_timeout_ms', 'max_attempts', 'timeout_ms', 'avoid'}
+
+-- The job's fields, read once. Every script that is given P.needs_class reads
+-- `needs_class` too: J.waiting_class was built from P.needs_class, so a job of
+-- another kind is refused here, before anything is written.
+local function job_get(fields)
+  local values = redis.call('HMGET', J.job, unpack(fields))
   local job = {}
-  for i, name in ipairs({...}) do
+  for i, name in ipairs(fields) do
     job[name] = values[i] ~= false and values[i] or nil
+  end
+  if job.needs_class and P.needs_class ~= nil and P.needs_class ~= cjson.null
+      and job.needs_class ~= P.needs_class then
+    error('job ' .. P.job_id .. ' is of kind ' .. job.needs_class .. ', not ' .. P.needs_class)
   end
   return job
 end
 
--- Close the newest entry of the job's attempt history.
-local function end_attempt(outcome, now_ms)
-  local last = redis.call('LINDEX', J.job_attempts, -1)
-  if last then
-    local entry = cjson.decode(last)
-    if entry.ended_ms == nil then
-      entry.ended_ms, entry.outcome = now_ms, outcome
-      redis.call('LSET', J.job_attempts, -1, cjson.encode(entry))
-    end
+-- The job's attempts with the current one closed: the `attempts` field to write.
+local function attempts_with_current(job, outcome, now_ms)
+  local attempts = cjson.decode(job.attempts or '[]')
+  if job.node_id and job.node_id ~= '' then
+    table.insert(attempts, {attempt = tonumber(job.attempt), node_id = job.node_id,
+      assigned_ms = tonumber(job.assigned_ms), acked_ms = tonumber(job.acked_ms), ended_ms = now_ms,
+      outcome = outcome})
   end
+  return cjson.encode(attempts)
 end
 
 -- J.waiting_class is the set of the kind the caller passed as P.needs_class.
@@ -55,8 +60,9 @@ local function wait_enter(job_id, score, needs_class, needs)
   check_class(needs_class)
   redis.call('ZADD', J.waiting, score, job_id)
   redis.call('ZADD', J.waiting_class, score, job_id)
-  redis.call('ZADD', J.waiting_classes, 'LT', score, needs_class)
-  redis.call('HSETNX', J.waiting_needs, needs_class, needs)
+  if redis.call('ZADD', J.waiting_classes, 'LT', score, needs_class) == 1 then
+    redis.call('HSET', J.waiting_needs, needs_class, needs)  -- a kind that was not waiting
+  end
 end
 
 local function wait_leave(job_id, needs_class)
@@ -72,35 +78,182 @@ local function wait_leave(job_id, needs_class)
   end
 end
 
--- The job ends for good. Its Celery result is published next (the `publish`
--- index remembers it until the publisher confirms, so no crash loses it).
-local function finish(job_id, state, outcome, now_ms)
-  wait_leave(job_id, redis.call('HGET', J.job, 'needs_class'))
-  redis.call('HSET', J.job, 'state', state, 'finished_ms', now_ms, 'outcome', cjson.encode(outcome))
-  redis.call('ZREM', J.deadlines, job_id)
-  redis.call('ZADD', J.publish, now_ms, job_id)
-  end_attempt(state, now_ms)
-  local retention_s = math.floor(P.retention_ms / 1000)
-  redis.call('EXPIRE', J.job, retention_s)
-  redis.call('EXPIRE', J.job_attempts, retention_s)
+-- Celery's result meta, as its Redis backend stores it: SET with its expiry, then
+-- PUBLISH on the key's channel (a client blocked in get() listens there). Written
+-- here, with our own record of the job, so the two always agree: a final state is
+-- written once, by the script that ends the job, and nothing is written after it.
+local function celery_state(status, result_json, traceback)
+  local done = (status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED') and cjson.encode(P.done_at)
+    or 'null'
+  local meta = '{"status": "' .. status .. '", "result": ' .. result_json .. ', "traceback": ' ..
+    cjson.encode(traceback or cjson.null) .. ', "children": [], "date_done": ' .. done ..
+    ', "task_id": ' .. cjson.encode(P.job_id) .. '}'
+  redis.call('SET', J.result, meta, 'EX', P.result_expires_s)
+  redis.call('PUBLISH', J.result, meta)
+end
+
+-- What a client's get() raises for a failed job (by name: dispatcher.errors), and the
+-- text Flower and `celery result --traceback` show.
+local FAILURE_TYPES = {NO_ELIGIBLE_NODE = 'NoEligibleNode', TIMEOUT = 'JobTimedOut', NODE_LOST = 'NodeLost',
+  DRAIN_DEADLINE = 'NodeLost'}
+
+local function failure_text(outcome)
+  local code = outcome.code or 'FAILED'
+  local text = FAILURE_TYPES[code] and (outcome.message or '') or (code .. ': ' .. (outcome.message or ''))
+  if outcome.node_id and outcome.node_id ~= '' and code ~= 'NO_ELIGIBLE_NODE' then
+    text = text .. ' (node ' .. outcome.node_id .. ', attempt ' .. tostring(outcome.attempt) .. ' of ' ..
+      tostring(outcome.max_attempts) .. ')'
+  end
+  return FAILURE_TYPES[code] or 'JobFailed', text
+end
+
+-- The job ends for good (``job`` holds LIFE_FIELDS; ``extra``: more fields to
+-- write; ``output``: a success's JSON text, as the node sent it).
+local function finish(job, state, outcome, now_ms, extra, output)
+  if job.state == 'waiting' then wait_leave(P.job_id, job.needs_class) end
+  if state == 'succeeded' then
+    celery_state('SUCCESS', output)
+  elseif state == 'failed' then
+    local exc_type, text = failure_text(outcome)
+    outcome.text = text
+    celery_state('FAILURE', cjson.encode({exc_type = exc_type, exc_message = {text},
+      exc_module = 'dispatcher.errors'}), 'Job ' .. P.job_id .. ' failed: ' .. exc_type .. ': ' .. text)
+  else
+    outcome.text = 'cancelled: ' .. (outcome.reason ~= '' and outcome.reason or 'no reason given')
+    celery_state('REVOKED', cjson.encode({exc_type = 'TaskRevokedError', exc_message = {outcome.text},
+      exc_module = 'celery.exceptions'}))
+  end
+  redis.call('HSET', J.job, 'state', state, 'finished_ms', now_ms, 'outcome', cjson.encode(outcome),
+    'attempts', attempts_with_current(job, state, now_ms), unpack(extra or {}))
+  redis.call('ZREM', J.deadlines, P.job_id)
+  redis.call('EXPIRE', J.job, math.floor(P.retention_ms / 1000))
+  return outcome
 end
 
 -- The job waits for a node again, keeping its place (priority, then first
 -- submission); the node it just left is avoided when another one can take it.
-local function back_to_waiting(job_id, left_node, outcome, now_ms)
-  local job = job_get('avoid', 'queue_score', 'dispatch_timeout_ms', 'needs_class', 'needs')
+local function back_to_waiting(job, outcome, now_ms, extra)
   check_class(job.needs_class)
   local avoid = cjson.decode(job.avoid or '[]')
-  if left_node and left_node ~= '' then table.insert(avoid, left_node) end
+  table.insert(avoid, job.node_id)
   redis.call('HSET', J.job, 'state', 'waiting', 'node_id', '', 'waiting_since_ms', now_ms,
-    'avoid', cjson.encode(avoid), 'progress', '', 'progress_message', '')
-  wait_enter(job_id, job.queue_score, job.needs_class, job.needs)
-  redis.call('ZADD', J.deadlines, now_ms + tonumber(job.dispatch_timeout_ms), job_id)
-  end_attempt(outcome, now_ms)
+    'avoid', cjson.encode(avoid), 'progress', '', 'progress_message', '',
+    'attempts', attempts_with_current(job, outcome, now_ms), unpack(extra or {}))
+  wait_enter(P.job_id, job.queue_score, job.needs_class, job.needs)
+  redis.call('ZADD', J.deadlines, now_ms + tonumber(job.dispatch_timeout_ms), P.job_id)
 end
 
--- A node's result recorded for completion no longer applies (or was just applied).
-local function forget_pending_result(job_id)
-  redis.call('HDEL', J.job, 'pending_attempt', 'pending_meta', 'pending_output')
-  redis.call('ZREM', J.results, job_id)
+-- --- choosing a node and assigning -------------------------------------------
+-- Candidates come after the bundles in KEYS, three keys each: the node's hash,
+-- its assigned-jobs hash and its queue (P.candidates names them, least loaded
+-- first). The filter re-checks each in the contract's order; the first
+-- failing step names the node's exclusion reason.
+
+local function number(value)
+  return (value and value ~= '') and tonumber(value) or 0
+end
+
+-- A job's needs as the filter reads them, from its record's fields or from a
+-- kind's needs JSON (JobNeeds.to_json): {public, require_gpu, models, selector}.
+local function needs_of_record(job)
+  return {public = job.public == '1', require_gpu = job.require_gpu == '1',
+    models = cjson.decode(job.required_models), selector = cjson.decode(job.node_selector)}
+end
+
+local function needs_of_kind(text)
+  local n = cjson.decode(text)
+  return {public = n.public, require_gpu = n.require_gpu, models = n.required_models, selector = n.node_selector}
+end
+
+--- The node fields of the filter's steps that depend on the job, in this order.
+local NODE_STATIC = {'accept_public', 'labels', 'gpu_available', 'models'}
+
+-- The first of the job-dependent steps (3 to 5) the node fails, or nil.
+-- ``n`` holds NODE_STATIC's values at n[first], n[first + 1] ...
+local function static_reason(needs, n, first)
+  if needs.public and n[first] ~= '1' then return 'NotInPublicPool' end
+  if next(needs.selector) ~= nil then
+    local labels = cjson.decode(n[first + 1] or '{}')
+    for key, value in pairs(needs.selector) do
+      if labels[key] ~= value then return 'NodeSelectorMismatch' end
+    end
+  end
+  if needs.require_gpu and n[first + 2] ~= '1' then return 'GpuUnavailable' end
+  if #needs.models > 0 then
+    local ready = {}
+    for _, model in ipairs(cjson.decode(n[first + 3] or '[]')) do
+      if model.status == 'ready' then ready[model.model_id] = true end
+    end
+    for _, model_id in ipairs(needs.models) do
+      if not ready[model_id] then return 'ModelNotAvailable' end
+    end
+  end
+  return nil
+end
+
+-- Whether a job waiting ahead of ``score`` in the queue (more urgent, or as urgent and
+-- older) needs nothing the node lacks: then it, not a newcomer, should have the slot.
+-- Kinds are looked at up to 32; past that, the answer is yes (a pass decides).
+local function waiting_could_take(n, first, score)
+  local kinds = redis.call('ZRANGE', J.waiting_classes, '-inf', '(' .. score, 'BYSCORE', 'LIMIT', 0, 33)
+  if #kinds == 0 then return false end
+  if #kinds > 32 then return true end
+  for _, text in ipairs(redis.call('HMGET', J.waiting_needs, unpack(kinds))) do
+    if not text or not static_reason(needs_of_kind(text), n, first) then return true end
+  end
+  return false
+end
+
+-- The first candidate that passes every step, preferring any to one in
+-- ``avoid``. Returns the pick ({index, node_id, assigned, max_jobs, n}) or nil,
+-- and the exclusions {counts = {reason = n}, examples = {reason = {ids}}}.
+local function pick_node(needs, avoid)
+  local counts, examples = {}, {}
+  local fallback = nil
+  for i, node_id in ipairs(P.candidates) do
+    local base = NEXT + (i - 1) * 3
+    local n = redis.call('HMGET', KEYS[base], 'status', 'last_seen_ms', 'max_concurrent_jobs', 'cpu_percent',
+      'gpu_percent', 'mem_percent', unpack(NODE_STATIC))
+    local reason, assigned, max_jobs = nil, 0, number(n[3])
+    if n[1] ~= 'ready' or P.now_ms - number(n[2]) >= P.heartbeat_timeout_ms then
+      reason = 'StatusNotReady'
+    else
+      reason = static_reason(needs, n, 7)
+    end
+    if not reason then
+      assigned = redis.call('HLEN', KEYS[base + 1])
+      if assigned >= max_jobs then reason = 'CapacityExceeded' end
+    end
+    if not reason and math.max(number(n[4]), number(n[5]), number(n[6])) >= P.resource_threshold then
+      reason = 'ResourceThresholdExceeded'
+    end
+    if reason then
+      counts[reason] = (counts[reason] or 0) + 1
+      examples[reason] = examples[reason] or {}
+      if #examples[reason] < P.examples then table.insert(examples[reason], node_id) end
+    else
+      local pick = {index = i, node_id = node_id, assigned = assigned, max_jobs = max_jobs, n = n}
+      if not avoid[node_id] then return pick, {counts = counts, examples = examples} end
+      fallback = fallback or pick
+    end
+  end
+  return fallback, {counts = counts, examples = examples}
+end
+
+-- Reserve the slot, record the assignment and queue job_assign, together.
+-- Returns the attempt number and the frame. ``job`` holds the spec fields.
+local function assign(job, pick, now_ms)
+  local base = NEXT + (pick.index - 1) * 3
+  local attempt = tonumber(job.attempt or 0) + 1
+  -- Built by hand so the payload reaches the node exactly as submitted
+  -- (decoding and encoding it here would turn [] into {}).
+  local frame = '{"type":"job_assign","job_id":' .. cjson.encode(P.job_id) .. ',"attempt":' .. attempt ..
+    ',"job_type":' .. cjson.encode(job.job_type) .. ',"payload":' .. job.payload ..
+    ',"required_models":' .. job.required_models .. ',"require_gpu":' ..
+    (job.require_gpu == '1' and 'true' or 'false') .. ',"timeout_seconds":' .. job.timeout_seconds .. '}'
+  redis.call('HSET', KEYS[base + 1], P.job_id, frame)
+  deliver_to(KEYS[base + 2], pick.node_id, frame)
+  set_capacity(J.capacity_index, pick.node_id, pick.assigned + 1, pick.max_jobs, now_ms)
+  redis.call('ZADD', J.deadlines, now_ms + tonumber(job.timeout_ms), P.job_id)
+  return attempt
 end

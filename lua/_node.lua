@@ -25,8 +25,9 @@ local function status_frame(node_id, status, previous, reason, now_ms)
   })
 end
 
-local function refresh_capacity(node_id)
-  return refresh_capacity_of(K.node, K.assigned, K.capacity_index, node_id)
+-- Only for a ready node: the capacity index holds ready nodes with a free slot.
+local function refresh_capacity(node_id, now_ms)
+  return refresh_capacity_of(K.node, K.assigned, K.capacity_index, node_id, now_ms)
 end
 
 -- Move the node to a new status. This is the only place a status changes:
@@ -55,8 +56,12 @@ local function transition(node_id, to, reason, now_ms)
     redis.call('ZREM', K.offline_since, node_id)
   end
   if to == 'ready' then
-    -- A node that turns ready may take waiting jobs: tell dispatchers their view is stale.
+    -- A node that turns ready may take waiting jobs: into the capacity index (which holds
+    -- ready nodes only), and dispatchers are told their view is stale.
+    refresh_capacity(node_id, now_ms)
     redis.call('INCR', K.epoch)
+  else
+    redis.call('ZREM', K.capacity_index, node_id)
   end
   local entry = {from = from or cjson.null, to = to, reason = reason, at_ms = now_ms}
   redis.call('LPUSH', K.node_transitions, cjson.encode(entry))

@@ -2,26 +2,28 @@
 -- ack_job: the node has the job and has started it (or reports progress,
 -- which says as much). Fenced: only the node of the current attempt counts.
 --
+-- Celery's state becomes STARTED with info {node_id, attempt, progress?, message?}.
+--
 -- KEYS: the job bundle
 -- P: job_id, attempt, node_id, now_ms, progress (or null), message (or null)
--- Returns: {"started"}: first word from the node on this attempt
---          {"running"}: already started (a repeated ack, or progress)
+-- Returns: {"started", kind}: first word from the node on this attempt
+--          {"running", kind}: already started (a repeated ack, or progress)
 --          {"stale", state}: not the current attempt or not this node
+--          kind: the job's kind of needs (what its completion needs to requeue it)
 
-local job = job_get('state', 'attempt', 'node_id')
+local job = job_get({'state', 'attempt', 'node_id', 'needs_class'})
 if (job.state ~= 'assigned' and job.state ~= 'running') or tonumber(job.attempt) ~= P.attempt
     or job.node_id ~= P.node_id then
   return {'stale', job.state or 'unknown'}
 end
+local info = {node_id = P.node_id, attempt = P.attempt}
 if P.progress ~= cjson.null then
   redis.call('HSET', J.job, 'progress', P.progress, 'progress_message', P.message ~= cjson.null and P.message or '')
+  info.progress = P.progress
+  if P.message ~= cjson.null and P.message ~= '' then info.message = P.message end
+elseif job.state == 'running' then
+  return {'running', job.needs_class}  -- a repeated ack: nothing new to tell
 end
-if job.state == 'running' then return {'running'} end
-redis.call('HSET', J.job, 'state', 'running', 'acked_ms', P.now_ms)
-local last = redis.call('LINDEX', J.job_attempts, -1)
-if last then
-  local entry = cjson.decode(last)
-  entry.acked_ms = P.now_ms
-  redis.call('LSET', J.job_attempts, -1, cjson.encode(entry))
-end
-return {'started'}
+if job.state == 'assigned' then redis.call('HSET', J.job, 'state', 'running', 'acked_ms', P.now_ms) end
+celery_state('STARTED', cjson.encode(info))
+return {job.state == 'assigned' and 'started' or 'running', job.needs_class}

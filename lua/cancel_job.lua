@@ -3,20 +3,19 @@
 -- job_cancel and its slot is freed at once.
 --
 -- KEYS: the node bundle of the job's node (any node's when it has none), then the job bundle
--- P: job_id, node_id (as the caller read it, '' when none), now_ms, reason, retention_ms, wake_channel
+-- P: job_id, needs_class, node_id (as the caller read it, '' when none), now_ms, reason, retention_ms, wake_channel
 -- Returns: {"cancelled", node id or ""} | {"finished", state}: too late
 --          {"unknown"} | {"moved"}: read again
 
-local job = job_get('state', 'attempt', 'node_id')
+local job = job_get(LIFE_FIELDS)
 if not job.state then return {'unknown'} end
 if TERMINAL[job.state] then return {'finished', job.state} end
 if (job.node_id or '') ~= P.node_id then return {'moved'} end
 local node_id = job.node_id or ''
 if job.state == 'assigned' or job.state == 'running' then
-  stop_on_node(node_id, P.job_id, job.attempt, P.reason, P.now_ms)
-  release_slot(node_id, P.job_id, P.now_ms)
-  forget_pending_result(P.job_id)
+  stop_on_node(node_id, job, P.reason, P.now_ms)
+  release_slot(node_id, P.now_ms)
 end
-finish(P.job_id, 'cancelled', {state = 'cancelled', reason = P.reason, node_id = node_id,
+local outcome = finish(job, 'cancelled', {state = 'cancelled', reason = P.reason, node_id = node_id,
   attempt = tonumber(job.attempt)}, P.now_ms)
-return {'cancelled', node_id}
+return {'cancelled', node_id, cjson.encode(outcome)}

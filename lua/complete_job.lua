@@ -1,42 +1,44 @@
 --#include node job
--- complete_job: apply the result recorded for the current attempt: free the
--- node's slot, then finish the job, or send it back to wait for another node
--- when the node's error is retryable and attempts remain.
+-- complete_job: apply the node's result for its current attempt (the web
+-- process calls it as the frame arrives): free the node's slot, then finish
+-- the job, or send it back to wait for another node when the node's error is
+-- retryable and attempts remain. Accepted once: a result for another attempt,
+-- from another node, or for a job already over changes nothing.
 --
--- KEYS: the node bundle of the job's node, then the job bundle
--- P: job_id, node_id (as the caller read it), now_ms, retention_ms, wake_channel
--- Returns: {"succeeded"} | {"failed"} | {"retry"}
---          {"nothing"}: no result waiting (already applied)
---          {"stale"}: the result belongs to an attempt that is over
---          {"moved"}: the job's node is not P.node_id: read again
+-- KEYS: the node bundle of the sending node, then the job bundle
+-- P: job_id, node_id, attempt, meta (JSON: success, error, duration_ms),
+--    output (JSON text, exactly as the node sent it), now_ms, retention_ms,
+--    needs_class (or null when the caller does not know it), wake_channel
+-- Returns: {"succeeded" | "failed", kick, outcome JSON, assigned_ms}
+--          {"retry", kick}
+--          kick "1": a waiting job could take the freed slot (a pass over them is due)
+--          {"stale", state}: not the current attempt of this node
+--          {"need_kind"}: it would wait again, and needs_class was not given (nothing written)
 
-local job = job_get('state', 'attempt', 'node_id', 'max_attempts', 'pending_attempt', 'pending_meta',
-  'pending_output')
-if not job.pending_attempt then
-  redis.call('ZREM', J.results, P.job_id)
-  return {'nothing'}
+local job = job_get(LIFE_FIELDS)
+if (job.state ~= 'assigned' and job.state ~= 'running') or tonumber(job.attempt) ~= P.attempt
+    or job.node_id ~= P.node_id then
+  return {'stale', job.state or 'unknown'}
 end
-if job.node_id ~= P.node_id then return {'moved'} end
-forget_pending_result(P.job_id)
-if (job.state ~= 'assigned' and job.state ~= 'running') or job.pending_attempt ~= job.attempt then
-  return {'stale'}
-end
+local meta = cjson.decode(P.meta)
+local err = meta.error
+local retry = not meta.success and err.retryable and tonumber(job.attempt) < tonumber(job.max_attempts)
+if retry and (P.needs_class == nil or P.needs_class == cjson.null) then return {'need_kind'} end
 
 local node_id, now = job.node_id, P.now_ms
-local meta = cjson.decode(job.pending_meta)
-release_slot(node_id, P.job_id, now)
+local kick = release_slot(node_id, now) and '1' or '0'
 if meta.success then
-  redis.call('HSET', J.job, 'output', job.pending_output)
-  finish(P.job_id, 'succeeded', {state = 'succeeded', node_id = node_id, attempt = tonumber(job.attempt),
-    duration_ms = meta.duration_ms}, now)
-  return {'succeeded'}
+  local outcome = {state = 'succeeded', node_id = node_id, attempt = tonumber(job.attempt),
+    duration_ms = meta.duration_ms}
+  finish(job, 'succeeded', outcome, now, {'output', P.output, 'result_received_ms', now}, P.output)
+  return {'succeeded', kick, cjson.encode(outcome), job.assigned_ms}
 end
-local err = meta.error
-if err.retryable and tonumber(job.attempt) < tonumber(job.max_attempts) then
-  back_to_waiting(P.job_id, node_id, 'failed: ' .. err.code, now)
-  redis.call('HSET', J.job, 'last_error', cjson.encode(err))
-  return {'retry'}
+if retry then
+  back_to_waiting(job, 'failed: ' .. err.code, now, {'last_error', cjson.encode(err), 'result_received_ms', now})
+  return {'retry', '1'}
 end
-finish(P.job_id, 'failed', {state = 'failed', code = err.code, message = err.message, node_id = node_id,
-  attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts), retryable = err.retryable}, now)
-return {'failed'}
+local outcome = {state = 'failed', code = err.code, message = err.message, node_id = node_id,
+  attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts), retryable = err.retryable,
+  node_fault = err.node_fault}
+finish(job, 'failed', outcome, now, {'result_received_ms', now})
+return {'failed', kick, cjson.encode(outcome), job.assigned_ms}

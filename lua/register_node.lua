@@ -56,7 +56,6 @@ set_member(K.public_index, node_id, f.accept_public)
 set_member(K.gpu_index, node_id, f.gpu_available)
 -- Usage is unknown until the first heartbeat: keep the node out of the resources index.
 redis.call('SREM', K.resources_index, node_id)
-refresh_capacity(node_id)
 
 -- Frames queued for an older session are stale; the assignments and the
 -- cancels of attempts that may still run there are not.

@@ -5,32 +5,27 @@
 -- the job waits for another node, or fails when its attempts are used up.
 --
 -- KEYS: the node bundle of the job's node, then the job bundle
--- P: job_id, node_id (as the caller read it), now_ms, code, message,
+-- P: job_id, needs_class, node_id (as the caller read it), now_ms, code, message,
 --    cancel_on_node, only_if_offline (node loss: not if it resumed),
 --    only_if_due (timeout: not before the deadline), retention_ms, wake_channel
 -- Returns: {"retry"} | {"failed"} | {"kept"}: the condition no longer holds
 --          {"gone"}: the job is not on a node any more | {"moved"}: read again
---          {"has_result"}: the node's result for this attempt is recorded and
---          waits to be applied: it stands (the caller completes the job)
 
-local job = job_get('state', 'attempt', 'node_id', 'max_attempts', 'pending_attempt')
+local job = job_get(LIFE_FIELDS)
 if job.state ~= 'assigned' and job.state ~= 'running' then return {'gone'} end
 if job.node_id ~= P.node_id then return {'moved'} end
-if job.pending_attempt == job.attempt then return {'has_result'} end
 if P.only_if_offline and redis.call('HGET', K.node, 'status') ~= 'offline' then return {'kept'} end
 if P.only_if_due then
   local due = redis.call('ZSCORE', J.deadlines, P.job_id)
   if not due or tonumber(due) > P.now_ms then return {'kept'} end
 end
 local node_id, now = job.node_id, P.now_ms
-if P.cancel_on_node then stop_on_node(node_id, P.job_id, job.attempt, P.message, now) end
-release_slot(node_id, P.job_id, now)
-forget_pending_result(P.job_id)
+if P.cancel_on_node then stop_on_node(node_id, job, P.message, now) end
+release_slot(node_id, now)
 if tonumber(job.attempt) < tonumber(job.max_attempts) then
-  back_to_waiting(P.job_id, node_id, P.code, now)
-  redis.call('HSET', J.job, 'last_error', cjson.encode({code = P.code, message = P.message}))
+  back_to_waiting(job, P.code, now, {'last_error', cjson.encode({code = P.code, message = P.message})})
   return {'retry'}
 end
-finish(P.job_id, 'failed', {state = 'failed', code = P.code, message = P.message, node_id = node_id,
+local outcome = finish(job, 'failed', {state = 'failed', code = P.code, message = P.message, node_id = node_id,
   attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)
-return {'failed'}
+return {'failed', cjson.encode(outcome)}

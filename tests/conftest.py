@@ -18,10 +18,16 @@ from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings, load_settings
-from tests.support import NodeClient, WebServer
+from tests.support import NodeClient, RawSocket, WebServer
 
 #: Settings every test process starts from (unless a test says otherwise).
 BASE_SETTINGS: dict[str, Any] = {"require_gpu": False, "resource_threshold_percent": 90}
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_sockets() -> Iterator[None]:
+    yield
+    RawSocket.close_all()
 
 
 @pytest.fixture(scope="session")

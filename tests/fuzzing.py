@@ -153,8 +153,9 @@ def check_records(client: redis.Redis, keys: Keys) -> list[str]:
         max_jobs = int(client.hget(keys.node(node_id), "max_concurrent_jobs") or 1)
         assigned = client.hgetall(keys.assigned(node_id))
         in_capacity = client.zscore(keys.capacity_index(), node_id)
-        if (in_capacity is not None) != (len(assigned) < max_jobs):
-            problems.append(f"node {node_id}: {len(assigned)}/{max_jobs} slots, capacity index says {in_capacity}")
+        if (in_capacity is not None) != (status == "ready" and len(assigned) < max_jobs):
+            problems.append(f"node {node_id} ({status}): {len(assigned)}/{max_jobs} slots, "
+                            f"capacity index says {in_capacity}")
         for job_id in assigned:
             state, on = client.hmget(keys.job(job_id), "state", "node_id")
             if state not in ("assigned", "running") or on != node_id:

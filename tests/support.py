@@ -348,7 +348,10 @@ class LiveNode:
 
 class RawSocket:
     """A WebSocket spoken by hand over a plain socket: a peer that can misbehave
-    (never read, pick its source address, send any Origin)."""
+    (never read, pick its source address, send any Origin). Every one opened during a
+    test is closed after it (``close_all``), so a test may just drop the ones it holds."""
+
+    opened: list[RawSocket] = []
 
     def __init__(self, port: int, source: str = "127.0.0.1", origin: str | None = None,
                  receive_buffer: int | None = None, path: str = "/ws/node") -> None:
@@ -356,6 +359,7 @@ class RawSocket:
         import socket
 
         self.sock = socket.socket()
+        RawSocket.opened.append(self)
         if receive_buffer is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.bind((source, 0))
@@ -450,6 +454,11 @@ class RawSocket:
     def close(self) -> None:
         self.sock.close()
 
+    @classmethod
+    def close_all(cls) -> None:
+        while cls.opened:
+            cls.opened.pop().close()
+
 
 def web_worker_rss(server: WebServer) -> int:
     """Resident bytes of the web server's worker processes (gunicorn's children)."""
@@ -457,3 +466,8 @@ def web_worker_rss(server: WebServer) -> int:
 
     assert server.process is not None
     return sum(child.memory_info().rss for child in psutil.Process(server.process.popen.pid).children(recursive=True))
+
+
+def job_attempts(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    """The job's ended attempts (node, assigned, acked, ended, outcome), oldest first."""
+    return json.loads(client.hget(Keys().job(job_id), "attempts") or "[]")

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, given, settings as hsettings, strateg
 
 from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, first_failure
 from dispatcher.jobs import Jobs
+from dispatcher.jobviews import JobViews
 from dispatcher.keys import Keys
 from dispatcher.messages import NodeHeartbeat, NodeRegister
 from dispatcher.registry import Registry
@@ -73,7 +74,7 @@ def test_a_waiting_decision_counts_from_the_indexes_and_a_question_walks_the_fle
     assert decision.exclusions["counts"] == {"StatusNotReady": 7, "ModelNotAvailable": 1, "CapacityExceeded": 1}
     stats = jobs.dispatcher.stats()
     assert stats["excluded"]["StatusNotReady"] == 7 and stats["decisions"] == {"waiting": 1}
-    why = jobs.view("j-1")["why_waiting"]
+    why = JobViews(jobs).view("j-1")["why_waiting"]
     assert why["counts"] == decision.exclusions["counts"]
     assert len(why["examples"]["StatusNotReady"]) == 3, "examples are capped per reason"
     assert why["examples"]["CapacityExceeded"] == [busy]
@@ -97,16 +98,19 @@ def test_the_indexes_and_the_walk_count_alike(core: tuple[Registry, Jobs], r: re
     assert walked["counts"] == {reason: 1 for reason in REASONS}, "one node fails each step"
 
 
-def test_least_loaded_then_lowest_usage_wins(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
+def test_the_least_loaded_node_wins(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
+    """Load is assigned jobs over max_concurrent_jobs, the server's own count; usage
+    only rules a node out at the resource threshold."""
     registry, jobs = core
     keys = jobs.keys
     half_full = add_node(registry, max_jobs=2, usage=(1, 1, 1))
     fill(r, keys, half_full, 1)
-    busy_cpu = add_node(registry, max_jobs=2, usage=(60, 0, 0))
-    idle = add_node(registry, max_jobs=2, usage=(10, 0, 0))
-    assert jobs.submit("j-1", {"job_type": "t"}).node_id == idle
-    # idle now holds 1 of 2 like half_full; busy_cpu is the only empty one
-    assert jobs.submit("j-2", {"job_type": "t"}).node_id == busy_cpu
+    quarter_full = add_node(registry, max_jobs=4, usage=(60, 0, 0))
+    fill(r, keys, quarter_full, 1)
+    third_full = add_node(registry, max_jobs=3, usage=(1, 0, 0))
+    fill(r, keys, third_full, 1)
+    assert jobs.submit("j-1", {"job_type": "t"}).node_id == quarter_full
+    assert jobs.submit("j-2", {"job_type": "t"}).node_id == third_full  # quarter_full now holds 2 of 4
 
 
 def test_equal_nodes_take_turns(core: tuple[Registry, Jobs]) -> None:
@@ -168,13 +172,13 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
     expected = first_failure(evaluate(stored, node["assigned"], needs, T0 + 10_000, 45_000, 80))
     event(expected.reason if expected else "eligible")
 
-    jobs.scripts.enqueue_job("j", needs.kind, T0, 0, {
+    candidates, _ = jobs.dispatcher.candidates(needs)
+    reply = jobs.scripts.submit_job("j", needs.kind, T0 + 10_000, 0, {
         "job_type": "t", "payload": "{}", "required_models": json.dumps(job["required_models"]),
         "require_gpu": job["require_gpu"], "public": job["public"], "timeout_seconds": 1, "timeout_ms": 1000,
         "max_attempts": 1, "dispatch_timeout_ms": 1000, "priority": 5,
-        "node_selector": json.dumps(job["node_selector"]), "needs": needs.to_json()})
-    candidates, _ = jobs.dispatcher.candidates(needs)
-    reply = jobs.scripts.dispatch_job("j", needs.kind, T0 + 10_000, r.get(keys.epoch()), [node_id], 45_000, 80, 3)
+        "node_selector": json.dumps(job["node_selector"]), "needs": needs.to_json()},
+        [node_id], r.get(keys.epoch()) or "", 45_000, 80, 3)
     if expected is None:
         assert reply[0] == "assigned", (stored, job, reply)
         assert node_id in candidates, "an eligible node is found by the indexes"

@@ -15,7 +15,7 @@ import redis
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
 from tests.conftest import client_app
-from tests.support import Process, WebServer, clean_env, start_procfile, wait_for
+from tests.support import Process, WebServer, clean_env, job_attempts, start_procfile, wait_for
 
 FAST = {"require_gpu": False, "resource_threshold_percent": 100, "heartbeat_interval_seconds": 0.3,
         "heartbeat_timeout_seconds": 3, "periodic_scan_interval_seconds": 0.5,
@@ -38,7 +38,7 @@ def finished_per_job(*agents: Process) -> Counter[str]:
 
 
 def attempts(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    return [json.loads(a) for a in r.lrange(Keys().job_attempts(job_id), 0, -1)]
+    return job_attempts(r, job_id)
 
 
 def assert_ended_once(r: redis.Redis, job_ids: list[str]) -> None:
@@ -47,7 +47,7 @@ def assert_ended_once(r: redis.Redis, job_ids: list[str]) -> None:
         history = attempts(r, job_id)
         assert [a["outcome"] for a in history].count("succeeded") == 1, history
         assert r.hget(Keys().job(job_id), "state") == "succeeded"
-    wait_for(lambda: sum(r.zcard(k) for k in (Keys().results(), Keys().publish(), Keys().waiting())) == 0,
+    wait_for(lambda: r.zcard(Keys().waiting()) == 0,
              what="nothing left half-way")
 
 
@@ -85,36 +85,31 @@ def test_web_process_killed_between_pop_and_send(own_redis: Any, logs_dir: Path,
         web.stop()
 
 
-def test_worker_killed_as_it_completes_a_job(own_redis: Any, logs_dir: Path, tmp_path: Path, agents: Any,
-                                             start_web: Any) -> None:
-    """The node's result is recorded; the worker running complete_job dies
-    before changing anything. Another worker's scan finds the recorded result
-    and completes the job: SUCCESS once, with the output."""
+def test_web_process_killed_right_after_it_applied_a_result(own_redis: Any, logs_dir: Path, tmp_path: Path,
+                                                            agents: Any) -> None:
+    """The web process applies a node's result, then dies (SIGKILL, master and
+    worker) before anything else of the completion runs. The client has its result
+    (written with our record, in one script): SUCCESS once, with the output."""
     redis_url, r = own_redis
     client = client_app(redis_url)
     flag = tmp_path / "armed"
     flag.touch()
-    web = start_web(REDIS_URL=redis_url, **FAST)
+    web = WebServer(redis_url, logs_dir, config="python:tests.faults.web_dies_after_a_result",
+                    FAULT_FLAG=str(flag), **FAST).start()
     env = clean_env(redis_url, **FAST)
-    doomed = start_procfile("worker", {**env, "FAULT_FLAG": str(flag)}, logs_dir,
-                            celery_app="tests.faults.worker_dies_in_completion")
-    beat = start_procfile("beat", env, logs_dir)
-    worker = None
+    worker, beat = start_procfile("worker", env, logs_dir), start_procfile("beat", env, logs_dir)
     try:
         agents(web, tmp_path / "a.json")
         wait_for(lambda: r.scard(Keys().status_set("ready")) == 1, what="a ready node")
         result = submit(client, "echo", text="survives")
-        wait_for(lambda: not doomed.alive(), timeout_s=20, what="the worker to die")
-        assert r.zscore(Keys().results(), result.id) is not None, "the result is recorded, not yet applied"
-        assert result.state != "SUCCESS"
-        worker = start_procfile("worker", env, logs_dir)
+        wait_for(lambda: not web.process.alive(), timeout_s=20, what="the web process to die")
+        assert r.hget(Keys().job(result.id), "state") == "succeeded", "the result is in our records"
         assert result.get(timeout=30) == {"text": "survives"}
         assert_ended_once(r, [result.id])
     finally:
-        doomed.kill()
         for process in (beat, worker):
-            if process is not None:
-                process.stop()
+            process.stop()
+        web.kill()
 
 
 def test_node_killed_mid_job(own_redis: Any, logs_dir: Path, tmp_path: Path, agents: Any, start_web: Any) -> None:

@@ -34,7 +34,7 @@ def test_flower_shows_a_job_from_submission_to_its_end(system: Any, client: Any,
                         and t, 20, 0.3, what="flower sees the job succeed")
         assert task["name"] == "dispatcher.submit_job"
         assert task["received"] and task["started"] and task["succeeded"]
-        assert task["result"] == repr({"text": "hi"})
+        assert json.loads(task["result"]) == {"text": "hi"}, "the output as the node sent it"
         assert task["worker"] == f"node:{node.node_id}", "the node that ran it"
         failing = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr", "max_attempts": 1})
         node.fail(node.take_job(), "MODEL_CRASHED", "boom", retryable=False)

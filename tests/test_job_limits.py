@@ -19,6 +19,7 @@ from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
 from dispatcher.messages import MAX_JSON_DEPTH, decode_node_message, decode_server_message
+from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry
 from tests.conftest import client_app
 from tests.support import wait_for
@@ -66,9 +67,9 @@ def test_a_job_id_that_could_name_another_key_is_refused_and_nothing_is_written(
 
 def test_the_scripts_refuse_a_bad_id_before_writing(core: tuple[Registry, Jobs], quiet_redis: redis.Redis) -> None:
     _, jobs = core
-    for call in (lambda: jobs.scripts.enqueue_job("a:b", "k", T0, 0, {}),
+    for call in (lambda: jobs.scripts.submit_job("a:b", "k", T0, 0, {}, [], "", 1000, 90, 3),
                  lambda: jobs.scripts.cancel_job("a:b", "k", "n", T0, "r", 1000),
-                 lambda: jobs.scripts.complete_job("j", "k", "n:queue", T0, 1000)):
+                 lambda: jobs.scripts.complete_job("j", "k", "n:queue", 1, T0, "{}", "1", 1000)):
         with pytest.raises(redis.ResponseError, match="invalid"):
             call()
     assert quiet_redis.dbsize() == 0
@@ -107,8 +108,8 @@ def test_payloads_stay_out_of_logs_and_stored_results(system: Any, client: Any, 
                                                                 "priority": 99})
     with pytest.raises(Exception, match="priority"):
         refused.get(timeout=10)
-    wait_for(lambda: '"event": "job_finished"' in system.worker.log(), what="the worker logged the job")
-    assert secret not in system.worker.log()
+    wait_for(lambda: ok.id in system.worker.log(), what="the worker logged the job")
+    assert secret not in system.worker.log() and secret not in system.web.process.log()
     for key in r.scan_iter("celery-task-meta-*"):
         assert secret not in r.get(key), key
     stored = json.loads(r.get(f"celery-task-meta-{refused.id}"))
@@ -122,33 +123,39 @@ def commands(client: redis.Redis) -> int:
 
 def test_jobs_no_node_can_take_do_not_slow_completions_or_submissions(core: tuple[Registry, Jobs],
                                                                       quiet_redis: redis.Redis) -> None:
-    """Jobs waiting for a model nobody has: a submission and a completion (which
-    frees a slot, so it makes a pass over the waiting jobs) cost about what they
-    cost with none waiting, and the same with 2,000 waiting as with one."""
+    """Jobs waiting for a model nobody has: a submission and a completion cost the
+    same with 2,000 waiting as with one, and within twice their cost with none
+    waiting (counted in Redis commands): a newcomer only checks whether a job
+    waiting ahead of it could take its node, and a freed slot asks for a pass over
+    the waiting jobs only when one of them could take it."""
     registry, jobs = core
     node_id = add_node(registry, max_jobs=1)
 
     def one_job(job_id: str) -> tuple[int, int]:
-        """Commands of a submission, and of the node's result recorded and applied."""
+        """Commands of a submission, and of the node's result applied."""
+        quiet_redis.delete(Keys().kick())  # each measure asks for its own pass over the waiting jobs
+        jobs.dispatcher.flush()  # the statistics are written a second later: not in this measure
         before = commands(quiet_redis)
         jobs.submit(job_id, {"job_type": "asr"})
         submitted = commands(quiet_redis)
         frame = json.dumps({"type": "job_result", "job_id": job_id, "attempt": 1, "success": True, "output": 1})
-        jobs.record_result(node_id, decode_node_message(frame))  # type: ignore[arg-type]
-        jobs.complete(job_id)
+        assert jobs.result(node_id, decode_node_message(frame)) == "succeeded"  # type: ignore[arg-type]
         return submitted - before, commands(quiet_redis) - submitted
 
     def hopeless(count: int, start: int = 0) -> None:
         for i in range(start, start + count):
             jobs.submit(f"hopeless-{i}", {"job_type": "asr", "required_models": ["nobody-has-it"]})
 
+    one_job("warm")  # the scripts loaded (SCRIPT LOAD counts as a command)
     none_waiting = one_job("alone")
     hopeless(1)
     one_waiting = one_job("behind-one")
     hopeless(1999, start=1)
     assert quiet_redis.zcard(Keys().waiting()) == 2000
     many_waiting = one_job("behind-a-backlog")
-    assert many_waiting == one_waiting, "the cost does not grow with the jobs waiting"
+    # (A few commands of slack: the statistics flusher writes once a second, whenever that falls.)
+    assert all(m <= o + 6 for m, o in zip(many_waiting, one_waiting)), (
+        "the cost does not grow with the jobs waiting", one_waiting, many_waiting)
     assert many_waiting[0] <= 2 * none_waiting[0] and many_waiting[1] <= 2 * none_waiting[1], (
         none_waiting, many_waiting)
 
@@ -161,7 +168,7 @@ def test_expiring_a_crowd_of_waiting_jobs_explains_each_kind_once(core: tuple[Re
     for i in range(300):
         jobs.submit(f"late-{i}", {"job_type": "asr", "required_models": ["gone"], "dispatch_timeout_seconds": 0})
     before = quiet_redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
-    summary = jobs.scan(now=T0 + 20_000)
+    summary = Recovery(jobs).scan(now=T0 + 20_000)
     hmgets = quiet_redis.info("commandstats")["cmdstat_hmget"]["calls"] - before
     assert len(summary.expired_waiting) == 300
     assert hmgets < 300 * 5 + 20 * 2, "the fleet (20 nodes) is walked once, not once per job"

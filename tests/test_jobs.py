@@ -13,7 +13,7 @@ import redis
 from celery.exceptions import TaskRevokedError
 
 from dispatcher.keys import Keys
-from tests.support import wait_for
+from tests.support import job_attempts, wait_for
 
 
 def submit(client: Any, **fields: Any) -> Any:
@@ -37,6 +37,20 @@ def test_round_trip_returns_the_nodes_output_exactly(system: Any, client: Any, l
     node.succeed(job, output)
     assert result.get(timeout=10) == output
     assert result.state == "SUCCESS"
+
+
+def test_a_client_asking_for_the_tasks_own_result_still_gets_the_nodes(system: Any, client: Any,
+                                                                     live_nodes: Any) -> None:
+    """``ignore_result=False`` in the message must not let Celery store the submit
+    task's None as SUCCESS before the node has answered."""
+    node = live_nodes(system.web, {"whisper": "ready"}).wait_ready()
+    result = client.send_task("dispatcher.submit_job", task_id=f"job-{uuid.uuid4()}", ignore_result=False,
+                              kwargs={"job_type": "asr", "payload": {}, "required_models": ["whisper"]})
+    job = node.take_job()
+    time.sleep(0.3)  # the worker's task has returned by now
+    assert result.state in ("PENDING", "STARTED")
+    node.succeed(job, {"text": "mine"})
+    assert result.get(timeout=10) == {"text": "mine"}
 
 
 @pytest.mark.parametrize(("fields", "named"), [
@@ -144,9 +158,8 @@ def test_a_stale_result_is_ignored_and_a_duplicate_accepted_once(system: Any, cl
 
 
 def _attempts(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    import json
 
-    return [json.loads(x) for x in r.lrange(Keys().job_attempts(job_id), 0, -1)]
+    return job_attempts(r, job_id)
 
 
 def test_cancel_a_waiting_job(system: Any, client: Any, r: redis.Redis) -> None:

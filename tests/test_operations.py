@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
@@ -12,7 +11,7 @@ import redis
 
 from dispatcher.keys import Keys
 from dispatcher.registry import Registry
-from tests.support import LiveNode, wait_for
+from tests.support import LiveNode, job_attempts, wait_for
 from tests.test_status_machine import T0, make_ready, register
 
 
@@ -69,7 +68,7 @@ def test_drain_deadline_sends_what_is_left_elsewhere(system: Any, live_nodes: An
     assert "drain deadline passed with 1 jobs left" in cancel["reason"]
     spare.succeed(job, "rescued")
     assert result.get(timeout=10) == "rescued"
-    history = [json.loads(a) for a in r.lrange(Keys().job_attempts(result.id), 0, -1)]
+    history = job_attempts(r, result.id)
     assert [a["outcome"] for a in history] == ["DRAIN_DEADLINE", "succeeded"]
     assert r.hget(Keys().node(slow.node_id), "status") == "offline"
 

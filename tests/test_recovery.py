@@ -1,5 +1,6 @@
-"""What the periodic scan recovers, with an injected clock: a result a node sent in
-time stands, whatever a timeout or a lost node would say of its attempt later."""
+"""A job's end, with an injected clock: Celery's state written with our record, a
+result that comes after the timeout took the attempt back, a final state never
+overwritten."""
 
 from __future__ import annotations
 
@@ -15,15 +16,15 @@ from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
 from dispatcher.messages import decode_node_message
+from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry
 from tests.conftest import client_app
+from tests.support import job_attempts
 from tests.test_dispatch import T0, add_node
 
 
 @pytest.fixture
 def world(tmp_path: Path, make_settings: Any) -> Iterator[tuple[Registry, Jobs, redis.Redis]]:
-    # A Redis of its own: the completion tasks these jobs queue are never taken, as
-    # when the worker that would have taken them died.
     server = LocalRedis(tmp_path / "redis", append_only=False).start()
     client = redis.Redis.from_url(server.url, decode_responses=True)
     settings = make_settings(redis_url=server.url)
@@ -33,28 +34,47 @@ def world(tmp_path: Path, make_settings: Any) -> Iterator[tuple[Registry, Jobs, 
     server.stop()
 
 
-def result_recorded(jobs: Jobs, node_id: str, job_id: str) -> None:
-    frame = {"type": "job_result", "job_id": job_id, "attempt": 1, "success": True, "output": {"n": 7}}
-    assert jobs.record_result(node_id, decode_node_message(json.dumps(frame))) == "accepted"  # type: ignore[arg-type]
+def result(jobs: Jobs, node_id: str, job_id: str, attempt: int = 1) -> str:
+    frame = {"type": "job_result", "job_id": job_id, "attempt": attempt, "success": True, "output": {"n": 7}}
+    return jobs.result(node_id, decode_node_message(json.dumps(frame)))  # type: ignore[arg-type]
 
 
-def test_a_result_recorded_in_time_beats_the_timeout(world: tuple[Registry, Jobs, redis.Redis]) -> None:
-    registry, jobs, r = world
-    node_id = add_node(registry)
-    jobs.submit("j", {"job_type": "asr", "timeout_seconds": 1})
-    result_recorded(jobs, node_id, "j")  # ... and its completion task is lost
-    summary = jobs.scan(now=T0 + 60_000)
-    assert summary.timed_out == [] and r.hget(Keys().job("j"), "state") == "succeeded"
-    assert json.loads(r.hget(Keys().job("j"), "output")) == {"n": 7}
-    assert [json.loads(a)["outcome"] for a in r.lrange(Keys().job_attempts("j"), 0, -1)] == ["succeeded"]
+def celery_state(r: redis.Redis, job_id: str) -> str | None:
+    meta = r.get(f"celery-task-meta-{job_id}")
+    return json.loads(meta)["status"] if meta else None
 
 
-def test_a_result_recorded_before_the_node_was_lost_stands(world: tuple[Registry, Jobs, redis.Redis]) -> None:
+def test_the_celery_result_is_written_with_the_record(world: tuple[Registry, Jobs, redis.Redis],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our record and Celery's state change in one script: a process that dies right
+    after it (nothing else of the publisher runs) leaves the client its result."""
     registry, jobs, r = world
     node_id = add_node(registry)
     jobs.submit("j", {"job_type": "asr"})
-    result_recorded(jobs, node_id, "j")
-    registry.close_session(node_id, "s", "session closed", now=T0 + 11_000)
-    summary = jobs.scan(now=T0 + 200_000)  # past the completion stall and the reassign grace
-    assert summary.released_from_lost_nodes == [] and r.hget(Keys().job("j"), "state") == "succeeded"
+    monkeypatch.setattr(jobs.publisher, "finished", lambda *a, **k: None)  # dies before telling Flower
+    assert result(jobs, node_id, "j") == "succeeded"
+    meta = json.loads(r.get("celery-task-meta-j"))
+    assert (meta["status"], meta["result"], meta["task_id"]) == ("SUCCESS", {"n": 7}, "j") and meta["date_done"]
+    assert 0 < r.ttl("celery-task-meta-j") <= 24 * 3600
+
+
+def test_a_result_after_the_timeout_took_the_attempt_back_is_stale(world: tuple[Registry, Jobs, redis.Redis]) -> None:
+    registry, jobs, r = world
+    node_id = add_node(registry)
+    jobs.submit("j", {"job_type": "asr", "timeout_seconds": 1, "max_attempts": 1})
+    assert Recovery(jobs).scan(now=T0 + 60_000).timed_out == ["j"]
+    assert result(jobs, node_id, "j") == "stale"
+    assert r.hget(Keys().job("j"), "state") == "failed" and celery_state(r, "j") == "FAILURE"
+    assert [a["outcome"] for a in job_attempts(r, "j")] == ["failed"]
     assert r.hlen(Keys().assigned(node_id)) == 0
+
+
+def test_a_final_state_is_never_overwritten(world: tuple[Registry, Jobs, redis.Redis]) -> None:
+    registry, jobs, r = world
+    node_id = add_node(registry)
+    jobs.submit("j", {"job_type": "asr"})
+    assert result(jobs, node_id, "j") == "succeeded"
+    ack = decode_node_message(json.dumps({"type": "job_progress", "job_id": "j", "attempt": 1, "progress": 0.5}))
+    assert jobs.ack(node_id, ack) is None, "a late frame of a finished job is stale"  # type: ignore[arg-type]
+    assert jobs.cancel("j") == "succeeded"
+    assert celery_state(r, "j") == "SUCCESS"

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dispatcher.errors import InvalidTransition, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
+from dispatcher.jobviews import JobViews
 from dispatcher.keys import STATUSES
 from dispatcher.messages import describe_validation_error, valid_job_id, valid_node_id
 from dispatcher.metrics import exposition
@@ -83,6 +84,7 @@ class DrainRequest(BaseModel):
 def api_blueprint(hub: Hub) -> Blueprint:
     api = Blueprint("api", __name__)
     fleet, jobs, registry = hub.fleet, hub.jobs, hub.registry
+    job_views = JobViews(jobs)
     admin_token = hub.settings.admin_token
 
     def admin(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -176,11 +178,11 @@ def api_blueprint(hub: Hub) -> Blueprint:
             if any(len(p) != 2 for p in pairs):
                 raise BadQuery("node_selector: write key=value pairs separated by commas")
             needs = JobNeeds(models, flag("require_gpu"), flag("public"), tuple(sorted((k, v) for k, v in pairs)))
-        return found(jobs.eligibility(node_id, needs), UnknownNode(f"no node {node_id}"))
+        return found(job_views.eligibility(node_id, needs), UnknownNode(f"no node {node_id}"))
 
     @api.get("/api/jobs/<job_id>")
     def job(job_id: str) -> Any:
-        return found(jobs.view(job_id_in_path(job_id)),
+        return found(job_views.view(job_id_in_path(job_id)),
                      UnknownJob(f"no job {job_id} (unknown, or finished longer ago than the retention)"))
 
     @api.get("/api/stats")

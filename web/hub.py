@@ -29,7 +29,7 @@ from dispatcher.jobs import Jobs
 from dispatcher.logs import log_event, report_gc_pauses
 from dispatcher.messages import JobAck, JobProgress, JobResult, NodeDrain
 from dispatcher.metrics import SESSIONS
-from dispatcher.registry import Registry
+from dispatcher.registry import Registry, SessionNode
 from dispatcher.settings import Settings
 from web.admission import WaitingRoom
 
@@ -41,6 +41,8 @@ log = logging.getLogger("web.hub")
 #: Sessions handled per Redis pipeline in the sweep and the status reports;
 #: between chunks the thread yields, so thousands of sessions never stall the loop.
 _CHUNK = 250
+#: Jobs per session whose kind of needs is remembered between their ack and their result.
+_KINDS_REMEMBERED = 256
 
 
 class Hub:
@@ -124,13 +126,16 @@ class Hub:
 
     # --- frames the core handles ---------------------------------------------------
 
-    def jobs_from_node(self, node_id: str, msg: JobAck | JobProgress | JobResult) -> None:
-        if isinstance(msg, JobAck):
-            self.jobs.ack(node_id, msg)
-        elif isinstance(msg, JobProgress):
-            self.jobs.progress(node_id, msg)
-        else:
-            self.jobs.record_result(node_id, msg)
+    def jobs_from_node(self, node: SessionNode, msg: JobAck | JobProgress | JobResult) -> None:
+        if isinstance(msg, JobResult):
+            self.jobs.result(node.node_id, msg, node.job_kinds.pop(msg.job_id, None))
+            return
+        kind = self.jobs.ack(node.node_id, msg)
+        if kind is not None:
+            # Remembered for the job's result (a job that never sends one is dropped in turn).
+            node.job_kinds[msg.job_id] = kind
+            if len(node.job_kinds) > _KINDS_REMEMBERED:
+                del node.job_kinds[next(iter(node.job_kinds))]
 
     def drain_from_node(self, node_id: str, msg: NodeDrain) -> None:
         try:

@@ -249,7 +249,7 @@ class NodeSession:
         if isinstance(msg, NodeHeartbeat):
             self._on_heartbeat(msg)
         elif isinstance(msg, (JobAck, JobProgress, JobResult)):
-            self.hub.jobs_from_node(self.node.node_id, msg)
+            self.hub.jobs_from_node(self.node, msg)
         elif isinstance(msg, NodeDrain):
             self.hub.drain_from_node(self.node.node_id, msg)
 

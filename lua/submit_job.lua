@@ -1,0 +1,59 @@
+--#include job
+-- submit_job: record a submitted job and give it to the first candidate that
+-- passes the filter, in one atomic step, unless a job waiting ahead of it
+-- could take that node; else it waits. A submission delivered twice (Celery redelivers unacknowledged
+-- tasks) creates nothing new.
+--
+-- KEYS: the job bundle, then three keys per candidate (see _job.lua).
+-- P: job_id, needs_class, now_ms, queue_score (priority first, then
+--    submission time), epoch (read with the candidates; "" when unset),
+--    candidates, heartbeat_timeout_ms, resource_threshold, examples,
+--    fields: job_type, payload (JSON text), required_models (JSON text),
+--    require_gpu, public, timeout_seconds, timeout_ms, max_attempts,
+--    dispatch_timeout_ms, priority, node_selector (JSON text), needs (JSON
+--    text of the kind's needs)
+-- Returns: {"assigned", node id, attempt, exclusions JSON}
+--          {"waiting", exclusions JSON}: no candidate fits; the job waits
+--          {"queued"}: a job waiting ahead of it could take the node: it waits behind it
+--          {"retry"}: no candidate fits but the epoch moved: read again (nothing written)
+--          {"exists", state}
+
+local state = job_get({'state'}).state
+if state then return {'exists', state} end
+local f, now = P.fields, P.now_ms
+local job = {job_type = f.job_type, payload = f.payload, required_models = f.required_models,
+  require_gpu = f.require_gpu and '1' or '0', public = f.public and '1' or '0',
+  timeout_seconds = f.timeout_seconds, timeout_ms = f.timeout_ms, node_selector = f.node_selector}
+
+local function record(...)
+  redis.call('HSET', J.job, 'job_id', P.job_id, 'job_type', f.job_type, 'payload', f.payload,
+    'required_models', f.required_models, 'require_gpu', job.require_gpu, 'public', job.public,
+    'timeout_seconds', f.timeout_seconds, 'timeout_ms', f.timeout_ms, 'max_attempts', f.max_attempts,
+    'dispatch_timeout_ms', f.dispatch_timeout_ms, 'priority', f.priority, 'node_selector', f.node_selector,
+    'needs_class', P.needs_class, 'needs', f.needs, 'queue_score', P.queue_score, 'submitted_ms', now,
+    'waiting_since_ms', now, 'avoid', '[]', ...)
+end
+
+local function wait()
+  record('state', 'waiting', 'attempt', 0, 'node_id', '')
+  wait_enter(P.job_id, P.queue_score, P.needs_class, f.needs)
+  redis.call('ZADD', J.deadlines, now + f.dispatch_timeout_ms, P.job_id)
+end
+
+local pick, exclusions = pick_node(needs_of_record(job), {})
+-- Older or more urgent jobs go first: when one waiting could take this node, this job
+-- waits behind it, and a pass over the waiting jobs places them in order.
+if pick and redis.call('ZCARD', J.waiting) > 0 and waiting_could_take(pick.n, 7, P.queue_score) then
+  wait()
+  return {'queued'}
+end
+if pick then
+  local attempt = assign(job, pick, now)
+  record('state', 'assigned', 'attempt', attempt, 'node_id', pick.node_id, 'assigned_ms', now,
+    'last_decision', cjson.encode({outcome = 'assigned', node_id = pick.node_id, at_ms = now,
+      examined = pick.index, counts = exclusions.counts, examples = exclusions.examples}))
+  return {'assigned', pick.node_id, attempt, cjson.encode(exclusions)}
+end
+if (redis.call('GET', J.epoch) or '') ~= P.epoch then return {'retry'} end
+wait()
+return {'waiting', cjson.encode(exclusions)}
