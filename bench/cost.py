@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import re
 import sys
@@ -131,6 +132,18 @@ def redis_usec(kind: dict[str, Any], inner_per_job: Counter[str]) -> float:
     return total
 
 
+def script_usec(client: redis.Redis) -> Counter[str]:
+    """Redis time (usec) by script, from the slow log (set to record every command)."""
+    names = {hashlib.sha1(src.encode()).hexdigest(): name for name, src in script_sources().items()}
+    usec: Counter[str] = Counter()
+    for entry in client.slowlog_get(1 << 30):
+        command = entry["command"]
+        command = command.decode(errors="replace") if isinstance(command, bytes) else command
+        if command.upper().startswith("EVALSHA "):
+            usec[names.get(command.split(" ", 2)[1], "other script")] += entry["duration"]
+    return usec
+
+
 def run_kind(app: Celery, name: str, n: int, kwargs: dict[str, Any] | None) -> None:
     for _ in range(n):
         app.send_task(name, kwargs=kwargs, queue="bench" if name == "bench.noop" else None).get(timeout=30)
@@ -141,6 +154,9 @@ def measure(app: Celery, client: redis.Redis, procs: dict[str, psutil.Process], 
     """Commands, Redis time and CPU per task, less the same processes' idle CPU over as long."""
     cpu0 = {k: tree_cpu_s(p) for k, p in procs.items()}
     redis0 = redis_cpu_s(client)
+    client.config_set("slowlog-log-slower-than", 0)  # every command, with its duration: time by script
+    client.config_set("slowlog-max-len", 200 * n)
+    client.slowlog_reset()
     client.config_resetstat()
     t0 = time.monotonic()
     run_kind(app, name, n, kwargs)
@@ -148,12 +164,15 @@ def measure(app: Celery, client: redis.Redis, procs: dict[str, psutil.Process], 
     calls, usec_by = commandstats(client)
     cpu1 = {k: tree_cpu_s(p) for k, p in procs.items()}
     redis1 = redis_cpu_s(client)
+    by_script = script_usec(client)
+    client.config_set("slowlog-log-slower-than", 10000)
     time.sleep(elapsed_s)  # the same processes, idle, for as long
     idle = {k: tree_cpu_s(p) - cpu1[k] for k, p in procs.items()}
     redis_idle = redis_cpu_s(client) - redis1
     cpu_ms = {k: max(0.0, (cpu1[k] - cpu0[k] - idle[k]) * 1000 / n) for k in procs}
     return {"commands": sum(calls.values()) / n, "by_command": {c: v / n for c, v in calls.most_common()},
             "usec_by_command": {c: v / n for c, v in usec_by.most_common()},
+            "usec_by_script": {c: round(v / n, 1) for c, v in by_script.most_common()},
             "redis_cpu_usec": max(0.0, (redis1 - redis0 - redis_idle) * 1e6 / n),
             "cpu_ms": {k: round(v, 3) for k, v in cpu_ms.items()},
             "cpu_ms_total": round(sum(cpu_ms.values()), 3), "seconds": round(elapsed_s, 2)}
@@ -257,7 +276,7 @@ def main() -> None:
         noop = measure(app, client, {"noop worker": procs["noop worker"]}, "bench.noop", args.jobs, None)
         jobs = measure(app, client, {k: procs[k] for k in ("web", "worker", "beat")}, "dispatcher.submit_job",
                        args.jobs, job)
-        sha_names = {__import__("hashlib").sha1(src.encode()).hexdigest(): name
+        sha_names = {hashlib.sha1(src.encode()).hexdigest(): name
                      for name, src in script_sources().items()}
         names = {f"{c['addr']}": c.get("name") or "client" for c in client.client_list()}
         monitored = monitor_one_job(store.url, app, sha_names)
@@ -297,6 +316,7 @@ def main() -> None:
     print("\nCommands per job by name: " + ", ".join(f"{c} {n:.2f}" for c, n in list(jobs["by_command"].items())[:20]))
     print("Redis usec per job by command (EVALSHA with what its script runs): " + ", ".join(
         f"{c} {n:.1f}" for c, n in list(jobs["usec_by_command"].items())[:12]))
+    print("Redis usec per job by script: " + ", ".join(f"{c} {n:.1f}" for c, n in jobs["usec_by_script"].items()))
     print(json.dumps({
         "jobs": args.jobs, "concurrency": args.concurrency,
         "noop": noop, "job": jobs,
