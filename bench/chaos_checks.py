@@ -24,6 +24,7 @@ from celery.exceptions import TimeoutError as GetTimeout
 from chaos_client import FINAL_JOB_STATES, StateWatch, Submitter
 from chaos_system import KEYS, Supervisor, System, wait_nodes_ready
 from common import chunks
+from dispatcher.completions import unapplied
 
 Run = tuple[str, int]  # (node name, agent pid): who started one execution
 Record = tuple[str | None, list[dict[str, Any]]]  # a job's state and attempts in the dispatcher's records
@@ -120,11 +121,13 @@ def fleet_figures(r: redis.Redis) -> dict[str, Any]:
         status = r.hget(KEYS.node(node_id), "status") or "missing"
         statuses[status] += 1
         if status == "ready":
+            # The score is the load (assigned / max_concurrent_jobs) plus a tie-break below 1e-4
+            # (when the node last took or freed a slot): absent or past 1e-4, a slot is busy.
             score = r.zscore(KEYS.capacity_index(), node_id)
-            if score != 0:
+            if score is None or score >= 1e-4:
                 not_free[node_id] = score
-    leftovers = {name: r.zcard(key) for name, key in (("waiting", KEYS.waiting()), ("publish", KEYS.publish()),
-                                                      ("deadlines", KEYS.deadlines()))}
+    leftovers = {name: r.zcard(key) for name, key in (("waiting", KEYS.waiting()), ("deadlines", KEYS.deadlines()))}
+    leftovers["results_unapplied"] = unapplied(r, KEYS.results())
     return {"assigned_left": assigned_left, "statuses": statuses, "not_free": not_free, "leftovers": leftovers}
 
 

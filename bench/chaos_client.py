@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 from chaos_system import KEYS, Supervisor, log
 from common import chunks
+from dispatcher.completions import unapplied
 
 FINAL_JOB_STATES = {"succeeded", "failed", "cancelled"}
 FINAL_CELERY_STATES = {"SUCCESS", "FAILURE", "REVOKED"}
@@ -135,18 +136,18 @@ class StateWatch(threading.Thread):
             self.all_final_s = time.monotonic()
 
     def _sample_queues(self) -> None:
-        """How far behind the workers are: Celery's queue, final states not yet published,
+        """How far behind the workers are: Celery's queue, results not yet applied,
         deadlines overdue, and the age of the last periodic scan (written to probe.log)."""
         now_ms = int(time.time() * 1000)
         pipe = self.r.pipeline(transaction=False)
         pipe.llen("celery")
         pipe.hlen("unacked")
         pipe.zcard(KEYS.waiting())
-        pipe.zcard(KEYS.publish())
         pipe.zcount(KEYS.deadlines(), "-inf", now_ms - 1000)
         pipe.hget(KEYS.scan_state(), "at_ms")
-        queue, unacked, waiting, unpublished, overdue, scan_at_ms = pipe.execute()
-        sample = {"celery_queue": queue, "unacked": unacked, "waiting": waiting, "not_published": unpublished,
+        queue, unacked, waiting, overdue, scan_at_ms = pipe.execute()
+        sample = {"celery_queue": queue, "unacked": unacked, "waiting": waiting,
+                  "results_unapplied": unapplied(self.r, KEYS.results()),
                   "deadlines_overdue": overdue, "scan_age_s": round((now_ms - int(scan_at_ms or now_ms)) / 1000, 1)}
         for name, value in sample.items():
             self.peaks[name] = max(self.peaks.get(name, 0), value)

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import re
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from typing import Any
 import psutil
 import redis
 from celery import Celery
+from celery.result import ResultSet
 from websockets.asyncio.client import connect
 
 from common import ROOT, LocalRedis, env_for, free_port, start, wait_http
@@ -144,28 +146,38 @@ def script_usec(client: redis.Redis) -> Counter[str]:
     return usec
 
 
-def run_kind(app: Celery, name: str, n: int, kwargs: dict[str, Any] | None) -> None:
+def run_kind(app: Celery, name: str, n: int, kwargs: dict[str, Any] | None, burst: bool = False) -> None:
+    """Send n tasks one at a time (each waits for the last), or all at once (Redis busy, as
+    near its ceiling)."""
+    queue = "bench" if name == "bench.noop" else None
+    if burst:
+        ResultSet([app.send_task(name, kwargs=kwargs, queue=queue) for _ in range(n)]).join_native(timeout=300)
+        return
     for _ in range(n):
-        app.send_task(name, kwargs=kwargs, queue="bench" if name == "bench.noop" else None).get(timeout=30)
+        app.send_task(name, kwargs=kwargs, queue=queue).get(timeout=30)
 
 
 def measure(app: Celery, client: redis.Redis, procs: dict[str, psutil.Process], name: str, n: int,
-            kwargs: dict[str, Any] | None) -> dict[str, Any]:
+            kwargs: dict[str, Any] | None, burst: bool) -> dict[str, Any]:
     """Commands, Redis time and CPU per task, less the same processes' idle CPU over as long."""
     cpu0 = {k: tree_cpu_s(p) for k, p in procs.items()}
     redis0 = redis_cpu_s(client)
-    client.config_set("slowlog-log-slower-than", 0)  # every command, with its duration: time by script
-    client.config_set("slowlog-max-len", 200 * n)
-    client.slowlog_reset()
     client.config_resetstat()
     t0 = time.monotonic()
-    run_kind(app, name, n, kwargs)
+    run_kind(app, name, n, kwargs, burst)
     elapsed_s = time.monotonic() - t0
     calls, usec_by = commandstats(client)
     cpu1 = {k: tree_cpu_s(p) for k, p in procs.items()}
     redis1 = redis_cpu_s(client)
+    # Time by script from the slow log set to keep every command, in a run of its own: it
+    # records each command a script runs too, which costs Redis time of its own.
+    client.config_set("slowlog-log-slower-than", 0)
+    client.config_set("slowlog-max-len", 200 * n)
+    client.slowlog_reset()
+    run_kind(app, name, min(n, 200), kwargs, burst)
     by_script = script_usec(client)
     client.config_set("slowlog-log-slower-than", 10000)
+    by_script = Counter({name: usec * n / min(n, 200) for name, usec in by_script.items()})
     time.sleep(elapsed_s)  # the same processes, idle, for as long
     idle = {k: tree_cpu_s(p) - cpu1[k] for k, p in procs.items()}
     redis_idle = redis_cpu_s(client) - redis1
@@ -182,10 +194,14 @@ def measure(app: Celery, client: redis.Redis, procs: dict[str, psutil.Process], 
 
 #: Which step each of our scripts belongs to.
 SCRIPT_STEPS = {
-    "enqueue_job": "submit", "dispatch_job": "dispatch", "find_candidates": "dispatch", "submit_job": "dispatch",
-    "pop_frames": "deliver", "ack_job": "ack", "record_result": "result", "complete_job": "completion",
-    "publish_state": "publish",
+    "dispatch_job": "dispatch", "submit_job": "submit + dispatch",
+    "pop_frames": "deliver", "ack_job": "ack", "complete_job": "completion",
 }
+#: Our calls outside scripts: the web process hands a result on (XADD), a worker reads and
+#: acknowledges results in batches (one XREADGROUP and XACK for up to 200 under load); task
+#: events for Flower are PUBLISHes of their own.
+COMMAND_STEPS = {"XADD": "result", "PUBLISH": "publish (task events)",
+                 "XREADGROUP": "completion (batched)", "XACK": "completion (batched)"}
 _MONITOR_LINE = re.compile(r'^(?P<ts>[\d.]+) \[(?P<db>\d+) (?P<who>[^\]]+)\] (?P<args>.*)$')
 
 
@@ -238,6 +254,8 @@ def budget(commands: list[tuple[str, str, str]], names: dict[str, str]) -> dict[
         if caller != "-":
             step = SCRIPT_STEPS.get(caller, caller)
             steps[step][f"{command} ({caller})" if command in ("EVALSHA", "EVAL") else command] += 1
+        elif command in COMMAND_STEPS:
+            steps[COMMAND_STEPS[command]][command] += 1
         else:
             steps[f"celery: {names.get(who.rsplit(':', 1)[0] + ':' + who.rsplit(':', 1)[1], who)}"][command] += 1
     return steps
@@ -248,9 +266,22 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes (both workers)")
+    parser.add_argument("--burst", action="store_true",
+                        help="send each kind's tasks all at once instead of one at a time: Redis busy, "
+                             "as it is near the ceiling this prints")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave redis-server on any core (by default it gets core 0 to itself and "
+                             "every other process of the bench shares the rest)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cost-"))
     store = LocalRedis(tmp / "redis", append_only=False).start()
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = not args.no_pin and len(cores) >= 2
+    if pinned:
+        # Redis time is what one Redis core spends per job: on a 2-core machine the Python
+        # processes would otherwise take turns on Redis's core and inflate it (both kinds alike).
+        os.sched_setaffinity(store.process.pid, {cores[0]})
+        os.sched_setaffinity(0, set(cores[1:]))  # the processes started below inherit it
     port = free_port()
     env = env_for(store.url, port, **NODE_SETTINGS)
     env["WORKER_CONCURRENCY"] = str(args.concurrency)
@@ -273,9 +304,10 @@ def main() -> None:
         run_kind(app, "dispatcher.submit_job", 50, job)  # warm: pools, connections, script cache
         run_kind(app, "bench.noop", 50, None)
         procs = {k: psutil.Process(p.pid) for k, p in popen.items()}
-        noop = measure(app, client, {"noop worker": procs["noop worker"]}, "bench.noop", args.jobs, None)
+        noop = measure(app, client, {"noop worker": procs["noop worker"]}, "bench.noop", args.jobs, None,
+                       args.burst)
         jobs = measure(app, client, {k: procs[k] for k in ("web", "worker", "beat")}, "dispatcher.submit_job",
-                       args.jobs, job)
+                       args.jobs, job, args.burst)
         sha_names = {hashlib.sha1(src.encode()).hexdigest(): name
                      for name, src in script_sources().items()}
         names = {f"{c['addr']}": c.get("name") or "client" for c in client.client_list()}
@@ -296,7 +328,9 @@ def main() -> None:
     noop_cpu = noop["cpu_ms"]["noop worker"]
     ratio_cpu = jobs["cpu_ms_total"] / noop_cpu if noop_cpu else float("nan")
     ceiling = 1e6 / jobs["redis_usec"]
-    print(f"\n{args.jobs} of each, one at a time; worker concurrency {args.concurrency}; logs in {tmp}\n")
+    print(f"\n{args.jobs} of each, {'all at once' if args.burst else 'one at a time'}; "
+          f"worker concurrency {args.concurrency}; "
+          f"redis-server {'alone on core ' + str(cores[0]) if pinned else 'not pinned'}; logs in {tmp}\n")
     print(f"{'per task or job':38s} {'no-op task':>12s} {'job':>12s} {'ratio':>7s}")
     print(f"{'Redis commands (scripts included)':38s} {noop['commands']:12.1f} {jobs['commands']:12.1f} "
           f"{ratio_commands:6.2f}x")
@@ -318,7 +352,7 @@ def main() -> None:
         f"{c} {n:.1f}" for c, n in list(jobs["usec_by_command"].items())[:12]))
     print("Redis usec per job by script: " + ", ".join(f"{c} {n:.1f}" for c, n in jobs["usec_by_script"].items()))
     print(json.dumps({
-        "jobs": args.jobs, "concurrency": args.concurrency,
+        "jobs": args.jobs, "burst": args.burst, "concurrency": args.concurrency, "redis_pinned": pinned,
         "noop": noop, "job": jobs,
         "ratio_commands": round(ratio_commands, 2), "ratio_redis_time": round(ratio_usec, 2),
         "ratio_redis_cpu": round(ratio_redis_cpu, 2),

@@ -8,11 +8,14 @@ from celery import Celery
 from celery.signals import setup_logging
 
 import dispatcher.brokerfix  # noqa: F401 - patches kombu's Redis transport on import (see there)
+from dispatcher.completions import CompletionStep
 from dispatcher.logs import configure_logging
 from dispatcher.settings import get_settings
 
 app = Celery("dispatcher", include=["dispatcher.tasks"])
 app.config_from_object("celeryconfig")
+# Every worker applies the nodes' results as they come (dispatcher/completions.py).
+app.steps["worker"].add(CompletionStep)
 
 
 @setup_logging.connect

@@ -1,13 +1,12 @@
-"""Dispatch: candidates from the indexes, the atomic filter-and-assign script,
-and the explanation of a job that finds no node.
+"""Dispatch: the atomic search-filter-and-assign script, and the explanation of
+a job that finds no node.
 
-Cost per attempt grows with the candidates, not with the fleet: one
-transaction intersects the indexes (ready, free slot, resources, GPU, public,
-each required model, each selector label) and reads the least-loaded few plus
-the epoch; the script re-checks every step on those and assigns. When none
-fits and the epoch moved meanwhile (a node turned ready, a slot freed), the
-view was stale and the attempt is made again, so a job can never be parked
-while capacity that appeared during the attempt goes unused.
+Cost per attempt grows with the candidates, not with the fleet: the script
+reads the least loaded ready nodes with a free slot a page at a time, keeps
+those in every index the job needs (public, each selector label, GPU, each
+required model, resources) and heard from in time, re-checks every step of
+the filter on them and assigns, all in one atomic step: what it saw cannot
+change before it acts, so a job is never parked while capacity goes unused.
 """
 
 from __future__ import annotations
@@ -27,13 +26,11 @@ from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, explanat
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
-from dispatcher.scripts import Scripts
+from dispatcher.scripts import Scripts, Search
 from dispatcher.settings import Settings
 
 log = logging.getLogger("dispatcher.dispatch")
 
-#: Attempts when the epoch keeps moving under us.
-_ATTEMPTS = 5
 #: Nodes the candidate search looks at in load order before it intersects the indexes instead.
 _CANDIDATE_BUDGET = 64
 #: Seconds between writes of the decision statistics.
@@ -109,38 +106,25 @@ class Dispatcher:
             before = after
         return before, total, explanation(counts, {})
 
-    def candidates(self, needs: JobNeeds) -> tuple[list[str], str]:
-        """The least-loaded live nodes that pass every indexed step, and the epoch they were read at."""
+    def search(self, needs: JobNeeds) -> Search:
+        """How the dispatch scripts look for a node for these needs."""
         s = self.settings
         # The capacity index holds ready nodes only; the job's own needs go before the
         # resources index: the likelier to rule a node out, the sooner it is checked.
         sets = [key for reason, keys in self._stages(needs)
                 if reason not in ("StatusNotReady", "CapacityExceeded", "ResourceThresholdExceeded") for key in keys]
         sets.append(self.keys.resources_index())
-        return self.scripts.find_candidates(sets, self.clock(), int(s.heartbeat_timeout_seconds * 1000),
-                                            s.dispatch_candidates, _CANDIDATE_BUDGET)
+        return Search(sets, s.dispatch_candidates, _CANDIDATE_BUDGET, int(s.heartbeat_timeout_seconds * 1000),
+                      s.resource_threshold_percent, s.exclusion_examples)
 
-    def dispatch(self, job_id: str, needs: JobNeeds, read: tuple[list[str], str] | None = None) -> Decision:
-        """Try to place one waiting job now. ``read`` is a candidate search made already (the
-        dispatch script tells, by the epoch, when it went stale). No candidate at all: the job
-        stays waiting without a script call, since whatever may change that (a node turning
-        ready, a slot freed, a heartbeat) moves the epoch and asks for another pass."""
-        s = self.settings
-        for _ in range(_ATTEMPTS):
-            candidates, epoch = read or self.candidates(needs)
-            read = None
-            if not candidates:
-                return Decision(job_id, "waiting")
-            reply = self.scripts.dispatch_job(
-                job_id, needs.kind, self.clock(), epoch, candidates, int(s.heartbeat_timeout_seconds * 1000),
-                s.resource_threshold_percent, s.exclusion_examples)
-            if reply[0] == "assigned":
-                return Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]),
-                                waited_ms=int(reply[4]))
-            if reply[0] == "not_waiting":
-                return Decision(job_id, "not_waiting")
-            if reply[0] == "waiting":
-                return Decision(job_id, "waiting", exclusions=json.loads(reply[1]))
+    def dispatch(self, job_id: str, needs: JobNeeds) -> Decision:
+        """Try to place one waiting job now."""
+        reply = self.scripts.dispatch_job(job_id, needs.kind, self.clock(), self.search(needs))
+        if reply[0] == "assigned":
+            return Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]),
+                            waited_ms=int(reply[4]))
+        if reply[0] == "not_waiting":
+            return Decision(job_id, "not_waiting")
         return Decision(job_id, "waiting", exclusions=json.loads(reply[1]))
 
     def explain(self, needs: JobNeeds) -> tuple[int, int, dict[str, Any]]:

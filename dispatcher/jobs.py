@@ -3,11 +3,11 @@ cancellation, and the passes that place waiting jobs.
 
 Every change of a job is one fenced script, which writes the job's Celery
 state with our own record of it; Flower, the logs and the metrics learn of it
-through the publisher. A node's result is applied at once by the
-web process that receives it (one script: the slot is freed, the job finished
-or sent back to wait), so a job costs one Celery task, its submission. The
-periodic scan (dispatcher/recovery.py) ends what timed out and re-drives any
-step a crashed process left half-way.
+through the publisher. The web process hands a node's result to the workers
+through a stream; a worker applies it (dispatcher/completions.py): one script
+frees the slot and ends the job or sends it back to wait. The periodic scan
+(dispatcher/recovery.py) applies what a dead worker held, ends what timed out
+and re-drives any step a crashed process left half-way.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ log = logging.getLogger("dispatcher.jobs")
 RETENTION_MS = 7 * 24 * 3600 * 1000
 #: Room left in a node frame around the payload.
 _FRAME_OVERHEAD = 4096
-#: Attempts of a script whose view went stale meanwhile (the epoch moved, the job moved).
+#: Attempts of a script whose job moved to another node meanwhile.
 _ATTEMPTS = 5
 
 
@@ -57,9 +57,10 @@ class Jobs:
 
     # --- submission (worker) ---------------------------------------------------
 
-    def submit(self, job_id: str, fields: dict[str, Any]) -> Decision | None:
+    def submit(self, job_id: str, fields: dict[str, Any], worker: str = "") -> Decision | None:
         """Validate and record a job, and give it to a node when none waits before it. Raises
-        InvalidJob naming the field. Returns None when this job id was submitted before."""
+        InvalidJob naming the field. Returns None when this job id was submitted before.
+        ``worker``: the Celery worker taking the submission, named in the job's task events."""
         spec = JobSpec.parse(job_id, fields, self.settings.max_message_bytes - _FRAME_OVERHEAD)
         needs = JobNeeds(tuple(spec.required_models), spec.require_gpu, spec.public,
                          tuple(sorted(spec.node_selector.items())))
@@ -76,18 +77,11 @@ class Jobs:
             "priority": spec.priority,
             "node_selector": json.dumps(spec.node_selector, sort_keys=True),
             "needs": needs.to_json(),
+            "worker": worker,
         }
-        s = self.settings
-        for _ in range(_ATTEMPTS):
-            candidates, epoch = self.dispatcher.candidates(needs)
-            now = self.clock()
-            reply = self.scripts.submit_job(job_id, needs.kind, now, spec.queue_score(now), record, candidates, epoch,
-                                            int(s.heartbeat_timeout_seconds * 1000), s.resource_threshold_percent,
-                                            s.exclusion_examples)
-            if reply[0] != "retry":
-                break
-        else:
-            raise StoreError(f"submission of {job_id}: the fleet kept changing under it; try again")
+        now = self.clock()
+        reply = self.scripts.submit_job(job_id, needs.kind, now, spec.queue_score(now), record,
+                                        self.dispatcher.search(needs))
         outcome = reply[0]
         if outcome == "exists":
             if reply[1] == "waiting":
@@ -96,7 +90,7 @@ class Jobs:
         if outcome == "queued":
             # Others wait already: go through the queue in its order, so that a new job
             # never takes a slot before an older or more urgent one.
-            self.dispatch_waiting(known={needs.kind: (candidates, epoch)})
+            self.dispatch_waiting()
             return None
         if outcome == "assigned":
             decision = Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]), waited_ms=0)
@@ -115,10 +109,9 @@ class Jobs:
             "summary": decision.summary(), **counted}))
         return decision
 
-    def place(self, job_id: str, needs: JobNeeds, record_waiting: bool,
-              read: tuple[list[str], str] | None = None) -> Decision:
-        """Try to dispatch a waiting job (``read``: its candidates, when searched for already)."""
-        decision = self.dispatcher.dispatch(job_id, needs, read)
+    def place(self, job_id: str, needs: JobNeeds, record_waiting: bool) -> Decision:
+        """Try to dispatch a waiting job."""
+        decision = self.dispatcher.dispatch(job_id, needs)
         if decision.outcome == "waiting" and record_waiting:
             decision = self._waiting(job_id, needs, decision.exclusions)
         if decision.outcome == "assigned" or (decision.outcome == "waiting" and record_waiting):
@@ -134,14 +127,12 @@ class Jobs:
         if self.client.set(self.keys.kick(), "1", nx=True, px=5000):
             self.app.send_task("dispatcher.dispatch_waiting")
 
-    def dispatch_waiting(self, known: dict[str, tuple[list[str], str]] | None = None) -> int:
+    def dispatch_waiting(self) -> int:
         """Place waiting jobs in order (priority, then age) while any ready node has a
         free slot. Jobs wait by kind of needs: a pass tries the first job of each kind,
         in the order of those first jobs, and drops a kind for the pass once no node
         takes it. So a pass costs one attempt per kind waiting plus one per job placed,
-        however many jobs wait that no node can take. ``known``: candidate searches made
-        already, by kind (each used once)."""
-        known = dict(known or {})
+        however many jobs wait that no node can take."""
         self.client.delete(self.keys.kick())
         placed, given_up = 0, set()
         free = self.dispatcher.free_slots_anywhere()
@@ -157,8 +148,7 @@ class Jobs:
             if not head or needs_json is None:
                 given_up.add(kind)  # emptied meanwhile
                 continue
-            decision = self.place(head[0], JobNeeds.from_json(needs_json), record_waiting=False,
-                                  read=known.pop(kind, None))
+            decision = self.place(head[0], JobNeeds.from_json(needs_json), record_waiting=False)
             if decision.outcome == "assigned":
                 placed += 1
                 free = self.dispatcher.free_slots_anywhere()
@@ -173,43 +163,62 @@ class Jobs:
         (what its completion needs should the job wait again), or None for a stale frame."""
         progress = msg.progress if isinstance(msg, JobProgress) else None
         message = msg.message if isinstance(msg, JobProgress) else None
-        outcome, detail = self.scripts.ack_job(msg.job_id, msg.attempt, node_id, self.clock(), progress, message)
+        outcome, detail, worker = self.scripts.ack_job(msg.job_id, msg.attempt, node_id, self.clock(), progress,
+                                                       message)
         if outcome == "stale":
             log_event(log, "job_frame_ignored", job_id=msg.job_id, node_id=node_id, attempt=msg.attempt,
                       ref_type=msg.type, why="not the current attempt of this node")
             return None
         if outcome == "started":
-            self.publisher.started(msg.job_id, node_id, msg.attempt)
+            self.publisher.started(msg.job_id, node_id, msg.attempt, worker)
         return detail
 
-    def result(self, node_id: str, msg: JobResult, kind: str | None = None) -> str:
-        """Apply the node's result at once: the job ends (its Celery result written with it) or waits for
-        another node. ``kind`` is the job's kind of needs when the session knows it (from the
-        ack); it is read only when the job must wait again and it is not known."""
+    def report_result(self, node_id: str, msg: JobResult, kind: str | None = None) -> bool:
+        """Hand the node's result to the workers (dispatcher/completions.py): one XADD.
+        ``kind`` is the job's kind of needs when the session knows it (from the job's ack,
+        which proves this node holds that attempt); unknown, the job's record is read first,
+        and a result that cannot be the current attempt's is dropped here. Returns whether
+        it was handed on."""
+        if kind is None:
+            state, holder, attempt, kind = self.client.hmget(self.keys.job(msg.job_id), "state", "node_id",
+                                                             "attempt", "needs_class")
+            if state not in ("assigned", "running") or holder != node_id or attempt != str(msg.attempt):
+                log_event(log, "job_frame_ignored", job_id=msg.job_id, node_id=node_id, attempt=msg.attempt,
+                          ref_type="job_result", why=f"stale: the job is {state or 'unknown'}")
+                return False
         error = msg.error.model_dump(exclude_none=True) if msg.error else None
         if not msg.success and error is None:
             error = {"code": "NODE_ERROR", "message": "the node reported a failure without an error",
                      "retryable": False}
-        meta = json.dumps({"success": msg.success, "error": error, "duration_ms": msg.duration_ms})
-        output = json.dumps(msg.output, separators=(",", ":"))
+        self.client.xadd(self.keys.results(), {
+            "job_id": msg.job_id, "node_id": node_id, "attempt": msg.attempt, "kind": kind or "",
+            "meta": json.dumps({"success": msg.success, "error": error, "duration_ms": msg.duration_ms}),
+            "output": json.dumps(msg.output, separators=(",", ":")), "received_ms": self.clock()})
+        return True
+
+    def complete(self, result: dict[str, str]) -> tuple[str, bool]:
+        """Apply one reported result (a worker): the job ends (its Celery result written with it)
+        or waits for another node. Returns the outcome ("succeeded", "failed", "retry" or
+        "stale") and whether a waiting job could take the freed slot."""
+        job_id, node_id, attempt, kind = result["job_id"], result["node_id"], int(result["attempt"]), result["kind"]
         for _ in range(2):
-            reply = self.scripts.complete_job(msg.job_id, kind, node_id, msg.attempt, self.clock(), meta, output,
-                                              RETENTION_MS)
+            reply = self.scripts.complete_job(job_id, kind or None, node_id, attempt, self.clock(), result["meta"],
+                                              result["output"], RETENTION_MS)
             if reply[0] != "need_kind":
                 break
-            kind = self.client.hget(self.keys.job(msg.job_id), "needs_class")
+            kind = self.client.hget(self.keys.job(job_id), "needs_class") or ""
         outcome = reply[0]
         if outcome == "stale":
-            log_event(log, "job_frame_ignored", job_id=msg.job_id, node_id=node_id, attempt=msg.attempt,
+            log_event(log, "job_frame_ignored", job_id=job_id, node_id=node_id, attempt=attempt,
                       ref_type="job_result", why=f"stale: the job is {reply[1]}")
-            return outcome
+            return outcome, False
         if outcome in ("succeeded", "failed"):
-            self.publisher.finished(msg.job_id, as_json(reply[2], {}), output, as_int(reply[3]), self.clock())
+            self.publisher.finished(job_id, as_json(reply[2], {}), result["output"], as_int(reply[3]),
+                                    as_int(result.get("received_ms")))
         elif outcome == "retry":
-            self.publisher.retried(msg.job_id, (error or {}).get("message", ""))
-        if reply[1] == "1":
-            self.request_kick()  # a slot is free that a waiting job could take
-        return outcome
+            self.publisher.retried(job_id, json.loads(result["meta"]).get("error", {}).get("message", ""),
+                                   str(reply[2]) if len(reply) > 2 else "")
+        return outcome, reply[1] == "1"
 
     # --- cancellation (worker) -------------------------------------------------------
 
@@ -247,7 +256,7 @@ class Jobs:
             self.publisher.finished(job_id, as_json(reply[1], {}))
         elif outcome == "retry":
             last_error = self.client.hget(self.keys.job(job_id), "last_error") or "{}"
-            self.publisher.retried(job_id, json.loads(last_error).get("message", ""))
+            self.publisher.retried(job_id, json.loads(last_error).get("message", ""), str(reply[1]))
         if outcome in ("failed", "retry") and self.client.exists(self.keys.waiting()):
             self.dispatch_waiting()
 

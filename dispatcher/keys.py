@@ -31,11 +31,13 @@ NODE_BUNDLE = (
     "assigned",
     "cancels",
     "drains",
-    "epoch",
     "waiting",
     "lost",
     "offline_since",
 )
+
+#: The workers' consumer group on the results stream (``Keys.results``).
+RESULTS_GROUP = "completers"
 
 #: Seconds Celery's backend keeps a task's result (``result_expires``; the job scripts write it).
 CELERY_RESULT_EXPIRES_S = 24 * 3600
@@ -49,8 +51,8 @@ JOB_BUNDLE = (
     "waiting_needs",
     "deadlines",
     "result",
-    "epoch",
     "capacity_index",
+    "liveness",
 )
 
 
@@ -63,6 +65,12 @@ class Keys:
     # --- nodes -------------------------------------------------------------
     def node(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}"
+
+    def node_key_parts(self) -> dict[str, str]:
+        """How the dispatch scripts name a candidate's keys: ``head`` + node id is its hash,
+        plus ``assigned`` or ``queue`` the others (as ``node``, ``assigned`` and ``queue`` here)."""
+        return {"head": self.node(""), "assigned": self.assigned("")[len(self.node("")):],
+                "queue": self.queue("")[len(self.node("")):]}
 
     def nodes(self) -> str:
         """Sorted set of every known node id, all scored 0 (so read in id order, by pages)."""
@@ -81,7 +89,7 @@ class Keys:
 
     def queue(self, node_id: str) -> str:
         """List of frames waiting to be sent to the node's session."""
-        return f"{self.prefix}:node:{node_id}:queue"
+        return f"{self.node(node_id)}:queue"
 
     def node_transitions(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}:transitions"
@@ -92,7 +100,7 @@ class Keys:
 
     def assigned(self, node_id: str) -> str:
         """Hash: job id -> the ``job_assign`` frame, for jobs assigned to the node."""
-        return f"{self.prefix}:node:{node_id}:assigned"
+        return f"{self.node(node_id)}:assigned"
 
     def cancels(self, node_id: str) -> str:
         """Sorted set: ``job_cancel`` frames sent to the node -> until when (ms)
@@ -132,10 +140,6 @@ class Keys:
     def label_index(self, key: str, value: str) -> str:
         return f"{self.prefix}:idx:label:{key}={value}"
 
-    def scratch(self, name: str) -> str:
-        """A temporary key for one dispatch attempt."""
-        return f"{self.prefix}:tmp:{name}"
-
     # --- jobs --------------------------------------------------------------
     def job(self, job_id: str) -> str:
         """Hash: the job's spec, state, current attempt, and its ended attempts (field
@@ -166,6 +170,11 @@ class Keys:
         dispatch timeout while waiting, the attempt's timeout once assigned."""
         return f"{self.prefix}:deadlines"
 
+    def results(self) -> str:
+        """Stream of the nodes' results as the web processes received them, until a worker
+        applies them (dispatcher/completions.py): job_id, node_id, attempt, kind, meta, output."""
+        return f"{self.prefix}:results"
+
     def kick(self) -> str:
         """Set while a pass over the waiting jobs is queued (so events queue one, not many)."""
         return f"{self.prefix}:kick"
@@ -173,10 +182,6 @@ class Keys:
     def lost(self) -> str:
         """Sorted set: offline node id -> when its jobs are re-dispatched (ms)."""
         return f"{self.prefix}:lost"
-
-    def epoch(self) -> str:
-        """Counter bumped whenever a node may have become eligible for more work."""
-        return f"{self.prefix}:epoch"
 
     def scan_state(self) -> str:
         """Hash: what the last periodic scan did (time, expired, partition suspected)."""
@@ -215,7 +220,6 @@ class Keys:
             "assigned": self.assigned(node_id),
             "cancels": self.cancels(node_id),
             "drains": self.drains(),
-            "epoch": self.epoch(),
             "waiting": self.waiting(),
             "lost": self.lost(),
             "offline_since": self.offline_since(),
@@ -232,24 +236,16 @@ class Keys:
             "waiting_needs": self.waiting_needs(),
             "deadlines": self.deadlines(),
             "result": self.celery_result(job_id),
-            "epoch": self.epoch(),
             "capacity_index": self.capacity_index(),
+            "liveness": self.liveness(),
         }
         return [by_name[name] for name in JOB_BUNDLE]
-
-    def candidate_indexes(self, sets: list[str]) -> list[str]:
-        """The keys of find_candidates.lua: capacity, liveness, epoch, a scratch key, then the sets."""
-        return [self.capacity_index(), self.liveness(), self.epoch(), self.scratch("candidates"), *sets]
 
     def celery_result(self, task_id: str) -> str:
         """Celery's result key of a task: its backend's, not under our prefix. The job scripts
         write it with the job's state, so the two always agree (Celery and kombu need one
         Redis, not a cluster, so a script may touch it beside our keys)."""
         return f"celery-task-meta-{task_id}"
-
-    def candidate_keys(self, node_ids: Iterable[str]) -> list[str]:
-        """Node hash, assigned jobs and queue of each candidate node, in order."""
-        return [key for n in node_ids for key in (self.node(n), self.assigned(n), self.queue(n))]
 
     def model_indexes(self, model_ids: Iterable[str]) -> list[str]:
         return [self.model_index(m) for m in model_ids]

@@ -54,8 +54,8 @@ def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **f
         logger.log(level, event, extra={"event": event, **{k: _bounded(v) for k, v in fields.items()}})
 
 
-#: Long GC pauses seen since the last report: (generation, pause_ms, collected).
-_gc_pauses: deque[tuple[int, int, int]] = deque(maxlen=100)
+#: Long GC pauses seen since the last report: (wall time s, generation, pause_ms, cpu_ms, collected).
+_gc_pauses: deque[tuple[float, int, float, float, int]] = deque(maxlen=100)
 
 
 def watch_gc_pauses(threshold_ms: float = 100.0) -> None:
@@ -65,16 +65,18 @@ def watch_gc_pauses(threshold_ms: float = 100.0) -> None:
     holding 5,000 sessions. It is rare in steady state; this makes it visible
     (``report_gc_pauses`` logs them: a GC callback must not take locks).
     """
-    started_s = 0.0
+    started_s = started_cpu_s = 0.0
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
-        nonlocal started_s
+        nonlocal started_s, started_cpu_s
         if phase == "start":
-            started_s = time.perf_counter()
+            started_s, started_cpu_s = time.perf_counter(), time.thread_time()
             return
         pause_ms = (time.perf_counter() - started_s) * 1000
         if pause_ms >= threshold_ms:
-            _gc_pauses.append((info["generation"], round(pause_ms), info["collected"]))
+            # The CPU time too: on a busy machine the wall time includes the slices other processes took.
+            cpu_ms = (time.thread_time() - started_cpu_s) * 1000
+            _gc_pauses.append((time.time(), info["generation"], round(pause_ms, 1), round(cpu_ms, 1), info["collected"]))
 
     gc.callbacks.append(on_gc)
 
@@ -83,5 +85,6 @@ def report_gc_pauses() -> None:
     """Log the long GC pauses recorded since the last call."""
     log = logging.getLogger("dispatcher.gc")
     while _gc_pauses:
-        generation, pause_ms, collected = _gc_pauses.popleft()
-        log_event(log, "gc_pause", logging.WARNING, generation=generation, pause_ms=pause_ms, collected=collected)
+        at_s, generation, pause_ms, cpu_ms, collected = _gc_pauses.popleft()
+        log_event(log, "gc_pause", logging.WARNING, at_s=round(at_s, 3), generation=generation, pause_ms=pause_ms,
+                  cpu_ms=cpu_ms, collected=collected)

@@ -53,6 +53,11 @@ class FleetCollector:
         yield nodes
         yield GaugeMetricFamily("dispatcher_jobs_waiting", "Jobs waiting for an eligible node.",
                                 value=self.jobs.client.zcard(self.jobs.keys.waiting()))
+        from dispatcher.completions import unapplied  # (it imports the job code, which imports this module)
+
+        yield GaugeMetricFamily("dispatcher_results_unapplied",
+                                "Node results handed on by a web process that no worker has applied yet.",
+                                value=unapplied(self.jobs.client, self.jobs.keys.results()))
         scan = self.fleet.last_scan()
         yield GaugeMetricFamily("dispatcher_partition_suspected",
                                 "1 while the last scan found too many nodes silent at once.",

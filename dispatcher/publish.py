@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,14 @@ from dispatcher.logs import log_event
 from dispatcher.metrics import ASSIGN_TO_RESULT, JOBS_FINISHED
 
 log = logging.getLogger("dispatcher.publish")
+
+
+#: Task events go out in batches: Celery's buffered event group, one message to
+#: ``task.multi`` that Flower reads as the events it holds. A kombu publish costs more
+#: CPU than the rest of an ack; batched, one is shared by the events of this long.
+EVENTS_FLUSH_S = 0.25
+#: Events held at most: a batch is sent when it reaches this size.
+EVENTS_BATCH = 200
 
 
 class Publisher:
@@ -33,52 +42,97 @@ class Publisher:
         # more than the rest of a completion); the lock serialises its channel.
         self._events: Any = None
         self._events_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
 
-    def _event(self, kind: str, job_id: str, hostname: str | None = None, **fields: Any) -> None:
+    def _event(self, kind: str, job_id: str, worker: str, **fields: Any) -> None:
         try:
             with self._events_lock:
                 if self._events is None:
-                    self._events = self.app.events.Dispatcher(self.app.connection_for_write(),
-                                                              hostname=self._hostname)
-                # send() stamps the dispatcher's own hostname: "started on node X" is said through it.
-                self._events.hostname = hostname or self._hostname
+                    self._events = self.app.events.Dispatcher(
+                        self.app.connection_for_write(), hostname=self._hostname, buffer_group={"task"},
+                        buffer_limit=EVENTS_BATCH, buffer_while_offline=False)
+                if self._flusher is None:
+                    # Started by the first event, in the process that sends it (after a fork).
+                    self._flusher = threading.Thread(target=self._flush_every, name="events-flush", daemon=True)
+                    self._flusher.start()
+                # send() stamps the dispatcher's hostname; a job's events name its worker.
+                self._events.hostname = worker or self._hostname
                 self._events.send(kind, uuid=job_id, **fields)
         except Exception as exc:  # noqa: BLE001 - monitoring must never fail a job
             log_event(log, "event_failed", logging.WARNING, job_id=job_id, kind=kind, error=str(exc))
             self._events = None
 
-    def received(self, job_id: str, kwargs_repr: str) -> None:
+    def flush(self) -> None:
+        """Send the events held; on failure they are dropped (an unreachable broker must not
+        make them pile up)."""
+        with self._events_lock:
+            if self._events is None:
+                return
+            try:
+                self._events.flush(errors=False)
+            except Exception as exc:  # noqa: BLE001 - monitoring must never stop the process
+                log_event(log, "events_dropped", logging.WARNING, error=str(exc)[:200])
+                self._events = None
+
+    def _flush_every(self) -> None:
+        while True:
+            time.sleep(EVENTS_FLUSH_S)
+            self.flush()
+
+    # Every event of a job names the Celery worker that took its submission, whichever
+    # process sends it: Flower shows the hostname of a task's last event as its worker and
+    # links it to that worker's page, which only a real worker has (a node's would be a
+    # 404). The node that ran the job is its routing key: jobs reach a node through its queue.
+
+    def received(self, job_id: str, kwargs_repr: str, worker: str) -> None:
         """A submission reached a worker: Flower lists the job (its payload never shown)."""
-        self._event("task-received", job_id, name="dispatcher.submit_job", args="()", kwargs=kwargs_repr,
+        self._event("task-received", job_id, worker, name="dispatcher.submit_job", args="()", kwargs=kwargs_repr,
                     retries=0, eta=None, expires=None, root_id=job_id, parent_id=None)
 
-    def refused(self, job_id: str, exc: Exception) -> None:
-        self._event("task-failed", job_id, exception=f"{type(exc).__name__}({str(exc)!r})", traceback="")
+    def refused(self, job_id: str, exc: Exception, worker: str) -> None:
+        text = f"{type(exc).__name__}({str(exc)!r})"
+        self._event("task-failed", job_id, worker, exception=text, traceback=_traceback(job_id, text))
 
-    def started(self, job_id: str, node_id: str, attempt: int) -> None:
+    def started(self, job_id: str, node_id: str, attempt: int, worker: str) -> None:
         """The node acknowledged the job: Flower shows it running there."""
-        self._event("task-started", job_id, hostname=f"node:{node_id}", node_id=node_id, attempt=attempt)
+        self._event("task-started", job_id, worker, routing_key=node_id, node_id=node_id, attempt=attempt)
         log_event(log, "job_started", job_id=job_id, node_id=node_id, attempt=attempt)
 
-    def retried(self, job_id: str, reason: str) -> None:
-        self._event("task-retried", job_id, exception=reason, traceback="")
+    def retried(self, job_id: str, reason: str, worker: str) -> None:
+        self._event("task-retried", job_id, worker, exception=reason, traceback=_traceback(job_id, reason))
 
     def finished(self, job_id: str, outcome: dict[str, Any], output: str | None = None,
                  assigned_ms: int | None = None, result_ms: int | None = None) -> None:
         """The job ended (its script wrote the state): tell Flower, log and count it.
-        ``outcome`` is what the script recorded (with ``text`` for a failure or a cancel)."""
+        ``outcome`` is what the script recorded (with ``text`` for a failure or a cancel,
+        ``worker`` and the node's ``duration_ms``)."""
         state = outcome.get("state", "")
-        # Flower shows the hostname of a task's last event as its worker: the node that ran it.
-        node = f"node:{outcome['node_id']}" if outcome.get("node_id") else None
+        worker = str(outcome.get("worker") or "")
+        node = {"routing_key": outcome["node_id"]} if outcome.get("node_id") else {}
         if state == "succeeded":
-            self._event("task-succeeded", job_id, hostname=node, result=(output or "null")[:1000],
-                        runtime=(outcome.get("duration_ms") or 0) / 1000)
+            self._event("task-succeeded", job_id, worker, result=(output or "null")[:1000],
+                        runtime=(outcome.get("duration_ms") or 0) / 1000, **node)
         elif state == "failed":
-            self._event("task-failed", job_id, hostname=node, exception=outcome.get("text", ""), traceback="")
+            text = outcome.get("text", "")
+            self._event("task-failed", job_id, worker, exception=text, traceback=_traceback(job_id, text, outcome),
+                        **node)
         else:
-            self._event("task-revoked", job_id, terminated=False, signum=None, expired=False)
+            self._event("task-revoked", job_id, worker, terminated=False, signum=None, expired=False)
         JOBS_FINISHED.labels(state).inc()
         if state in ("succeeded", "failed") and assigned_ms and result_ms:
             ASSIGN_TO_RESULT.observe((result_ms - assigned_ms) / 1000)
         log_event(log, "job_finished", job_id=job_id, state=state, code=outcome.get("code"),
                   node_id=outcome.get("node_id"), attempt=outcome.get("attempt"))
+
+
+def _traceback(job_id: str, text: str, outcome: dict[str, Any] | None = None) -> str:
+    """Where a job failed, as Celery's traceback text is read (`celery result --traceback`,
+    Flower): the job, the node and attempt, then the error."""
+    lines = [f"Job {job_id}"]
+    if outcome and outcome.get("node_id"):
+        lines.append(f"  on node {outcome['node_id']}, attempt {outcome.get('attempt')} of "
+                     f"{outcome.get('max_attempts')}")
+    if outcome and outcome.get("code"):
+        lines.append(f"  error code {outcome['code']}" + (" (the node's own fault)" if outcome.get("node_fault") else ""))
+    lines.append(text)
+    return "\n".join(lines)

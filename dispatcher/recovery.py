@@ -1,4 +1,5 @@
-"""The periodic scan's share of jobs: what timed out, and what a lost node held."""
+"""The periodic scan's share of jobs: results a dead worker held, what timed out, and
+what a lost node held."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from dispatcher.completions import Completions
 from dispatcher.dispatch import Decision
 from dispatcher.filter import JobNeeds
 from dispatcher.jobs import RETENTION_MS, Jobs
@@ -19,6 +21,8 @@ _SCAN_BATCH = 500
 
 @dataclass
 class JobScanSummary:
+    #: Results applied by the scan: a dead worker's, or none had read yet.
+    results_applied: int = 0
     timed_out: list[str] = field(default_factory=list)
     expired_waiting: list[str] = field(default_factory=list)
     released_from_lost_nodes: list[str] = field(default_factory=list)
@@ -33,11 +37,15 @@ class Recovery:
         self.client = jobs.client
         self.keys = jobs.keys
         self.scripts = jobs.scripts
+        self.completions = Completions(jobs, consumer="scan")
 
     def scan(self, now: int | None = None, lost_budget: int | None = None) -> JobScanSummary:
         now = self.jobs.clock() if now is None else now
         summary = JobScanSummary()
         k = self.keys
+        # Results first: one that arrived in time ends its job before the deadline is looked at.
+        summary.results_applied = self.completions.recover()
+        self.completions.trim()
         explained: dict[JobNeeds, tuple[int, int, dict[str, Any]]] = {}
         for job_id in self.client.zrangebyscore(k.deadlines(), "-inf", now, 0, _SCAN_BATCH):
             self._deadline(job_id, now, summary, explained)

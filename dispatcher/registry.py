@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from dispatcher.batching import ScriptBatcher
 from dispatcher.clock import Clock, now_ms
 from dispatcher.errors import (
     InvalidMessage,
@@ -115,11 +116,13 @@ class ScanSummary:
 class Registry:
     """Node records in Redis, changed only through the scripts."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms,
+                 batcher: ScriptBatcher | None = None) -> None:
         self.client = client
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.scripts = Scripts(client, self.keys)
+        self.scripts = Scripts(client, self.keys, batcher)
+        self._batcher = batcher
         self.clock = clock
 
     # --- registration ------------------------------------------------------
@@ -152,8 +155,9 @@ class Registry:
         for _ in range(_SCRIPT_ATTEMPTS):
             if generated:
                 node_id = f"n-{secrets.token_hex(8)}"
-            stored_hash, stored_models, stored_labels = self.client.hmget(
-                self.keys.node(node_id), "secret_hash", "models", "labels")
+            read = ("HMGET", self.keys.node(node_id), "secret_hash", "models", "labels")
+            stored_hash, stored_models, stored_labels = (
+                self._batcher.command(*read) if self._batcher else self.client.execute_command(*read))
             if stored_hash is not None:
                 if not msg.node_secret or not hmac.compare_digest(stored_hash, hash_secret(msg.node_secret)):
                     if generated:

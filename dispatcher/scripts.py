@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from dispatcher.batching import ScriptBatcher
 from dispatcher.errors import ScriptRetry, StoreError
 from dispatcher.keys import CELERY_RESULT_EXPIRES_S, JOB_BUNDLE, NODE_BUNDLE, Keys
 from dispatcher.metrics import SCRIPT_SECONDS
@@ -82,14 +83,30 @@ class HeartbeatOutcome:
     kick: bool
 
 
+@dataclass(frozen=True)
+class Search:
+    """How a dispatch script looks for a node: the index sets a candidate must be in (the
+    job's needs), how many candidates it checks, and the filter's thresholds."""
+
+    sets: list[str]
+    wanted: int
+    budget: int
+    heartbeat_timeout_ms: int
+    resource_threshold: float
+    examples: int
+
+
 class Scripts:
     """Typed calls of the Lua scripts on one Redis client."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, batcher: ScriptBatcher | None = None) -> None:
         self._client = client
         self.keys = keys
+        #: When given, calls go through it, grouped with other callers' into pipelines.
+        self._batcher = batcher
         self._scripts = {name: client.register_script(src) for name, src in script_sources().items()}
         self._channels = {"wake_channel": keys.wake_channel()}
+        self._node_key = keys.node_key_parts()
 
     def _call(self, name: str, keys: list[str], params: dict[str, Any] | None = None,
               args: list[Any] | None = None) -> Any:
@@ -97,6 +114,8 @@ class Scripts:
             args = [json.dumps({**params, **self._channels}, separators=(",", ":"))]
         started_s = time.perf_counter()
         try:
+            if self._batcher is not None:
+                return self._batcher.call(self._scripts[name], keys, args or [])
             return self._scripts[name](keys=keys, args=args or [], client=self._client)
         finally:
             SCRIPT_SECONDS.labels(name).observe(time.perf_counter() - started_s)
@@ -210,43 +229,37 @@ class Scripts:
             "job_id": job_id, "needs_class": needs_class, "done_at": done_at,
             "result_expires_s": CELERY_RESULT_EXPIRES_S, **params})
 
-    def find_candidates(self, sets: list[str], now_ms: int, heartbeat_timeout_ms: int, wanted: int,
-                        budget: int) -> tuple[list[str], str]:
-        """The least loaded live ready nodes with a free slot in every one of ``sets``, and the epoch."""
-        reply = self._call("find_candidates", self.keys.candidate_indexes(sets),
-                           args=[now_ms, heartbeat_timeout_ms, wanted, budget])
-        return list(reply[0]), str(reply[1])
-
     def submit_job(self, job_id: str, needs_class: str, now_ms: int, queue_score: int, fields: dict[str, Any],
-                   candidates: list[str], epoch: str, heartbeat_timeout_ms: int, resource_threshold: float,
-                   examples: int) -> list[Any]:
+                   search: Search) -> list[Any]:
         """Record a job and give it to a candidate, or make it wait. Returns the reply:
-        ["assigned", node, attempt, exclusions] | ["waiting", exclusions] | ["queued"] | ["retry"] | ["exists", state]."""
+        ["assigned", node, attempt, exclusions] | ["waiting", exclusions] | ["queued"] | ["exists", state]."""
         return list(self._job_call("submit_job", job_id, needs_class, {
-            "now_ms": now_ms, "queue_score": queue_score, "fields": fields, "epoch": epoch, "candidates": candidates,
-            "heartbeat_timeout_ms": heartbeat_timeout_ms, "resource_threshold": resource_threshold,
-            "examples": examples}, extra_keys=self.keys.candidate_keys(candidates)))
+            "now_ms": now_ms, "queue_score": queue_score, "fields": fields, **self._search(search)},
+            extra_keys=search.sets))
 
-    def dispatch_job(self, job_id: str, needs_class: str, now_ms: int, epoch: str, candidates: list[str],
-                     heartbeat_timeout_ms: int, resource_threshold: float, examples: int) -> list[Any]:
+    def dispatch_job(self, job_id: str, needs_class: str, now_ms: int, search: Search) -> list[Any]:
         """Give a waiting job to a candidate. Returns the reply:
-        ["assigned", node, attempt, exclusions, waited ms] | ["waiting" | "retry", exclusions] | ["not_waiting", state]."""
-        return list(self._job_call("dispatch_job", job_id, needs_class, {
-            "now_ms": now_ms, "epoch": epoch, "candidates": candidates,
-            "heartbeat_timeout_ms": heartbeat_timeout_ms, "resource_threshold": resource_threshold,
-            "examples": examples}, extra_keys=self.keys.candidate_keys(candidates)))
+        ["assigned", node, attempt, exclusions, waited ms] | ["waiting", exclusions] | ["not_waiting", state]."""
+        return list(self._job_call("dispatch_job", job_id, needs_class, {"now_ms": now_ms, **self._search(search)},
+                                   extra_keys=search.sets))
+
+    def _search(self, search: Search) -> dict[str, Any]:
+        return {"wanted": search.wanted, "budget": search.budget, "node_key": self._node_key,
+                "heartbeat_timeout_ms": search.heartbeat_timeout_ms,
+                "resource_threshold": search.resource_threshold, "examples": search.examples}
 
     def ack_job(self, job_id: str, attempt: int, node_id: str, now_ms: int, progress: float | None = None,
-                message: str | None = None) -> tuple[str, str]:
-        """Returns ("started" | "running", the job's kind of needs) or ("stale", its state)."""
+                message: str | None = None) -> tuple[str, str, str]:
+        """Returns ("started" | "running", the job's kind of needs, the Celery worker that took
+        the submission) or ("stale", its state, "")."""
         reply = self._job_call("ack_job", job_id, None, {"attempt": attempt, "node_id": node_id, "now_ms": now_ms,
                                                          "progress": progress, "message": message})
-        return str(reply[0]), str(reply[1])
+        return str(reply[0]), str(reply[1]), str(reply[2]) if len(reply) > 2 else ""
 
     def complete_job(self, job_id: str, needs_class: str | None, node_id: str, attempt: int, now_ms: int,
                      meta: str, output: str, retention_ms: int) -> list[Any]:
         """Apply a node's result. Returns ["succeeded" | "failed", kick, outcome JSON, assigned_ms],
-        ["retry", kick], ["stale", state], or ["need_kind"] when it would requeue the job and
+        ["retry", kick, worker], ["stale", state], or ["need_kind"] when it would requeue the job and
         ``needs_class`` is None; kick "1" when a waiting job could take the freed slot."""
         return list(self._job_call("complete_job", job_id, needs_class, {
             "node_id": node_id, "attempt": attempt, "now_ms": now_ms, "meta": meta, "output": output,
@@ -255,7 +268,7 @@ class Scripts:
     def release_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, code: str, message: str, *,
                     cancel_on_node: bool, only_if_offline: bool = False, only_if_due: bool = False,
                     retention_ms: int) -> list[Any]:
-        """End an attempt without a result. Returns ["retry"], ["failed", outcome JSON], ["kept"],
+        """End an attempt without a result. Returns ["retry", worker], ["failed", outcome JSON], ["kept"],
         ["gone"] or ["moved"]."""
         return list(self._job_call("release_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,

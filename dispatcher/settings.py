@@ -67,6 +67,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "allowed_origins",
         "trusted_proxy_hops",
         "delivery_sweep_interval_seconds",
+        "gc_pause_log_ms",
         "log_level",
     ),
     "redis": (
@@ -152,6 +153,8 @@ class Settings(BaseSettings):
     trusted_proxy_hops: int = Field(0, ge=0, le=10)
     #: The safety net for wake-ups lost outside a listener reconnect (which sweeps at once).
     delivery_sweep_interval_seconds: float = Field(10.0, gt=0)
+    #: Garbage collections that stop the web process at least this long (ms) are logged (gc_pause).
+    gc_pause_log_ms: float = Field(100, gt=0)
     log_level: str = "INFO"
 
     # [redis]

@@ -49,7 +49,8 @@ class SubmissionRequest(Request):
 
 # The task stores no result and sends no events of its own: the job's scripts write its
 # states under this task's id as they happen, and the publisher tells Flower the job's
-# story (received here, started and ended where the node's frames arrive). Only a refused
+# story (received here, started and ended where the node's frames arrive), every event
+# in the name of this worker. Only a refused
 # submission's error is stored, by Celery, as the task's failure.
 @app.task(name="dispatcher.submit_job", bind=True, Request=SubmissionRequest, ignore_result=True,
           store_errors_even_if_ignored=True, send_events=False)
@@ -57,11 +58,12 @@ def submit_job(self: Task, **fields: Any) -> None:
     """Record the job and hand it to a node (or let it wait for one)."""
     job_id = self.request.id
     publisher = jobs().publisher
-    publisher.received(job_id, self.request.kwargsrepr)
+    worker = self.request.hostname or ""
+    publisher.received(job_id, self.request.kwargsrepr, worker)
     try:
-        jobs().submit(job_id, fields)
+        jobs().submit(job_id, fields, worker)
     except InvalidJob as exc:
-        publisher.refused(job_id, exc)
+        publisher.refused(job_id, exc, worker)
         raise
 
 

@@ -20,7 +20,7 @@ local TERMINAL = {succeeded = true, failed = true, cancelled = true}
 
 --- The job fields a script that ends or requeues an attempt reads (with HMGET, once).
 local LIFE_FIELDS = {'state', 'attempt', 'node_id', 'assigned_ms', 'acked_ms', 'attempts', 'needs_class', 'needs',
-  'queue_score', 'dispatch_timeout_ms', 'max_attempts', 'timeout_ms', 'avoid'}
+  'queue_score', 'dispatch_timeout_ms', 'max_attempts', 'timeout_ms', 'avoid', 'worker'}
 
 -- The job's fields, read once. Every script that is given P.needs_class reads
 -- `needs_class` too: J.waiting_class was built from P.needs_class, so a job of
@@ -111,6 +111,14 @@ end
 -- write; ``output``: a success's JSON text, as the node sent it).
 local function finish(job, state, outcome, now_ms, extra, output)
   if job.state == 'waiting' then wait_leave(P.job_id, job.needs_class) end
+  -- For the task events: the Celery worker that took the submission (Flower's worker
+  -- link must reach a real worker), and how long the node had the job when the node
+  -- does not say (Flower's runtime).
+  outcome.worker = job.worker
+  local since = tonumber(job.acked_ms) or tonumber(job.assigned_ms)
+  if outcome.node_id and outcome.node_id ~= '' and since and not outcome.duration_ms then
+    outcome.duration_ms = now_ms - since
+  end
   if state == 'succeeded' then
     celery_state('SUCCESS', output)
   elseif state == 'failed' then
@@ -144,10 +152,80 @@ local function back_to_waiting(job, outcome, now_ms, extra)
 end
 
 -- --- choosing a node and assigning -------------------------------------------
--- Candidates come after the bundles in KEYS, three keys each: the node's hash,
--- its assigned-jobs hash and its queue (P.candidates names them, least loaded
--- first). The filter re-checks each in the contract's order; the first
--- failing step names the node's exclusion reason.
+-- The candidates are the least loaded ready nodes with a free slot (J.capacity_index
+-- holds ready nodes only) that are in every index set the job needs (KEYS[NEXT] on)
+-- and were heard from within the timeout. The filter re-checks each in the contract's
+-- order; the first failing step names the node's exclusion reason. A candidate's own
+-- keys are named from P.node_key (dispatcher.keys.Keys.node_key_parts): they share the
+-- declared keys' prefix, whose braces make it the Redis Cluster hash tag of them all.
+
+-- The capacity index is read a page at a time, each page checked with one SMISMEMBER per
+-- set: in a healthy fleet the first page answers, whatever the fleet's size. When it does
+-- not, the sets' sizes say whether paging on would look at more than P.budget nodes (a rare
+-- model, a narrow selector): then, or when P.budget nodes were looked at without finding
+-- P.wanted, the sets are intersected instead, which costs about the smallest of them. An
+-- empty set ends the search.
+local function find_candidates()
+  local fresh_after = P.now_ms - P.heartbeat_timeout_ms
+  local page_size = math.max(2 * P.wanted, 8)
+  local found = {}
+  -- (paging on would look at more than P.budget nodes, no node can match)
+  local function paging_outlook()
+    local ready_with_room = redis.call('ZCARD', J.capacity_index)
+    local smallest = ready_with_room
+    for k = NEXT, #KEYS do
+      smallest = math.min(smallest, redis.call('SCARD', KEYS[k]))
+    end
+    if smallest == 0 then return true, true end
+    -- As if the smallest set's members were spread evenly through the index.
+    return P.wanted * ready_with_room / smallest > P.budget, false
+  end
+  local function keep_live(ids)
+    if #ids == 0 then return end
+    local seen = redis.call('ZMSCORE', J.liveness, unpack(ids))
+    for i, node_id in ipairs(ids) do
+      if seen[i] and tonumber(seen[i]) > fresh_after then
+        found[#found + 1] = node_id
+        if #found == P.wanted then return end
+      end
+    end
+  end
+  local offset = 0
+  while #found < P.wanted and offset < P.budget do
+    local page = redis.call('ZRANGE', J.capacity_index, offset, offset + page_size - 1)
+    if #page == 0 then break end
+    local passing = page
+    for k = NEXT, #KEYS do
+      local member = redis.call('SMISMEMBER', KEYS[k], unpack(passing))
+      local still = {}
+      for i, node_id in ipairs(passing) do
+        if member[i] == 1 then still[#still + 1] = node_id end
+      end
+      passing = still
+      if #passing == 0 then break end
+    end
+    keep_live(passing)
+    offset = offset + page_size
+    if #page < page_size then return found end
+    if offset == page_size and #found < P.wanted then
+      local too_long, none = paging_outlook()
+      if none then return found end
+      if too_long then offset = P.budget end
+    end
+  end
+  if #found < P.wanted and offset >= P.budget then
+    -- Weighting the sets 0 keeps each node's load as its score; the reply comes least loaded first.
+    found = {}
+    local args = {'ZINTER', #KEYS - NEXT + 2, J.capacity_index}
+    for k = NEXT, #KEYS do args[#args + 1] = KEYS[k] end
+    args[#args + 1] = 'WEIGHTS'
+    args[#args + 1] = 1
+    for _ = NEXT, #KEYS do args[#args + 1] = 0 end
+    local all = redis.call(unpack(args))
+    keep_live({unpack(all, 1, math.min(#all, 4 * P.wanted))})
+  end
+  return found
+end
 
 local function number(value)
   return (value and value ~= '') and tonumber(value) or 0
@@ -210,9 +288,9 @@ end
 local function pick_node(needs, avoid)
   local counts, examples = {}, {}
   local fallback = nil
-  for i, node_id in ipairs(P.candidates) do
-    local base = NEXT + (i - 1) * 3
-    local n = redis.call('HMGET', KEYS[base], 'status', 'last_seen_ms', 'max_concurrent_jobs', 'cpu_percent',
+  for i, node_id in ipairs(find_candidates()) do
+    local node_key = P.node_key.head .. node_id
+    local n = redis.call('HMGET', node_key, 'status', 'last_seen_ms', 'max_concurrent_jobs', 'cpu_percent',
       'gpu_percent', 'mem_percent', unpack(NODE_STATIC))
     local reason, assigned, max_jobs = nil, 0, number(n[3])
     if n[1] ~= 'ready' or P.now_ms - number(n[2]) >= P.heartbeat_timeout_ms then
@@ -221,7 +299,7 @@ local function pick_node(needs, avoid)
       reason = static_reason(needs, n, 7)
     end
     if not reason then
-      assigned = redis.call('HLEN', KEYS[base + 1])
+      assigned = redis.call('HLEN', node_key .. P.node_key.assigned)
       if assigned >= max_jobs then reason = 'CapacityExceeded' end
     end
     if not reason and math.max(number(n[4]), number(n[5]), number(n[6])) >= P.resource_threshold then
@@ -232,7 +310,8 @@ local function pick_node(needs, avoid)
       examples[reason] = examples[reason] or {}
       if #examples[reason] < P.examples then table.insert(examples[reason], node_id) end
     else
-      local pick = {index = i, node_id = node_id, assigned = assigned, max_jobs = max_jobs, n = n}
+      local pick = {index = i, node_id = node_id, node_key = node_key, assigned = assigned, max_jobs = max_jobs,
+        n = n}
       if not avoid[node_id] then return pick, {counts = counts, examples = examples} end
       fallback = fallback or pick
     end
@@ -243,7 +322,6 @@ end
 -- Reserve the slot, record the assignment and queue job_assign, together.
 -- Returns the attempt number and the frame. ``job`` holds the spec fields.
 local function assign(job, pick, now_ms)
-  local base = NEXT + (pick.index - 1) * 3
   local attempt = tonumber(job.attempt or 0) + 1
   -- Built by hand so the payload reaches the node exactly as submitted
   -- (decoding and encoding it here would turn [] into {}).
@@ -251,8 +329,8 @@ local function assign(job, pick, now_ms)
     ',"job_type":' .. cjson.encode(job.job_type) .. ',"payload":' .. job.payload ..
     ',"required_models":' .. job.required_models .. ',"require_gpu":' ..
     (job.require_gpu == '1' and 'true' or 'false') .. ',"timeout_seconds":' .. job.timeout_seconds .. '}'
-  redis.call('HSET', KEYS[base + 1], P.job_id, frame)
-  deliver_to(KEYS[base + 2], pick.node_id, frame)
+  redis.call('HSET', pick.node_key .. P.node_key.assigned, P.job_id, frame)
+  deliver_to(pick.node_key .. P.node_key.queue, pick.node_id, frame)
   set_capacity(J.capacity_index, pick.node_id, pick.assigned + 1, pick.max_jobs, now_ms)
   redis.call('ZADD', J.deadlines, now_ms + tonumber(job.timeout_ms), P.job_id)
   return attempt

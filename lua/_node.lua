@@ -57,9 +57,8 @@ local function transition(node_id, to, reason, now_ms)
   end
   if to == 'ready' then
     -- A node that turns ready may take waiting jobs: into the capacity index (which holds
-    -- ready nodes only), and dispatchers are told their view is stale.
+    -- ready nodes only).
     refresh_capacity(node_id, now_ms)
-    redis.call('INCR', K.epoch)
   else
     redis.call('ZREM', K.capacity_index, node_id)
   end

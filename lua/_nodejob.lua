@@ -1,8 +1,7 @@
 -- Prelude of the scripts that include both `job` and `node`: K is the bundle
 -- of the node the job's current attempt runs on.
 
--- The job leaves its node: the slot is free again (dispatchers are told by
--- the epoch), its job_assign is forgotten, and a draining node with nothing
+-- The job leaves its node: the slot is free again, its job_assign is forgotten, and a draining node with nothing
 -- left goes offline. Returns whether a waiting job could take the freed slot
 -- (by its static needs): only then is a pass over the waiting jobs worth it.
 local function release_slot(node_id, now_ms)
@@ -10,7 +9,6 @@ local function release_slot(node_id, now_ms)
   local n = redis.call('HMGET', K.node, 'max_concurrent_jobs', 'status', unpack(NODE_STATIC))
   local assigned = redis.call('HLEN', K.assigned)
   if n[2] == 'ready' then set_capacity(K.capacity_index, node_id, assigned, tonumber(n[1]) or 1, now_ms) end
-  redis.call('INCR', K.epoch)
   if n[2] == 'draining' and assigned == 0 then
     finish_drain(node_id, 'drained: its last job ended', now_ms)
   end

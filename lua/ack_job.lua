@@ -6,12 +6,13 @@
 --
 -- KEYS: the job bundle
 -- P: job_id, attempt, node_id, now_ms, progress (or null), message (or null)
--- Returns: {"started", kind}: first word from the node on this attempt
+-- Returns: {"started", kind, worker}: first word from the node on this attempt
+--          (worker: the Celery worker that took the submission, for the task event)
 --          {"running", kind}: already started (a repeated ack, or progress)
 --          {"stale", state}: not the current attempt or not this node
 --          kind: the job's kind of needs (what its completion needs to requeue it)
 
-local job = job_get({'state', 'attempt', 'node_id', 'needs_class'})
+local job = job_get({'state', 'attempt', 'node_id', 'needs_class', 'worker'})
 if (job.state ~= 'assigned' and job.state ~= 'running') or tonumber(job.attempt) ~= P.attempt
     or job.node_id ~= P.node_id then
   return {'stale', job.state or 'unknown'}
@@ -26,4 +27,4 @@ elseif job.state == 'running' then
 end
 if job.state == 'assigned' then redis.call('HSET', J.job, 'state', 'running', 'acked_ms', P.now_ms) end
 celery_state('STARTED', cjson.encode(info))
-return {job.state == 'assigned' and 'started' or 'running', job.needs_class}
+return {job.state == 'assigned' and 'started' or 'running', job.needs_class, job.worker or ''}

@@ -1,6 +1,6 @@
 --#include node job
--- complete_job: apply the node's result for its current attempt (the web
--- process calls it as the frame arrives): free the node's slot, then finish
+-- complete_job: apply the node's result for its current attempt (a worker
+-- calls it for each result it reads from the results stream): free the node's slot, then finish
 -- the job, or send it back to wait for another node when the node's error is
 -- retryable and attempts remain. Accepted once: a result for another attempt,
 -- from another node, or for a job already over changes nothing.
@@ -10,7 +10,7 @@
 --    output (JSON text, exactly as the node sent it), now_ms, retention_ms,
 --    needs_class (or null when the caller does not know it), wake_channel
 -- Returns: {"succeeded" | "failed", kick, outcome JSON, assigned_ms}
---          {"retry", kick}
+--          {"retry", kick, worker}: worker, the Celery worker that took the submission
 --          kick "1": a waiting job could take the freed slot (a pass over them is due)
 --          {"stale", state}: not the current attempt of this node
 --          {"need_kind"}: it would wait again, and needs_class was not given (nothing written)
@@ -35,7 +35,7 @@ if meta.success then
 end
 if retry then
   back_to_waiting(job, 'failed: ' .. err.code, now, {'last_error', cjson.encode(err), 'result_received_ms', now})
-  return {'retry', '1'}
+  return {'retry', '1', job.worker or ''}
 end
 local outcome = {state = 'failed', code = err.code, message = err.message, node_id = node_id,
   attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts), retryable = err.retryable,

@@ -4,13 +4,13 @@
 -- slot is reserved, the job recorded as assigned and its job_assign queued
 -- together, or nothing changes.
 --
--- KEYS: the job bundle, then three keys per candidate (see _job.lua).
--- P: job_id, needs_class, now_ms, epoch (read with the candidates; "" when
---    unset), candidates (node ids, least loaded first), heartbeat_timeout_ms,
---    resource_threshold, examples (ids kept per reason), wake_channel
+-- KEYS: the job bundle, then the index sets a candidate must be in (see _job.lua).
+-- P: job_id, needs_class, now_ms, wanted (candidates looked at), budget (nodes
+--    read in load order before the sets are intersected), node_key,
+--    heartbeat_timeout_ms, resource_threshold, examples (ids kept per reason),
+--    wake_channel
 -- Returns: {"assigned", node id, attempt, exclusions JSON, ms waited since the job (last) began waiting}
 --          {"waiting", exclusions JSON}: no candidate fits
---          {"retry", exclusions JSON}: none fits, but the epoch moved: read again
 --          {"not_waiting", state}
 
 local job = job_get({'state', 'attempt', 'job_type', 'payload', 'required_models', 'require_gpu', 'public',
@@ -20,10 +20,7 @@ local avoid = {}
 for _, node_id in ipairs(cjson.decode(job.avoid or '[]')) do avoid[node_id] = true end
 
 local pick, exclusions = pick_node(needs_of_record(job), avoid)
-if not pick then
-  local moved = (redis.call('GET', J.epoch) or '') ~= P.epoch
-  return {moved and 'retry' or 'waiting', cjson.encode(exclusions)}
-end
+if not pick then return {'waiting', cjson.encode(exclusions)} end
 local now = P.now_ms
 local attempt = assign(job, pick, now)
 wait_leave(P.job_id, job.needs_class)

@@ -50,7 +50,6 @@ if P.models ~= cjson.null and P.models ~= stored_models then
     end
   end
   redis.call('HSET', K.node, 'models', P.models)
-  redis.call('INCR', K.epoch)
   more_work = true
 end
 
@@ -64,12 +63,12 @@ redis.call('HSET', K.node,
   'last_healthy', P.healthy and '1' or '0', 'last_health_reason', P.health_reason)
 redis.call('ZADD', K.liveness, now, node_id)
 if gpu_ok then
-  if redis.call('SADD', K.gpu_index, node_id) == 1 then redis.call('INCR', K.epoch) more_work = true end
+  if redis.call('SADD', K.gpu_index, node_id) == 1 then more_work = true end
 else
   redis.call('SREM', K.gpu_index, node_id)
 end
 if busiest < P.resource_threshold then
-  if redis.call('SADD', K.resources_index, node_id) == 1 then redis.call('INCR', K.epoch) more_work = true end
+  if redis.call('SADD', K.resources_index, node_id) == 1 then more_work = true end
 else
   redis.call('SREM', K.resources_index, node_id)
 end

@@ -8,7 +8,7 @@
 -- P: job_id, needs_class, node_id (as the caller read it), now_ms, code, message,
 --    cancel_on_node, only_if_offline (node loss: not if it resumed),
 --    only_if_due (timeout: not before the deadline), retention_ms, wake_channel
--- Returns: {"retry"} | {"failed"} | {"kept"}: the condition no longer holds
+-- Returns: {"retry", worker} | {"failed", outcome JSON} | {"kept"}: the condition no longer holds
 --          {"gone"}: the job is not on a node any more | {"moved"}: read again
 
 local job = job_get(LIFE_FIELDS)
@@ -24,7 +24,7 @@ if P.cancel_on_node then stop_on_node(node_id, job, P.message, now) end
 release_slot(node_id, now)
 if tonumber(job.attempt) < tonumber(job.max_attempts) then
   back_to_waiting(job, P.code, now, {'last_error', cjson.encode({code = P.code, message = P.message})})
-  return {'retry'}
+  return {'retry', job.worker or ''}
 end
 local outcome = finish(job, 'failed', {state = 'failed', code = P.code, message = P.message, node_id = node_id,
   attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)

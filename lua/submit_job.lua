@@ -4,18 +4,17 @@
 -- could take that node; else it waits. A submission delivered twice (Celery redelivers unacknowledged
 -- tasks) creates nothing new.
 --
--- KEYS: the job bundle, then three keys per candidate (see _job.lua).
+-- KEYS: the job bundle, then the index sets a candidate must be in (see _job.lua).
 -- P: job_id, needs_class, now_ms, queue_score (priority first, then
---    submission time), epoch (read with the candidates; "" when unset),
---    candidates, heartbeat_timeout_ms, resource_threshold, examples,
+--    submission time), wanted, budget, node_key, heartbeat_timeout_ms,
+--    resource_threshold, examples (as dispatch_job's),
 --    fields: job_type, payload (JSON text), required_models (JSON text),
 --    require_gpu, public, timeout_seconds, timeout_ms, max_attempts,
 --    dispatch_timeout_ms, priority, node_selector (JSON text), needs (JSON
---    text of the kind's needs)
+--    text of the kind's needs), worker (the Celery worker's hostname, for task events)
 -- Returns: {"assigned", node id, attempt, exclusions JSON}
 --          {"waiting", exclusions JSON}: no candidate fits; the job waits
 --          {"queued"}: a job waiting ahead of it could take the node: it waits behind it
---          {"retry"}: no candidate fits but the epoch moved: read again (nothing written)
 --          {"exists", state}
 
 local state = job_get({'state'}).state
@@ -31,7 +30,7 @@ local function record(...)
     'timeout_seconds', f.timeout_seconds, 'timeout_ms', f.timeout_ms, 'max_attempts', f.max_attempts,
     'dispatch_timeout_ms', f.dispatch_timeout_ms, 'priority', f.priority, 'node_selector', f.node_selector,
     'needs_class', P.needs_class, 'needs', f.needs, 'queue_score', P.queue_score, 'submitted_ms', now,
-    'waiting_since_ms', now, 'avoid', '[]', ...)
+    'waiting_since_ms', now, 'avoid', '[]', 'worker', f.worker or '', ...)
 end
 
 local function wait()
@@ -43,7 +42,7 @@ end
 local pick, exclusions = pick_node(needs_of_record(job), {})
 -- Older or more urgent jobs go first: when one waiting could take this node, this job
 -- waits behind it, and a pass over the waiting jobs places them in order.
-if pick and redis.call('ZCARD', J.waiting) > 0 and waiting_could_take(pick.n, 7, P.queue_score) then
+if pick and waiting_could_take(pick.n, 7, P.queue_score) then
   wait()
   return {'queued'}
 end
@@ -54,6 +53,5 @@ if pick then
       examined = pick.index, counts = exclusions.counts, examples = exclusions.examples}))
   return {'assigned', pick.node_id, attempt, cjson.encode(exclusions)}
 end
-if (redis.call('GET', J.epoch) or '') ~= P.epoch then return {'retry'} end
 wait()
 return {'waiting', cjson.encode(exclusions)}

@@ -471,3 +471,19 @@ def web_worker_rss(server: WebServer) -> int:
 def job_attempts(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
     """The job's ended attempts (node, assigned, acked, ended, outcome), oldest first."""
     return json.loads(client.hget(Keys().job(job_id), "attempts") or "[]")
+
+
+def apply_result(jobs: Any, node_id: str, msg: Any, kind: str | None = None) -> str:
+    """A node's result as a web process hands it on and a worker applies it: the outcome
+    ("stale" when the web process already knew it for one)."""
+    from dispatcher.completions import Completions
+
+    if not jobs.report_result(node_id, msg, kind):
+        return "stale"
+    completions = Completions(jobs, "tests")
+    outcomes = []
+    for entry_id, fields in completions.read(None):
+        outcomes.append(jobs.complete(fields)[0])
+        jobs.client.xack(jobs.keys.results(), "completers", entry_id)
+    assert len(outcomes) == 1, outcomes
+    return str(outcomes[0])

@@ -85,11 +85,11 @@ def test_web_process_killed_between_pop_and_send(own_redis: Any, logs_dir: Path,
         web.stop()
 
 
-def test_web_process_killed_right_after_it_applied_a_result(own_redis: Any, logs_dir: Path, tmp_path: Path,
-                                                            agents: Any) -> None:
-    """The web process applies a node's result, then dies (SIGKILL, master and
-    worker) before anything else of the completion runs. The client has its result
-    (written with our record, in one script): SUCCESS once, with the output."""
+def test_web_process_killed_right_after_it_handed_a_result_on(own_redis: Any, logs_dir: Path, tmp_path: Path,
+                                                              agents: Any) -> None:
+    """The web process hands a node's result on to the workers, then dies (SIGKILL,
+    master and worker) before anything else. A worker applies the result: SUCCESS
+    once, with the output, though the process that received it is gone."""
     redis_url, r = own_redis
     client = client_app(redis_url)
     flag = tmp_path / "armed"
@@ -103,13 +103,50 @@ def test_web_process_killed_right_after_it_applied_a_result(own_redis: Any, logs
         wait_for(lambda: r.scard(Keys().status_set("ready")) == 1, what="a ready node")
         result = submit(client, "echo", text="survives")
         wait_for(lambda: not web.process.alive(), timeout_s=20, what="the web process to die")
-        assert r.hget(Keys().job(result.id), "state") == "succeeded", "the result is in our records"
         assert result.get(timeout=30) == {"text": "survives"}
         assert_ended_once(r, [result.id])
     finally:
         for process in (beat, worker):
             process.stop()
         web.kill()
+
+
+def test_worker_killed_holding_results(own_redis: Any, logs_dir: Path, tmp_path: Path, agents: Any,
+                                       start_web: Any) -> None:
+    """The only worker reads results from the stream and dies (SIGKILL, its whole
+    process group) before applying them. A worker started afterwards claims them
+    through the scan and applies them: every job SUCCESS once, with its output."""
+    redis_url, r = own_redis
+    client = client_app(redis_url)
+    flag = tmp_path / "armed"
+    flag.touch()
+    web = start_web(REDIS_URL=redis_url, **FAST)
+    env = clean_env(redis_url, **FAST)
+    doomed = start_procfile("worker", {**env, "FAULT_FLAG": str(flag)}, logs_dir,
+                            celery_app="tests.faults.worker_dies_holding_results")
+    beat = start_procfile("beat", env, logs_dir)
+    worker = None
+    try:
+        agents(web, tmp_path / "a.json", "--max-concurrent-jobs", "4")
+        wait_for(lambda: r.scard(Keys().status_set("ready")) == 1, what="a ready node")
+        # Jobs that take a while: every submission is out of the doomed worker's hands (a
+        # submission it holds when killed comes back only after the broker's visibility
+        # timeout) before the first result reaches it.
+        results = [submit(client, "sleep", seconds=4, text=f"t{i}") for i in range(4)]
+        wait_for(lambda: all(r.hget(Keys().job(res.id), "state") == "running" for res in results), timeout_s=3.5,
+                 what="every job running before any result")
+        wait_for(lambda: not doomed.alive(), timeout_s=20, what="the worker to die")
+        assert not flag.exists(), "it died where the fault was injected"
+        assert r.xpending(Keys().results(), "completers")["pending"] >= 1, "it held results"
+        worker = start_procfile("worker", env, logs_dir)
+        assert [res.get(timeout=30)["payload"] for res in results] == [{"seconds": 4, "text": f"t{i}"}
+                                                                       for i in range(4)]
+        assert_ended_once(r, [res.id for res in results])
+    finally:
+        doomed.kill()
+        for process in (beat, worker):
+            if process is not None:
+                process.stop()
 
 
 def test_node_killed_mid_job(own_redis: Any, logs_dir: Path, tmp_path: Path, agents: Any, start_web: Any) -> None:

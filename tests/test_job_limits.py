@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from dispatcher.errors import InvalidJob
+from dispatcher.filter import JobNeeds
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
@@ -22,7 +23,7 @@ from dispatcher.messages import MAX_JSON_DEPTH, decode_node_message, decode_serv
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry
 from tests.conftest import client_app
-from tests.support import wait_for
+from tests.support import apply_result, wait_for
 from tests.test_dispatch import T0, add_node
 
 
@@ -67,7 +68,8 @@ def test_a_job_id_that_could_name_another_key_is_refused_and_nothing_is_written(
 
 def test_the_scripts_refuse_a_bad_id_before_writing(core: tuple[Registry, Jobs], quiet_redis: redis.Redis) -> None:
     _, jobs = core
-    for call in (lambda: jobs.scripts.submit_job("a:b", "k", T0, 0, {}, [], "", 1000, 90, 3),
+    search = jobs.dispatcher.search(JobNeeds((), False, False, ()))
+    for call in (lambda: jobs.scripts.submit_job("a:b", "k", T0, 0, {}, search),
                  lambda: jobs.scripts.cancel_job("a:b", "k", "n", T0, "r", 1000),
                  lambda: jobs.scripts.complete_job("j", "k", "n:queue", 1, T0, "{}", "1", 1000)):
         with pytest.raises(redis.ResponseError, match="invalid"):
@@ -139,7 +141,7 @@ def test_jobs_no_node_can_take_do_not_slow_completions_or_submissions(core: tupl
         jobs.submit(job_id, {"job_type": "asr"})
         submitted = commands(quiet_redis)
         frame = json.dumps({"type": "job_result", "job_id": job_id, "attempt": 1, "success": True, "output": 1})
-        assert jobs.result(node_id, decode_node_message(frame)) == "succeeded"  # type: ignore[arg-type]
+        assert apply_result(jobs, node_id, decode_node_message(frame)) == "succeeded"
         return submitted - before, commands(quiet_redis) - submitted
 
     def hopeless(count: int, start: int = 0) -> None:

@@ -38,8 +38,9 @@ def test_metrics_cover_the_fleet_the_decisions_and_the_latencies(system: Any, cl
     assert m["dispatcher_jobs_finished_total"][(("state", "succeeded"),)] >= 1
     assert m["dispatcher_job_submit_to_assign_seconds_count"][()] >= 1
     assert m["dispatcher_job_assign_to_result_seconds_count"][()] >= 1
-    assert m["dispatcher_lua_script_seconds_count"][(("script", "dispatch_job"),)] >= 1
+    assert m["dispatcher_lua_script_seconds_count"][(("script", "submit_job"),)] >= 1
     assert m["dispatcher_lua_script_seconds_count"][(("script", "record_heartbeat"),)] >= 3
     assert m["dispatcher_web_sessions"][()] >= 1
     assert m["dispatcher_partition_suspected"][()] == 0
+    assert m["dispatcher_results_unapplied"][()] == 0, "every result applied"
     client.send_task("dispatcher.cancel_job", kwargs={"job_id": waiting.id}).get(timeout=10)

@@ -118,4 +118,10 @@ class Admission:
             # No permessage-deflate: its zlib state costs about 300 KiB per session, and a
             # small compressed frame could inflate without bound before any size limit.
             environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+            try:
+                return self.app(environ, start_response)
+            finally:
+                # werkzeug's request and this environ refer to each other: a cycle that, once
+                # frozen with a long session (web/gcpolicy.py), no collection would free.
+                environ.pop("werkzeug.request", None)
         return self.app(environ, start_response)

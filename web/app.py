@@ -9,6 +9,7 @@ from flask import Flask, Response, jsonify, request
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
+from dispatcher.batching import ScriptBatcher
 from dispatcher.celery_app import app as celery_app
 from dispatcher.connection import redis_client
 from dispatcher.jobs import Jobs
@@ -32,7 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     client = redis_client(settings)
-    registry = Registry(client, settings)
+    # Thousands of sessions' script calls (heartbeats, pops) go to Redis grouped in pipelines.
+    registry = Registry(client, settings, batcher=ScriptBatcher(client))
     hub = Hub(registry, Jobs(client, settings, celery_app), settings)
 
     app = Flask(__name__)

@@ -51,14 +51,46 @@ def post_worker_init(worker: object) -> None:
     # What exists now (imported modules, the app) lives for ever: keep it out of
     # every later full collection, whose pause grows with the objects it walks.
     gc.freeze()
-    watch_gc_pauses()
+    watch_gc_pauses(_settings.gc_pause_log_ms)
+    if os.environ.get("BENCH_PROBE"):
+        _bench_probe()
     # Start the session hub in the worker (after the fork); absent when serving another app.
     hub = worker.wsgi.extensions.get("dispatcher.hub")
     if hub is not None:
+        import signal
+
+        import gevent
+
+        from web import gcpolicy
+
+        gcpolicy.start()
+        gevent.signal_handler(signal.SIGUSR2, gcpolicy.reclaim)
         # On SIGTERM gunicorn only stops accepting and waits for open connections;
         # node sessions never end by themselves, so the hub closes them.
         hub.stop_when(lambda: not worker.alive)  # type: ignore[attr-defined]
         hub.start()
+
+
+def _bench_probe() -> None:
+    """bench/sessions.py only (BENCH_PROBE set): on SIGUSR1 the worker logs its count of
+    Python objects (the frozen ones too) and the most common types among those not frozen."""
+    import collections
+    import logging
+    import signal
+
+    import gevent
+
+    from dispatcher.logs import log_event, report_gc_pauses
+
+    def probe() -> None:
+        report_gc_pauses()
+        objects = gc.get_objects()
+        types = collections.Counter(type(o).__name__ for o in objects).most_common(25)
+        log_event(logging.getLogger("bench.probe"), "bench_probe", objects=len(objects) + gc.get_freeze_count(),
+                  frozen=gc.get_freeze_count(), types=dict(types))
+        del objects
+
+    gevent.signal_handler(signal.SIGUSR1, probe)
 
 
 def child_exit(server: object, worker: Any) -> None:

@@ -76,7 +76,13 @@ class Transport:
     def __init__(self, ws: Any, max_frame_bytes: int, max_buffered_bytes: int, send_timeout_s: float) -> None:
         self._ws = ws
         self._sock: socket.socket = ws.sock
-        self._conn = ws.ws
+        conn = ws.ws
+        if conn.connection is not None:
+            # Past the handshake only wsproto's frame-level connection is used: the handshake's
+            # HTTP state (h11's connection, the request and its headers: about 50 objects and
+            # several KiB a session) is dropped with it.
+            conn, ws.ws = conn.connection, None
+        self._conn = conn
         self._events: Any = iter(())
         self._partial: list[str | bytes] = []
         self._partial_chars = 0
@@ -268,3 +274,10 @@ class Transport:
             self._out.clear()
             self._out_bytes = 0
             self._ws.connected = False  # flask-sock's own close() after the route then does nothing
+            # Two reference cycles, so that the session is freed by reference counting once it
+            # ends, even when web/gcpolicy.py froze it: the refill (the session's bound method)
+            # and the generator wsproto's frame parser holds on itself.
+            self._refill = None
+            parser = getattr(getattr(self._conn, "_proto", None), "_parse_more", None)
+            if parser is not None and hasattr(parser, "close"):
+                parser.close()

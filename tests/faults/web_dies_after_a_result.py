@@ -1,7 +1,6 @@
 """gunicorn config for a fault test: the web process dies (master and worker, as a
-crashed machine would) right after it applied a node's result (one script: our
-record and Celery's), before it tells Flower, logs or counts anything. Armed by
-the file named in FAULT_FLAG; fires once."""
+crashed machine would) right after it handed a node's result on to the workers,
+before anything else. Armed by the file named in FAULT_FLAG; fires once."""
 
 import os
 import signal
@@ -16,13 +15,14 @@ _FLAG = Path(os.environ["FAULT_FLAG"])
 
 def post_worker_init(worker: object) -> None:
     _base.post_worker_init(worker)
-    from dispatcher.publish import Publisher
+    from dispatcher.jobs import Jobs
 
-    finished = Publisher.finished
+    report = Jobs.report_result
 
-    def die_or_tell(self: Publisher, *args: Any, **kwargs: Any) -> None:
+    def report_then_die(self: Jobs, *args: Any, **kwargs: Any) -> bool:
+        handed_on = report(self, *args, **kwargs)
         if _FLAG.exists():
             _FLAG.unlink()
             os.killpg(os.getpgid(0), signal.SIGKILL)
-        finished(self, *args, **kwargs)
-    Publisher.finished = die_or_tell  # type: ignore[method-assign]
+        return handed_on
+    Jobs.report_result = report_then_die  # type: ignore[method-assign]
