@@ -200,6 +200,7 @@ class Fleet:
                     previous_status=view["previous_status"],
                     reason=view["reason"],
                     timestamp=self.clock(),
+                    periodic=True,
                     health=view["health"],
                     assigned_jobs=view["assigned_jobs"],
                     not_eligible=idle,

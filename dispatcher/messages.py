@@ -12,17 +12,19 @@ import enum
 import json
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_serializer,
 )
 
 #: A node id the server accepts from a node: letters, digits, '-', '_', '.' (use ``fullmatch``).
@@ -74,6 +76,18 @@ Percent = Annotated[float, Field(ge=0, le=100)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 Attempt = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 Size = Annotated[float, Field(ge=0, le=MAX_COUNT)]
+
+
+def integral_numbers(value: Any) -> Any:
+    """``value`` with every float that holds a whole number made an int, in lists and
+    dicts too: ``15.0`` -> ``15``."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: integral_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [integral_numbers(v) for v in value]
+    return value
 
 
 def valid_node_id(node_id: str) -> bool:
@@ -150,6 +164,8 @@ class ResourceUsage(_Wire):
 
 
 class NodeRegister(_Wire):
+    """The first frame of a session: who the node is and what it has."""
+
     type: Literal["node_register"]
     node_id: NodeId | None = None
     node_secret: str | None = Field(None, max_length=512)
@@ -179,6 +195,8 @@ class NodeRegister(_Wire):
 
 
 class NodeHeartbeat(_Wire):
+    """Every heartbeat_interval_seconds: usage and model statuses, judged for health."""
+
     type: Literal["node_heartbeat"]
     node_id: NodeId | None = None
     #: The node's own clock; informational only, liveness uses the server's.
@@ -194,6 +212,8 @@ class NodeHeartbeat(_Wire):
 
 
 class JobAck(_Wire):
+    """The node has the attempt and has started it."""
+
     type: Literal["job_ack"]
     job_id: JobId
     attempt: Attempt
@@ -201,6 +221,8 @@ class JobAck(_Wire):
 
 
 class JobProgress(_Wire):
+    """How far the node is with an attempt (optional)."""
+
     type: Literal["job_progress"]
     job_id: JobId
     attempt: Attempt
@@ -213,9 +235,13 @@ class NodeJobError(_Wire):
     code: str = Field("NODE_ERROR", max_length=100)
     message: str = Field("", max_length=10_000)
     retryable: bool = False
+    #: The node's own failure (CUDA error, out of memory, a crashed model), not the job's.
+    node_fault: bool = False
 
 
 class JobResult(_Wire):
+    """The end of an attempt: the node's output, or its error."""
+
     type: Literal["job_result"]
     job_id: JobId
     attempt: Attempt
@@ -227,6 +253,8 @@ class JobResult(_Wire):
 
 
 class NodeDrain(_Wire):
+    """The node asks to be drained: no new jobs; it finishes what it has."""
+
     type: Literal["node_drain"]
     reason: str = Field("requested by the node", max_length=500)
     deadline_seconds: float | None = Field(None, gt=0, le=MAX_COUNT)
@@ -245,33 +273,65 @@ NODE_MESSAGE_TYPES = ("node_register", "node_heartbeat", "job_ack", "job_progres
 class _Outbound(_Wire):
     # Built by the server from Python values (status strings, not enum members).
     model_config = ConfigDict(frozen=True, extra="ignore", strict=False)
+    #: Fields that carry a client's or a node's own JSON, sent exactly as given.
+    _verbatim: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _integral_numbers(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Settings and stored values are floats (timeouts accept 0.5), but a peer may read
+        # its counts and intervals as integers: 15, never 15.0, whatever the field's type.
+        data = handler(self)
+        return {k: v if k in self._verbatim else integral_numbers(v) for k, v in data.items()}
 
 
 class NodeRegisterAck(_Outbound):
+    """The answer to node_register: the node's id and secret, and its heartbeat timing."""
+
     type: Literal["node_register_ack"] = "node_register_ack"
-    node_id: str
+    node_id: NodeId
     node_secret: str
     status: NodeStatus
     heartbeat_interval_seconds: float
     heartbeat_timeout_seconds: float
 
 
+class HealthSummary(_Outbound):
+    #: The health checks of the current status, oldest first: "1" passed, "0" failed;
+    #: at most ``failure_rate_window_size`` of them, "" right after a transition.
+    window: str = ""
+    window_failures: int = 0
+    consecutive_ok: int = 0
+    consecutive_fail: int = 0
+    #: The last check's verdict (null before the first).
+    last_healthy: bool | None = None
+    last_reason: str = ""
+
+
 class NodeStatusMessage(_Outbound):
+    """The node's status: on every transition (periodic false), and every
+    status_report_interval_seconds with the current status (periodic true)."""
+
     type: Literal["node_status"] = "node_status"
-    node_id: str
+    node_id: NodeId
     status: NodeStatus
     previous_status: NodeStatus | None = None
     reason: str = ""
     timestamp: int
+    #: True for the report sent every status_report_interval_seconds, false for a transition.
+    periodic: bool = False
     #: Optional extensions of the periodic report.
-    health: dict[str, Any] | None = None
+    health: HealthSummary | None = None
     assigned_jobs: list[str] | None = None
     not_eligible: list[str] | None = None
 
 
 class JobAssign(_Outbound):
+    """An attempt of a job for the node to run; delivered at least once."""
+
+    _verbatim = frozenset({"payload"})
+
     type: Literal["job_assign"] = "job_assign"
-    job_id: str
+    job_id: JobId
     attempt: Attempt
     job_type: str
     payload: JsonObject = Field(default_factory=dict)
@@ -281,13 +341,17 @@ class JobAssign(_Outbound):
 
 
 class JobCancel(_Outbound):
+    """Stop an attempt: cancelled, timed out, or taken back at a drain deadline."""
+
     type: Literal["job_cancel"] = "job_cancel"
-    job_id: str
+    job_id: JobId
     attempt: Attempt
     reason: str = ""
 
 
 class ErrorMessage(_Outbound):
+    """A frame was refused or could not be handled."""
+
     type: Literal["error"] = "error"
     code: ErrorCode
     message: str

@@ -21,7 +21,7 @@ end
 local function status_frame(node_id, status, previous, reason, now_ms)
   return cjson.encode({
     type = 'node_status', node_id = node_id, status = status,
-    previous_status = previous or cjson.null, reason = reason, timestamp = now_ms,
+    previous_status = previous or cjson.null, reason = reason, timestamp = now_ms, periodic = false,
   })
 end
 

@@ -87,6 +87,14 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 10, interval_s: fl
         time.sleep(interval_s)
 
 
+def integral_floats(text: str) -> list[str]:
+    """The numbers of a frame's JSON text written as floats though integral (``15.0``, ``3e2``):
+    the protocol sends those as integers."""
+    found: list[str] = []
+    json.loads(text, parse_float=lambda number: found.append(number) if float(number).is_integer() else None)
+    return found
+
+
 def procfile_command(name: str) -> str:
     """The Procfile's command line for a process type, run through a shell as honcho does."""
     for line in (ROOT / "Procfile").read_text().splitlines():
@@ -181,12 +189,16 @@ class NodeClient:
         self.node_id: str | None = None
         self.secret: str | None = None
         self.seen: list[dict[str, Any]] = []
+        #: Every frame received, as the text the server sent.
+        self.raw: list[str] = []
 
     def send(self, frame: dict[str, Any] | str) -> None:
         self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
 
     def recv(self, timeout_s: float = 5) -> dict[str, Any]:
-        frame = json.loads(self.ws.recv(timeout=timeout_s))
+        text = self.ws.recv(timeout=timeout_s)
+        self.raw.append(text)
+        frame = json.loads(text)
         self.seen.append(frame)
         return frame
 
@@ -281,7 +293,9 @@ class LiveNode:
     def _read(self) -> None:
         try:
             while True:
-                frame = json.loads(self.client.ws.recv())
+                text = self.client.ws.recv()
+                self.client.raw.append(text)
+                frame = json.loads(text)
                 self.all_frames.append(frame)
                 self.frames.put(frame)
         except Exception:  # noqa: BLE001 - closed, one way or another

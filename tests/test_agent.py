@@ -73,6 +73,15 @@ def test_agent_reconnects_after_the_web_process_dies(start_web: Any, agents: Any
     assert r.zcard(Keys().nodes()) == 1
 
 
+def test_agent_logs_transitions_apart_from_the_periodic_reports(start_web: Any, agents: Any, tmp_path: Path) -> None:
+    server = start_web(**FAST, status_report_interval_seconds=0.3)
+    agent = agents(server, tmp_path / "agent.json", "--log-level", "debug")
+    wait_for(lambda: [e["status"] for e in events(agent, "node_status_report")][-3:] == ["ready"] * 3,
+             what="periodic reports of a ready node")
+    transitions = [(e["previous_status"], e["status"]) for e in events(agent, "node_status")]
+    assert transitions == [(None, "registering"), ("registering", "ready")], "a report is no transition"
+
+
 def test_agent_with_a_refused_id_registers_anew(start_web: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:
     server = start_web(**FAST)
     first_state = tmp_path / "first.json"

@@ -13,7 +13,7 @@ import redis
 from celery.exceptions import TaskRevokedError
 
 from dispatcher.keys import Keys
-from tests.support import job_attempts, wait_for
+from tests.support import integral_floats, job_attempts, wait_for
 
 
 def submit(client: Any, **fields: Any) -> Any:
@@ -185,6 +185,15 @@ def test_cancel_a_running_job_tells_the_node(system: Any, client: Any, live_node
     second = submit(client)
     node.succeed(node.take_job(), "slot was freed")
     assert second.get(timeout=10) == "slot was freed"
+
+
+def test_job_frames_send_integral_numbers_as_integers(system: Any, client: Any, live_nodes: Any) -> None:
+    node = live_nodes(system.web, {"m": "ready"}).wait_ready()
+    result = submit(client, timeout_seconds=300)  # 300.0 once validated
+    node.take_job()
+    client.send_task("dispatcher.cancel_job", kwargs={"job_id": result.id}).get(timeout=10)
+    node.expect("job_cancel")
+    assert [(text, found) for text in node.client.raw if (found := integral_floats(text))] == []
 
 
 def test_a_node_away_when_its_job_was_cancelled_is_told_when_it_resumes(system: Any, client: Any,

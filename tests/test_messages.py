@@ -8,9 +8,11 @@ import pytest
 
 from dispatcher.messages import (
     DecodeError,
+    JobAssign,
     JobResult,
     NodeHeartbeat,
     NodeRegister,
+    NodeRegisterAck,
     NodeStatusMessage,
     decode_node_message,
     decode_server_message,
@@ -69,3 +71,16 @@ def test_server_frames_round_trip_for_agents() -> None:
                               reason="3 consecutive failed health checks", timestamp=1763900000000).encode()
     assert json.loads(frame)["previous_status"] == "ready"
     assert decode_server_message(frame) == NodeStatusMessage.model_validate_json(frame)
+
+
+def test_server_frames_send_integral_numbers_as_integers_but_payloads_as_given() -> None:
+    ack = NodeRegisterAck(node_id="n-1", node_secret="s", status="registering",
+                          heartbeat_interval_seconds=15.0, heartbeat_timeout_seconds=0.5).encode()
+    assert ack.endswith('"heartbeat_interval_seconds":15,"heartbeat_timeout_seconds":0.5}')
+    assign = JobAssign(job_id="j", attempt=1, job_type="asr", payload={"gain": 2.0}, timeout_seconds=300.0).encode()
+    assert '"payload":{"gain":2.0}' in assign and assign.endswith('"timeout_seconds":300}')
+
+
+def test_a_status_without_periodic_is_a_transition() -> None:
+    frame = '{"type": "node_status", "node_id": "n-1", "status": "ready", "timestamp": 1}'
+    assert decode_server_message(frame).periodic is False

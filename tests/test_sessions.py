@@ -13,7 +13,7 @@ import redis
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
 from dispatcher.registry import Registry
-from tests.support import NodeClient, WebServer, assert_consistent, wait_for
+from tests.support import NodeClient, WebServer, assert_consistent, integral_floats, wait_for
 
 
 def ready_node(nodes: Any, web: WebServer, **fields: Any) -> NodeClient:
@@ -51,6 +51,21 @@ def test_frames_before_registering_are_refused(web: WebServer, nodes: Any) -> No
         node.send(frame)
         error = node.expect("error")
         assert (error["code"], error["ref_type"]) == ("NOT_REGISTERED", frame["type"])
+
+
+@pytest.mark.parametrize("frame", [{"type": "node_teleport"}, {"type": "node_register_ack"}, {"type": 7},
+                                   {"type": "Node_Heartbeat", "node_id": "n-1"}])
+def test_an_unknown_type_before_registering_is_invalid_not_unregistered(web: WebServer, nodes: Any,
+                                                                       frame: Any) -> None:
+    node = nodes(web)
+    node.send(frame)
+    error = node.expect("error")
+    assert (error["code"], error["ref_type"]) == ("INVALID_MESSAGE", None)
+    assert "unknown message type" in error["message"]
+    # A known type that also fails validation is still refused for want of registration.
+    node.send({"type": "node_heartbeat", "resource_usage": {"cpu_percent": "high"}})
+    assert node.expect("error")["code"] == "NOT_REGISTERED"
+    node.register()  # the session is still open
 
 
 @pytest.mark.parametrize(("frame", "names"), [
@@ -157,6 +172,36 @@ def test_status_is_reported_periodically(web: WebServer, nodes: Any) -> None:
     for report in reports:
         assert report["status"] == "ready" and report["previous_status"] == "registering"
         assert report["health"]["consecutive_ok"] >= 0 and report["assigned_jobs"] == []
+
+
+def test_periodic_reports_say_so(web: WebServer, nodes: Any) -> None:
+    node = ready_node(nodes, web)
+    report = node.expect("node_status", timeout_s=3, periodic=True, status="ready")
+    assert report["health"]["window"] == "", "a transition starts a fresh window"
+    node.heartbeat({"whisper": "ready"})
+    node.heartbeat({"whisper": "loading"})
+    wait_for(lambda: node.expect("node_status", timeout_s=3, periodic=True)["health"]["window"] == "10",
+             what="a report with both checks")
+
+
+def test_transitions_say_they_are_not_periodic(web: WebServer, nodes: Any) -> None:
+    node = ready_node(nodes, web)
+    transitions = [f for f in node.seen if f["type"] == "node_status"]
+    assert [(f["status"], f.get("periodic")) for f in transitions] == [("registering", False), ("ready", False)]
+
+
+def test_integral_numbers_are_sent_as_integers(web: WebServer, nodes: Any) -> None:
+    node = ready_node(nodes, web)
+    node.expect("node_status", timeout_s=3, periodic=True)
+    node.send({"type": "node_heartbeat", "resource_usage": {"cpu_percent": 101}})
+    node.send({"type": "job_ack", "job_id": "j-1", "attempt": 1, "node_id": "someone-else"})
+    node.send({"type": "node_teleport"})
+    node.send({"type": "node_drain", "reason": "bye", "deadline_seconds": 30.0})
+    node.expect("node_status", status="offline")
+    kinds = {json.loads(text)["type"] for text in node.raw}
+    assert kinds >= {"node_register_ack", "node_status", "error"}
+    assert [(text, floats) for text in node.raw if (floats := integral_floats(text))] == []
+    assert '"heartbeat_interval_seconds":15,"heartbeat_timeout_seconds":45}' in node.raw[0]
 
 
 def test_closing_the_session_takes_the_node_offline(web: WebServer, nodes: Any, r: redis.Redis) -> None:

@@ -213,10 +213,16 @@ class NodeAgent:
                                                    "detail": msg.message, "ref_type": msg.ref_type})
 
     def _on_status(self, msg: NodeStatusMessage) -> None:
-        changed = msg.status.value != self.status
-        self.status = msg.status.value
-        log.log(logging.INFO if changed else logging.DEBUG, "node status", extra={
-            "event": "node_status", "node_id": msg.node_id, "status": msg.status.value,
+        known, self.status = self.status, msg.status.value
+        if msg.periodic:
+            # The current status again (its previous_status and reason are the last transition's):
+            # news only when it differs from what we heard, a transition sent while we were away.
+            level = logging.DEBUG if msg.status.value == known else logging.INFO
+            event = "node_status_report"
+        else:
+            level, event = logging.INFO, "node_status"
+        log.log(level, "node status", extra={
+            "event": event, "node_id": msg.node_id, "status": msg.status.value,
             "previous_status": msg.previous_status.value if msg.previous_status else None, "reason": msg.reason,
             "assigned_jobs": msg.assigned_jobs, "not_eligible": msg.not_eligible})
 
