@@ -5,13 +5,21 @@ Sources, strongest first: environment variables (``DISPATCHER_<KEY>``, plus
 ``config.toml`` in the working folder when present), then the defaults below.
 The TOML file groups keys in tables (``[scheduler.node_health]`` and the
 others in ``SECTIONS``); the environment names every key flat.
+
+Neither source may name what the dispatcher does not read: a misspelt key
+would otherwise leave its default in force without a word (an admin token
+that guards nothing). A key out of place, an unknown table or an unknown
+``DISPATCHER_*`` variable stops the process, named, with the right name or
+place when one is close.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,13 +84,30 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "redis_tls_verify",
     ),
 }
+#: The table each key lives in.
+HOME: dict[str, str] = {key: section for section, keys in SECTIONS.items() for key in keys}
+#: Tables that may appear in the file: the sections and the tables that hold them ([scheduler]).
+TABLES: frozenset[str] = frozenset(
+    ".".join(section.split(".")[:depth]) for section in SECTIONS for depth in range(1, section.count(".") + 2))
+#: Settings read from the environment only, by their platform names.
+ENVIRONMENT_ONLY: dict[str, str] = {"redis_url": "REDIS_URL", "port": "PORT"}
+#: Variables under the settings' prefix that are not settings: the CLI's and the agent's,
+#: which share the environment of a local run (``dispatcher up``) and of a platform's config vars.
+OTHER_VARIABLES: frozenset[str] = frozenset({
+    "DISPATCHER_CONFIG",
+    "DISPATCHER_URL",
+    "DISPATCHER_NODE_URL",
+    "DISPATCHER_AGENT_STATE",
+    "DISPATCHER_REGISTRATION_TOKEN",
+})
+ENV_PREFIX = "DISPATCHER_"
 
 
 class Settings(BaseSettings):
     """Every knob of the dispatcher. Units are in the names."""
 
     model_config = SettingsConfigDict(
-        env_prefix="DISPATCHER_",
+        env_prefix=ENV_PREFIX,
         case_sensitive=False,
         extra="forbid",
         frozen=True,
@@ -206,6 +231,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = InitSettingsSource(settings_cls, read_toml(config_path()))
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise ConfigError("; ".join(unknown))
         return (init_settings, env_settings, toml)
 
 
@@ -222,7 +250,8 @@ def config_path() -> Path | None:
 
 
 def read_toml(path: Path | None) -> dict[str, Any]:
-    """Flatten the known tables of a TOML file into one dict of keys."""
+    """Flatten the tables of a TOML file into one dict of keys; raise ConfigError naming
+    every key the file has out of place."""
     if path is None:
         return {}
     try:
@@ -230,19 +259,81 @@ def read_toml(path: Path | None) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     flat: dict[str, Any] = {}
-    for section, keys in SECTIONS.items():
-        table: Any = data
-        for part in section.split("."):
-            table = table.get(part, {}) if isinstance(table, dict) else {}
-        if not isinstance(table, dict):
-            continue
-        for key, value in table.items():
-            if isinstance(value, dict):
-                continue  # a nested table, visited under its own section
-            if key not in keys:
-                raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(keys)}")
-            flat[key] = value
+    problems: list[str] = []
+    _flatten(data, "", flat, problems)
+    if problems:
+        raise ConfigError(f"{path}: {'; '.join(problems)}")
     return flat
+
+
+def _flatten(table: dict[str, Any], at: str, flat: dict[str, Any], problems: list[str]) -> None:
+    """Collect the keys of ``table`` (the table named ``at``, "" for the top) that are in
+    their place into ``flat``, and say what is wrong with each of the others."""
+    for name, value in table.items():
+        path = f"{at}.{name}" if at else name
+        if isinstance(value, dict):
+            if not value and path not in TABLES:
+                problems.append(f"unknown table [{path}]{_table_like(path)}")
+            _flatten(value, path, flat, problems)
+        elif HOME.get(name) == at:
+            flat[name] = value
+        else:
+            problems.append(_misplaced(name, at, path))
+
+
+def _misplaced(key: str, at: str, path: str) -> str:
+    """What is wrong with ``key`` found in the table ``at``, and where it belongs when we know."""
+    where = f"[{at}]" if at else "the top level"
+    if path in TABLES:
+        return f"[{path}] must be a table, not a value"
+    if key in HOME:
+        if at in TABLES or not at:
+            return f"key `{key}` belongs in [{HOME[key]}], not {where}"
+        return f"unknown key {path}; did you mean [{HOME[key]}]?"
+    if key in ENVIRONMENT_ONLY:
+        return f"key `{key}` is not read from the file: set {ENVIRONMENT_ONLY[key]} in the environment"
+    close = difflib.get_close_matches(key, HOME, 1)
+    if close:
+        there = "" if HOME[close[0]] == at else f" in [{HOME[close[0]]}]"
+        return f"unknown key {path}; did you mean `{close[0]}`{there}?"
+    return f"unknown key {path}{_table_like(at or path)}"
+
+
+def _table_like(table: str) -> str:
+    """A suggestion for a table name that is not one of ours ("" for one that is)."""
+    close = [] if table in TABLES else difflib.get_close_matches(table, TABLES, 1)
+    return f"; did you mean [{close[0]}]?" if close else ""
+
+
+def environment_names() -> dict[str, str]:
+    """Every variable a setting is read from, upper-cased (as the settings match them),
+    with the setting's name."""
+    names: dict[str, str] = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [ENV_PREFIX + field]
+        names.update({str(choice).upper(): field for choice in choices if isinstance(choice, str)})
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with each ``DISPATCHER_*`` variable that names no setting (nor a variable
+    of the CLI or the agent), with the closest known name."""
+    known = environment_names()
+    suffixes = [name.removeprefix(ENV_PREFIX) for name in (*known, *OTHER_VARIABLES) if name.startswith(ENV_PREFIX)]
+    problems = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in known or name in OTHER_VARIABLES:
+            continue
+        rest = name.removeprefix(ENV_PREFIX)
+        if rest.lower() in ENVIRONMENT_ONLY:
+            close = [ENVIRONMENT_ONLY[rest.lower()]]
+        else:
+            # Matched without the prefix, which every candidate shares and would make anything look close.
+            close = [ENV_PREFIX + match for match in difflib.get_close_matches(rest, suffixes, 1)]
+        problems.append(f"unknown environment variable {variable}" + (f"; did you mean {close[0]}?" if close else ""))
+    return problems
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -250,7 +341,8 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except SettingsError as exc:
-        raise ConfigError(f"invalid configuration: {exc} (lists in the environment are JSON arrays: '[\"a\", \"b\"]')") from exc
+        raise ConfigError(
+            f"invalid configuration: {exc} (lists in the environment are JSON arrays: '[\"a\", \"b\"]')") from exc
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()

@@ -1,27 +1,74 @@
 """Test fixtures: a private redis-server for the session, real processes per need.
 
 pytest-celery's plugin is disabled in pyproject (``-p no:celery``): it wants a
-Docker engine. Celery workers and beat run here as real child processes.
+Docker engine. The task layer's fast tests run the project's real app in this
+process instead, in Celery's embedded worker, on a database of their own; the
+system's workers and beat run as real child processes. docs/testing.md tells how
+the suite is organised.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import logging
+import os
+import sys
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from celery import Celery
+from celery.worker import WorkController
 
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
 from dispatcher.registry import Registry
-from dispatcher.settings import Settings, load_settings
-from tests.support import NodeClient, RawSocket, WebServer
+from dispatcher.settings import Settings, get_settings, load_settings
+from tests.support import NodeClient, RawSocket, WebServer, clean_env
 
 #: Settings every test process starts from (unless a test says otherwise).
 BASE_SETTINGS: dict[str, Any] = {"require_gpu": False, "resource_threshold_percent": 90}
+
+
+#: Fixtures that start processes (gunicorn, Celery workers, beat, agents) or serve tests
+#: that start their own: a test that asks for one is ``slow``, out of the fast loop.
+PROCESS_FIXTURES = frozenset({"system", "web", "start_web", "agents", "own_redis", "logs_dir", "browser", "flower"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+#: The test running now when it is not marked slow (None between tests and for slow ones).
+_fast_test: str | None = None
+
+
+def _refuse_processes_in_fast_tests(event: str, args: tuple[Any, ...]) -> None:
+    """The fast loop (``-m "not slow"``) stays fast only if its tests start no process but
+    a redis-server: one that does fails here, named, rather than slow the loop down unseen."""
+    if event != "subprocess.Popen" or _fast_test is None:
+        return
+    program = Path(os.fsdecode(args[0])).name  # Popen resolves the executable before it audits
+    if program != "redis-server":
+        raise RuntimeError(f"{_fast_test} starts {program}: mark it @pytest.mark.slow")
+
+
+sys.addaudithook(_refuse_processes_in_fast_tests)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    global _fast_test
+    _fast_test = None if item.get_closest_marker("slow") else item.nodeid
+    try:
+        return (yield)
+    finally:
+        _fast_test = None
 
 
 @pytest.fixture(autouse=True)
@@ -62,11 +109,25 @@ def system_url(redis_server: LocalRedis) -> str:
     return f"redis://127.0.0.1:{redis_server.port}/{SYSTEM_DB}"
 
 
+#: The in-process Celery worker's database (the task layer's tests): no other worker
+#: may read its queues or its results stream.
+TASKS_DB = 15
+
+
+@pytest.fixture(scope="session")
+def tasks_url(redis_server: LocalRedis) -> str:
+    return f"redis://127.0.0.1:{redis_server.port}/{TASKS_DB}"
+
+
 @pytest.fixture
 def db_url(request: pytest.FixtureRequest, redis_url: str) -> str:
     """The database a test works on: the shared system's when it uses the
-    system, else db 0, where no beat runs."""
-    return request.getfixturevalue("system_url") if "system" in request.fixturenames else redis_url
+    system, the in-process worker's when it uses that, else db 0, where no beat runs."""
+    if "system" in request.fixturenames:
+        return str(request.getfixturevalue("system_url"))
+    if "celery_session_worker" in request.fixturenames:
+        return str(request.getfixturevalue("tasks_url"))
+    return redis_url
 
 
 @pytest.fixture
@@ -78,7 +139,7 @@ def r(db_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-_spare_dbs = itertools.cycle(range(SYSTEM_DB + 1, 16))
+_spare_dbs = itertools.cycle(range(SYSTEM_DB + 1, TASKS_DB))
 
 
 @pytest.fixture
@@ -90,6 +151,50 @@ def own_redis(redis_server: LocalRedis) -> Iterator[tuple[str, redis.Redis]]:
     yield url, client
     client.flushdb()
     client.close()
+
+
+# The two fixtures below keep the names of celery.contrib.pytest's, whose plugin is not
+# loaded: its app is a bare TestApp, and its worker would leave the app's JSON logging
+# in charge of pytest's.
+
+
+@pytest.fixture(scope="session")
+def celery_session_app(tasks_url: str) -> Iterator[Celery]:
+    """The project's real app: its queues, routes, tasks and the completion bootstep,
+    configured as every process is, from the settings, here read once from an
+    environment naming the tasks' database."""
+    import celery.contrib.testing.tasks  # noqa: F401 - registers celery.ping, the embedded worker's ready check
+
+    env = {k: v for k, v in clean_env(tasks_url, **BASE_SETTINGS).items() if k.startswith("DISPATCHER_")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in os.environ:
+            if name.upper().startswith("DISPATCHER_") or name in ("REDIS_URL", "PORT"):
+                patch.delenv(name)
+        for name, value in {**env, "REDIS_URL": tasks_url}.items():
+            patch.setenv(name, value)
+        get_settings.cache_clear()
+        from dispatcher.celery_app import app
+
+        # celeryconfig reads the settings when the app's configuration is first read: now.
+        assert app.conf.broker_url == tasks_url, "the app was configured before this fixture ran"
+        assert get_settings().redis_url == tasks_url
+    yield app
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def celery_session_worker(celery_session_app: Celery) -> Iterator[WorkController]:
+    """Celery's embedded worker (a thread, solo pool) running the real app for the session."""
+    from celery.contrib.testing.worker import start_worker
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    with start_worker(celery_session_app, pool="solo") as worker:
+        # Starting it ran the app's setup_logging receiver, which gives the process's logging
+        # to one JSON handler on stdout: pytest's capture and reports must keep theirs.
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        yield worker
 
 
 @pytest.fixture
@@ -260,3 +365,43 @@ def agents(db_url: str, logs_dir: Path) -> Iterator[Any]:
     yield start
     for process in started:
         process.kill()
+
+
+class Flower:
+    """The Procfile's flower process on the shared system, its API open."""
+
+    def __init__(self, system: System, logs_dir: Path) -> None:
+        from dispatcher.localredis import free_port
+        from tests.support import clean_env, start_procfile, wait_for
+
+        self.port = free_port()
+        env = clean_env(system.redis_url, **system.settings, FLOWER_PORT=self.port, FLOWER_UNAUTHENTICATED_API="true")
+        self.process = start_procfile("flower", env, logs_dir)
+        wait_for(lambda: self.call("/api/workers?refresh=1"), 30, 0.3, what="flower up, seeing the worker")
+
+    def call(self, path: str, method: str = "GET") -> Any:
+        """Flower's JSON answer, or None (not up yet, or 404)."""
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
+                                         data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    def task_in_state(self, task_id: str, state: str) -> dict[str, Any]:
+        """Flower's view of a task, once it shows ``state``."""
+        from tests.support import wait_for
+
+        return wait_for(lambda: (t := self.call(f"/api/task/info/{task_id}")) and t.get("state") == state and t,
+                        20, 0.3, what=f"flower shows {task_id} {state}")
+
+
+@pytest.fixture
+def flower(system: System, logs_dir: Path) -> Iterator[Flower]:
+    running = Flower(system, logs_dir)
+    yield running
+    running.process.stop()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from dispatcher.errors import ConfigError
-from dispatcher.settings import load_settings
-from tests.support import PYTHON, ROOT, clean_env
+from dispatcher.settings import load_settings, unknown_variables
+from tests.support import PYTHON, ROOT, clean_env, procfile_command
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +75,98 @@ def test_bad_configuration_is_refused_with_the_key_named(tmp_path: Path, monkeyp
         load_settings()
 
 
+@pytest.mark.parametrize(("toml", "message"), [
+    ("[scheduler.node_healthh]\nheartbeat_timeout_seconds = 3\n",
+     "unknown key scheduler.node_healthh.heartbeat_timeout_seconds; did you mean [scheduler.node_health]?"),
+    ("[schedular.node_health]\nrequire_gpu = false\n",
+     "unknown key schedular.node_health.require_gpu; did you mean [scheduler.node_health]?"),
+    ("[scheduler.dispatch]\nheartbeat_timeout_seconds = 3\n",
+     "key `heartbeat_timeout_seconds` belongs in [scheduler.node_health], not [scheduler.dispatch]"),
+    ("[scheduler]\nadmin_token = 'x'\n", "key `admin_token` belongs in [server], not [scheduler]"),
+    ("key_prefix = '{d}'\n", "key `key_prefix` belongs in [redis], not the top level"),
+    ("debug = true\n", "unknown key debug"),
+    ("[sever]\n", "unknown table [sever]; did you mean [server]?"),
+    ("[sever]\nworkers = 2\n", "unknown key sever.workers; did you mean [server]?"),
+    ("[server]\nadmin_tokn = 'x'\n", "unknown key server.admin_tokn; did you mean `admin_token`?"),
+    ("[server]\nkey_prefx = 'x'\n", "unknown key server.key_prefx; did you mean `key_prefix` in [redis]?"),
+    ("[redis]\nredis_url = 'redis://x'\n", "key `redis_url` is not read from the file: set REDIS_URL"),
+    ("server = 1\n", "[server] must be a table, not a value"),
+])
+def test_a_key_out_of_place_is_refused_with_its_right_place(tmp_path: Path, toml: str, message: str) -> None:
+    (tmp_path / "config.toml").write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(f"config.toml: {message}")):
+        load_settings()
+
+
+def test_every_key_out_of_place_is_named_at_once(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        "[server]\nadmin_tokn = 'x'\nlog_level = 'DEBUG'\n[scheduler.node_healthh]\nrequire_gpu = false\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert "server.admin_tokn" in str(raised.value) and "scheduler.node_healthh.require_gpu" in str(raised.value)
+    assert "log_level" not in str(raised.value), "a key in its place is not a problem"
+
+
+@pytest.mark.parametrize(("variable", "message"), [
+    ("DISPATCHER_ADMIN_TOKN",
+     "unknown environment variable DISPATCHER_ADMIN_TOKN; did you mean DISPATCHER_ADMIN_TOKEN?"),
+    ("DISPATCHER_HEARTBEAT_TIMOUT_SECONDS", "did you mean DISPATCHER_HEARTBEAT_TIMEOUT_SECONDS?"),
+    ("DISPATCHER_PORT", "unknown environment variable DISPATCHER_PORT; did you mean PORT?"),
+    ("DISPATCHER_WHATEVER", "unknown environment variable DISPATCHER_WHATEVER"),
+])
+def test_an_unknown_dispatcher_variable_is_refused(monkeypatch: pytest.MonkeyPatch, variable: str,
+                                                  message: str) -> None:
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings()
+
+
+def test_variables_are_matched_as_the_settings_read_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Case-insensitively, and through the platform names of the unprefixed settings."""
+    monkeypatch.setenv("dispatcher_require_gpu", "false")
+    monkeypatch.setenv("DISPATCHER_REDIS_URL", "redis://example:6380/1")
+    settings = load_settings()
+    assert settings.require_gpu is False and settings.redis_url == "redis://example:6380/1"
+
+
+def test_the_variables_of_the_cli_and_the_agent_are_not_refused() -> None:
+    """They share the servers' environment in a local run and on a platform: a server
+    process refusing them would not start beside an agent."""
+    sources = [ROOT / "dispatcher" / "cli.py", ROOT / "dispatcher" / "local.py",
+               *(ROOT / "dispatcher" / "agent").glob("*.py")]
+    read = {name for path in sources for name in re.findall(r"\bDISPATCHER_[A-Z_]*[A-Z]\b", path.read_text())}
+    assert {"DISPATCHER_URL", "DISPATCHER_NODE_URL", "DISPATCHER_REGISTRATION_TOKEN"} <= read
+    assert unknown_variables({name: "x" for name in read}) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("process", "toml", "env", "named"), [
+    ("worker", "[scheduler.node_healthh]\nheartbeat_timeout_seconds = 3\n", {},
+     "unknown key scheduler.node_healthh.heartbeat_timeout_seconds; did you mean [scheduler.node_health]?"),
+    ("web", "[scheduler.dispatch]\nrequire_gpu = false\n", {},
+     "key `require_gpu` belongs in [scheduler.node_health], not [scheduler.dispatch]"),
+    ("beat", "", {"DISPATCHER_PERIODIC_SCAN_INTERVAL": "5"},
+     "unknown environment variable DISPATCHER_PERIODIC_SCAN_INTERVAL; did you mean"),
+])
+def test_a_process_with_a_bad_configuration_stops_naming_the_key(tmp_path: Path, process: str, toml: str,
+                                                                 env: dict[str, str], named: str) -> None:
+    (tmp_path / "config.toml").write_text(toml)
+    done = subprocess.run(["bash", "-c", f"exec {procfile_command(process)}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=20, env={**clean_env("redis://127.0.0.1:1/0"), **env})
+    assert done.returncode != 0
+    assert named in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_cli_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[sever]\nadmin_token = 'x'\n")
+    done = subprocess.run([PYTHON, "-m", "dispatcher.cli", "submit", "--type", "t"], cwd=tmp_path, timeout=60,
+                          capture_output=True, text=True, env=clean_env("redis://127.0.0.1:1/0"))
+    assert (done.returncode, done.stderr) == (1, "dispatcher: config.toml: unknown key sever.admin_token; "
+                                                 "did you mean [server]?\n")
+
+
+@pytest.mark.slow
 def test_celeryconfig_takes_its_values_from_the_settings(tmp_path: Path) -> None:
     env = clean_env("redis://127.0.0.1:6390/3", periodic_scan_interval_seconds=2.5, redis_max_connections=7)
     code = ("import celeryconfig as c, json; print(json.dumps([c.broker_url, c.result_backend,"
@@ -82,6 +175,7 @@ def test_celeryconfig_takes_its_values_from_the_settings(tmp_path: Path) -> None
     assert json.loads(out.stdout) == ["redis://127.0.0.1:6390/3", "redis://127.0.0.1:6390/3", 2.5, 7]
 
 
+@pytest.mark.slow
 def test_scripts_load_from_any_working_folder(tmp_path: Path) -> None:
     code = "from dispatcher.scripts import script_sources; print(sorted(script_sources()))"
     out = subprocess.run([PYTHON, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
