@@ -65,7 +65,9 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 4
 worker_hijack_root_logger = False
 worker_send_task_events = True
-task_send_sent_event = True
+# Off: a task-sent event cannot be turned off per task, and the internal tasks that beat,
+# web and the workers send (the scan, passes over waiting jobs) would fill Flower.
+task_send_sent_event = False
 task_track_started = False
 
 beat_schedule = {

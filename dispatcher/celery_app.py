@@ -8,6 +8,7 @@ from celery import Celery
 from celery.signals import setup_logging
 
 import dispatcher.brokerfix  # noqa: F401 - patches kombu's Redis transport on import (see there)
+import dispatcher.revoke  # noqa: F401 - Celery's revoke cancels the job (registers the worker's handler)
 from dispatcher.completions import CompletionStep
 from dispatcher.logs import configure_logging
 from dispatcher.settings import get_settings

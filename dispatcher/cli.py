@@ -183,7 +183,8 @@ def submit(api: Api, args: argparse.Namespace) -> int:
         selector[key] = value
     kwargs = {"job_type": args.type, "payload": payload, "required_models": args.model, "require_gpu": args.gpu,
               "public": args.public, "timeout_seconds": args.timeout, "max_attempts": args.max_attempts,
-              "dispatch_timeout_seconds": args.dispatch_timeout, "priority": args.priority, "node_selector": selector}
+              "dispatch_timeout_seconds": args.dispatch_timeout, "priority": args.priority, "node_selector": selector,
+              "fail_fast": args.fail_fast}
     redis_url = load_settings().redis_url
     same_redis(api, redis_url)
     client = Celery(broker=redis_url, backend=redis_url)
@@ -215,29 +216,33 @@ def same_redis(api: Api, redis_url: str) -> None:
 
 
 def follow(api: Api, result: Any) -> int:
-    """Show the job's progress until it ends; print its output."""
+    """Show the job's progress until it ends, and why it waits with the time left (its
+    WAITING state says so); print its output."""
+    from dispatcher.filter import summarize
+
     tty = sys.stderr.isatty()
-    shown, explained, started = "", False, time.monotonic()
+    shown = ""
     while not result.ready():
         state, info = result.state, result.info if isinstance(result.info, dict) else {}
+        left = ""
         if state == "STARTED":
             progress = info.get("progress")
             bar = f" {progress * 100:3.0f}%" if progress is not None else ""
             line = f"running on {info.get('node_id')} (attempt {info.get('attempt')}){bar} {info.get('message') or ''}"
+        elif state == "WAITING":
+            line = "waiting for a node: " + summarize(info.get("eligible", 0), info.get("total", 0),
+                                                      info.get("exclusions", {}), info.get("examples", {}))
+            if info.get("deadline_ms"):
+                left_s = max(0, info["deadline_ms"] - time.time() * 1000) / 1000
+                left = f" [{left_s:.0f} s left]"
         else:
-            line = "waiting for a node"
-            if not explained and time.monotonic() - started > 2:
-                try:
-                    why = (api.call("GET", f"/api/jobs/{result.id}").get("why_waiting") or {}).get("summary")
-                except CliError:
-                    why = None
-                if why:
-                    line += f": {why}"
-                    explained = True
-        if line != shown:
-            print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            line = "submitted, not yet taken by a worker"
+        # A terminal shows the countdown in place; a log gets a line when the reason changes.
+        if line != shown or tty:
+            print(("\r\033[K" if tty else "") + line + (left if tty else ""), end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
             shown = line
-        time.sleep(0.2)
+        time.sleep(0.2 if not tty else 0.5)
     if tty:
         print(file=sys.stderr)
     if result.successful():
@@ -282,6 +287,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=300, help="timeout_seconds of one attempt")
     s.add_argument("--dispatch-timeout", type=float, default=300, help="how long to wait for a node")
     s.add_argument("--max-attempts", type=int, default=3)
+    s.add_argument("--fail-fast", action="store_true",
+                   help="fail at once when no registered node could ever take the job (instead of waiting)")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
     commands.add_parser("agent", help="run the node agent (see `dispatcher agent --help`)", add_help=False)
     return p

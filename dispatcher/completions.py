@@ -80,9 +80,11 @@ class Completions:
             reply = self.client.xreadgroup(RESULTS_GROUP, self.consumer, {self.stream: ">"}, count=BATCH,
                                            block=block_ms)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # NOGROUP: Redis lost its data (a restart without persistence); UNBLOCKED: the stream
+            # was deleted while this read waited on it. Either way: make the group again.
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
-            self._group_made = False  # Redis lost its data (a restart without persistence): make it again
+            self._group_made = False
             return []
         return [entry for _, entries in reply or [] for entry in entries]
 
@@ -181,5 +183,9 @@ class CompletionStep(bootsteps.StartStopStep):
             self._thread.join(BLOCK_MS / 1000 + 2)
 
     def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+
+    def terminate(self, worker: Any) -> None:
+        # A cold shutdown calls terminate, not stop; the base class's would stop nothing here.
         self.stop(worker)
 

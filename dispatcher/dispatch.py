@@ -26,6 +26,7 @@ from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, explanat
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
+from dispatcher.records import as_int, as_json
 from dispatcher.scripts import Scripts, Search
 from dispatcher.settings import Settings
 
@@ -33,6 +34,10 @@ log = logging.getLogger("dispatcher.dispatch")
 
 #: Nodes the candidate search looks at in load order before it intersects the indexes instead.
 _CANDIDATE_BUDGET = 64
+#: Nodes looked at, at most, for examples of why a job waits.
+_EXAMPLES_BUDGET = 512
+#: Seconds a yes of could_ever_take is kept.
+_EVER_KEEP_S = 1.0
 #: Seconds between writes of the decision statistics.
 _FLUSH_EVERY_S = 1.0
 #: Nodes read per pipeline when explaining a failure over the whole fleet.
@@ -52,6 +57,9 @@ class Decision:
     total: int | None = None
     #: How long the job waited for this assignment (from submission, on a first attempt).
     waited_ms: int | None = None
+    #: A waiting decision's Celery WAITING meta, and the Celery worker named in the job's events.
+    meta: dict[str, Any] | None = None
+    worker: str = ""
 
     def summary(self) -> str:
         return summarize(self.eligible or 0, self.total or 0, self.exclusions.get("counts", {}),
@@ -70,6 +78,8 @@ class Dispatcher:
         self._examples: dict[str, list[str]] = {}
         self._tally_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
+        #: kind of needs -> when a registered node was last found that could take it
+        self._ever: dict[str, float] = {}
 
     def _stages(self, needs: JobNeeds) -> list[tuple[str, list[str]]]:
         """The filter's indexed steps, in order: (reason, the index keys that step adds)."""
@@ -87,24 +97,19 @@ class Dispatcher:
         stages.append(("ResourceThresholdExceeded", [k.resources_index()]))
         return stages
 
-    def count_exclusions(self, needs: JobNeeds) -> tuple[int, int, dict[str, Any]]:
-        """(eligible, total, counts by reason) from the indexes alone: one round trip of
-        set intersections inside Redis, never a node walk. Exact but for liveness: a
-        ready node silent past the timeout counts as eligible until the scan expires it."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zcard(self.keys.nodes())
-        keys: list[str] = []
-        stages = self._stages(needs)
-        for _, added in stages:
-            keys += added
-            pipe.zintercard(len(keys), keys)
-        total, *remaining = pipe.execute()
-        counts, before = {}, total
-        for (reason, _), after in zip(stages, remaining):
-            if before - after:
-                counts[reason] = counts.get(reason, 0) + before - after
-            before = after
-        return before, total, explanation(counts, {})
+    def note_waiting(self, job_id: str, needs: JobNeeds) -> Decision | None:
+        """Record why a waiting job waits, where a Celery client reads it (its WAITING state):
+        counts by reason from the indexes, in one script, never a node walk, and up to K
+        examples per reason from a bounded look at the nodes. Exact but for liveness: a ready
+        node silent past the timeout counts as eligible until the scan expires it. None when
+        the job no longer waits."""
+        noted = self.scripts.note_waiting(job_id, self.keys.nodes(), self._stages(needs), self.clock(),
+                                          self.settings.exclusion_examples, _EXAMPLES_BUDGET)
+        if noted is None:
+            return None
+        meta, worker = noted
+        return Decision(job_id, "waiting", exclusions=explanation(meta["exclusions"], meta.get("examples", {})),
+                        eligible=meta["eligible"], total=meta["total"], meta=meta, worker=worker)
 
     def search(self, needs: JobNeeds) -> Search:
         """How the dispatch scripts look for a node for these needs."""
@@ -157,6 +162,30 @@ class Dispatcher:
                 if len(examples.setdefault(failed.reason, [])) < s.exclusion_examples:
                     examples[failed.reason].append(node_id)
         return eligible, len(node_ids), explanation(counts, examples)
+
+    def could_ever_take(self, needs: JobNeeds) -> bool:
+        """Whether any registered node, whatever its status and load now, has what the job
+        needs and cannot gain by waiting: the public pool, the selector's labels, a GPU and
+        each model installed (in any state). Read a chunk of nodes at a time until one has;
+        a yes is kept a second for its kind (a burst of fail_fast jobs walks once); a no is
+        never kept: a node that registers the next moment must count."""
+        now_s = time.monotonic()
+        if now_s - self._ever.get(needs.kind, -_EVER_KEEP_S) < _EVER_KEEP_S:
+            return True
+        answer = False
+        node_ids = self.client.zrange(self.keys.nodes(), 0, -1)
+        for start in range(0, len(node_ids), _WALK_CHUNK):
+            pipe = self.client.pipeline(transaction=False)
+            for node_id in node_ids[start:start + _WALK_CHUNK]:
+                pipe.hmget(self.keys.node(node_id), "accept_public", "labels", "gpu_count", "models")
+            if any(_could_take(needs, *fields) for fields in pipe.execute()):
+                answer = True
+                break
+        if answer:
+            if len(self._ever) > 1000:
+                self._ever.clear()
+            self._ever[needs.kind] = now_s
+        return answer
 
     def free_slots_anywhere(self) -> bool:
         """Whether any ready node has a free slot (else no waiting job can be placed)."""
@@ -219,3 +248,19 @@ class Dispatcher:
             "examples": {r: json.loads(examples[r]) for r in REASONS if r in examples},
             "waiting_jobs": self.client.zcard(self.keys.waiting()),
         }
+
+
+def _could_take(needs: JobNeeds, accept_public: str | None, labels: str | None, gpu_count: str | None,
+                models: str | None) -> bool:
+    """Whether a node with these stored fields could take the job once ready and free."""
+    if needs.public and accept_public != "1":
+        return False
+    stored_labels = as_json(labels, {})
+    if not isinstance(stored_labels, dict):
+        return False
+    if any(stored_labels.get(key) != value for key, value in needs.node_selector):
+        return False
+    if needs.require_gpu and not (as_int(gpu_count) or 0) > 0:
+        return False
+    installed = {m.get("model_id") for m in as_json(models, []) if isinstance(m, dict)}
+    return all(model in installed for model in needs.required_models)

@@ -83,6 +83,11 @@ class Jobs:
         reply = self.scripts.submit_job(job_id, needs.kind, now, spec.queue_score(now), record,
                                         self.dispatcher.search(needs))
         outcome = reply[0]
+        if outcome == "revoked":
+            # Revoked through Celery before it arrived (a worker that had not heard of the
+            # revoke took the message): its final state stands.
+            log_event(log, "job_refused", job_id=job_id, why="revoked before it arrived")
+            return None
         if outcome == "exists":
             if reply[1] == "waiting":
                 self.dispatch_waiting()  # a redelivered submission: make sure its pass happens
@@ -91,30 +96,44 @@ class Jobs:
             # Others wait already: go through the queue in its order, so that a new job
             # never takes a slot before an older or more urgent one.
             self.dispatch_waiting()
-            return None
         if outcome == "assigned":
-            decision = Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]), waited_ms=0)
+            decision: Decision | None = Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]),
+                                                 waited_ms=0)
         else:
-            decision = self._waiting(job_id, needs, json.loads(reply[1]))
-        self.dispatcher.record(decision)
+            decision = self.note_waiting(job_id, needs)
+            if decision is not None and spec.fail_fast and not self.dispatcher.could_ever_take(needs):
+                decision = self.fail_now(job_id, needs)
+        if decision is not None:
+            self.dispatcher.record(decision)
         return decision
 
-    def _waiting(self, job_id: str, needs: JobNeeds, exclusions: dict[str, Any]) -> Decision:
-        """A job that must wait: its exclusion counts, from the indexes (cheap); the full
-        explanation with examples waits for a failure or a question."""
-        eligible, total, counted = self.dispatcher.count_exclusions(needs)
-        decision = Decision(job_id, "waiting", exclusions=counted, eligible=eligible, total=total)
-        self.client.hset(self.keys.job(job_id), "last_decision", json.dumps({
-            "outcome": "waiting", "at_ms": self.clock(), "eligible": eligible, "total": total,
-            "summary": decision.summary(), **counted}))
+    def note_waiting(self, job_id: str, needs: JobNeeds) -> Decision | None:
+        """Say why a waiting job waits (its Celery WAITING state, and Flower); None when it no
+        longer waits."""
+        decision = self.dispatcher.note_waiting(job_id, needs)
+        if decision is not None and decision.meta is not None:
+            self.publisher.waiting(job_id, decision.meta, decision.worker)
         return decision
 
-    def place(self, job_id: str, needs: JobNeeds, record_waiting: bool) -> Decision:
-        """Try to dispatch a waiting job."""
+    def fail_now(self, job_id: str, needs: JobNeeds) -> Decision | None:
+        """Fail a waiting job at once with NoEligibleNode (``fail_fast``): no registered node
+        could ever take it. The fleet is walked for the explanation, as at a dispatch deadline."""
+        eligible, total, exclusions = self.dispatcher.explain(needs)
+        decision = Decision(job_id, "failed", exclusions=exclusions, eligible=eligible, total=total)
+        outcome = self.scripts.expire_dispatch(job_id, needs.kind, self.clock(),
+                                               "no registered node could ever take it: " + decision.summary(),
+                                               exclusions, RETENTION_MS, at_once=True)
+        if outcome is None:
+            return None  # placed or ended meanwhile
+        self.publisher.finished(job_id, outcome)
+        return decision
+
+    def place(self, job_id: str, needs: JobNeeds) -> Decision:
+        """Try to dispatch a waiting job; a job that stays waiting has why noted."""
         decision = self.dispatcher.dispatch(job_id, needs)
-        if decision.outcome == "waiting" and record_waiting:
-            decision = self._waiting(job_id, needs, decision.exclusions)
-        if decision.outcome == "assigned" or (decision.outcome == "waiting" and record_waiting):
+        if decision.outcome == "waiting":
+            decision = self.note_waiting(job_id, needs) or Decision(job_id, "not_waiting")
+        if decision.outcome != "not_waiting":
             self.dispatcher.record(decision)
         return decision
 
@@ -132,7 +151,8 @@ class Jobs:
         free slot. Jobs wait by kind of needs: a pass tries the first job of each kind,
         in the order of those first jobs, and drops a kind for the pass once no node
         takes it. So a pass costs one attempt per kind waiting plus one per job placed,
-        however many jobs wait that no node can take."""
+        however many jobs wait that no node can take; the first job of each kind left
+        waiting has its reasons noted (one more call per kind)."""
         self.client.delete(self.keys.kick())
         placed, given_up = 0, set()
         free = self.dispatcher.free_slots_anywhere()
@@ -148,7 +168,7 @@ class Jobs:
             if not head or needs_json is None:
                 given_up.add(kind)  # emptied meanwhile
                 continue
-            decision = self.place(head[0], JobNeeds.from_json(needs_json), record_waiting=False)
+            decision = self.place(head[0], JobNeeds.from_json(needs_json))
             if decision.outcome == "assigned":
                 placed += 1
                 free = self.dispatcher.free_slots_anywhere()
@@ -218,6 +238,7 @@ class Jobs:
         elif outcome == "retry":
             self.publisher.retried(job_id, json.loads(result["meta"]).get("error", {}).get("message", ""),
                                    str(reply[2]) if len(reply) > 2 else "")
+            self.note_requeued(job_id)
         return outcome, reply[1] == "1"
 
     # --- cancellation (worker) -------------------------------------------------------
@@ -257,8 +278,18 @@ class Jobs:
         elif outcome == "retry":
             last_error = self.client.hget(self.keys.job(job_id), "last_error") or "{}"
             self.publisher.retried(job_id, json.loads(last_error).get("message", ""), str(reply[1]))
+            self.note_requeued(job_id)
         if outcome in ("failed", "retry") and self.client.exists(self.keys.waiting()):
             self.dispatch_waiting()
+
+    def note_requeued(self, job_id: str) -> None:
+        """A job back to waiting after an attempt: its client sees WAITING and why."""
+        try:
+            decision = self.note_waiting(job_id, self.needs_of(job_id))
+        except UnknownJob:
+            return
+        if decision is not None:
+            self.dispatcher.record(decision)
 
     def needs_of(self, job_id: str) -> JobNeeds:
         needs = JobNeeds.from_values(self.client.hmget(self.keys.job(job_id), JobNeeds.FIELDS))

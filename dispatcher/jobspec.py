@@ -35,6 +35,10 @@ class JobSpec(BaseModel):
     #: 0-9, higher first among waiting jobs.
     priority: int = Field(5, ge=0, le=9)
     node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
+    #: Fail at once (NoEligibleNode) when no registered node could ever take the job (its
+    #: models, GPU, public pool, selector), instead of waiting out dispatch_timeout_seconds.
+    #: Off by default: a fleet that scales up on demand gets its nodes while the job waits.
+    fail_fast: bool = False
 
     @classmethod
     def parse(cls, job_id: str, fields: dict[str, Any], max_payload_bytes: int) -> JobSpec:
@@ -63,7 +67,7 @@ class JobSpec(BaseModel):
 
 #: Submitted fields shown in logs and task events; the payload never is.
 _SHOWN = ("job_type", "required_models", "require_gpu", "public", "priority", "timeout_seconds",
-          "dispatch_timeout_seconds", "max_attempts", "node_selector")
+          "dispatch_timeout_seconds", "max_attempts", "node_selector", "fail_fast")
 
 
 def describe_submission(fields: Any) -> str:

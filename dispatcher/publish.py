@@ -10,19 +10,28 @@ costs Flower a line, never a client its result.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 
 from dispatcher.logs import log_event
 from dispatcher.metrics import ASSIGN_TO_RESULT, JOBS_FINISHED
 
 log = logging.getLogger("dispatcher.publish")
 
+
+#: A waiting job's Celery state (its meta says why it waits).
+WAITING = "WAITING"
+# Celery's event state (Flower's view, which loads this app) keeps the state of the highest
+# rank a task has reached, whatever order events arrive in, and ranks a state it does not
+# know above STARTED: a job that waited would be shown waiting while it runs. A job waits
+# after a worker received it and before a node starts it: ranked between the two.
+states.PRECEDENCE_LOOKUP[WAITING] = (states.precedence(states.STARTED) + states.precedence(states.RECEIVED)) / 2
 
 #: Task events go out in batches: Celery's buffered event group, one message to
 #: ``task.multi`` that Flower reads as the events it holds. A kombu publish costs more
@@ -92,6 +101,13 @@ class Publisher:
     def refused(self, job_id: str, exc: Exception, worker: str) -> None:
         text = f"{type(exc).__name__}({str(exc)!r})"
         self._event("task-failed", job_id, worker, exception=text, traceback=_traceback(job_id, text))
+
+    def waiting(self, job_id: str, meta: dict[str, Any], worker: str) -> None:
+        """The job waits for a node: Flower shows it WAITING, its result the reasons (what
+        AsyncResult.info holds). Sent at once, not batched: a start sent by another process
+        soon after must reach Flower after it."""
+        self._event("task-waiting", job_id, worker, result=json.dumps(meta, separators=(",", ":"))[:1000])
+        self.flush()
 
     def started(self, job_id: str, node_id: str, attempt: int, worker: str) -> None:
         """The node acknowledged the job: Flower shows it running there."""

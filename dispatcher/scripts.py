@@ -282,10 +282,23 @@ class Scripts:
             "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms,
             "reassign_grace_ms": 0}, node_id=node_id))
 
+    def note_waiting(self, job_id: str, nodes_key: str, steps: list[tuple[str, list[str]]], now_ms: int,
+                     examples: int, budget: int) -> tuple[dict[str, Any], str] | None:
+        """Write why a waiting job waits (its Celery WAITING state and last decision) from the
+        filter's ``steps`` (reason, its index keys). Returns the meta and the Celery worker that
+        took the submission, or None when the job no longer waits."""
+        keys = [nodes_key] + [key for _, step_keys in steps for key in step_keys]
+        reply = self._job_call("note_waiting", job_id, None, {
+            "now_ms": now_ms, "steps": [[reason, len(step_keys)] for reason, step_keys in steps],
+            "examples": examples, "budget": budget}, extra_keys=keys)
+        return (json.loads(reply[1]), str(reply[2])) if reply[0] == "noted" else None
+
     def expire_dispatch(self, job_id: str, needs_class: str, now_ms: int, message: str, exclusions: dict[str, Any],
-                        retention_ms: int) -> dict[str, Any] | None:
-        """Fail a job still waiting at its dispatch deadline. Returns its outcome when it did."""
+                        retention_ms: int, at_once: bool = False) -> dict[str, Any] | None:
+        """Fail a job still waiting at its dispatch deadline (``at_once``: before it). Returns its
+        outcome when it did."""
         reply = self._job_call("expire_dispatch", job_id, needs_class, {
-            "now_ms": now_ms, "message": message, "exclusions": exclusions, "retention_ms": retention_ms})
+            "now_ms": now_ms, "message": message, "exclusions": exclusions, "retention_ms": retention_ms,
+            "at_once": at_once})
         return json.loads(reply[1]) if reply[0] == "failed" else None
 

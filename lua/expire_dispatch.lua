@@ -3,12 +3,13 @@
 -- dispatch_timeout_seconds fails, with the caller's explanation.
 --
 -- KEYS: the job bundle
--- P: job_id, needs_class, now_ms, message, exclusions (counts and examples by reason), retention_ms
--- Returns: {"failed"} | {"kept"}: not waiting, or not yet due
+-- P: job_id, needs_class, now_ms, message, exclusions (counts and examples by reason), retention_ms,
+--    at_once (fail_fast: before the deadline)
+-- Returns: {"failed", outcome JSON} | {"kept"}: not waiting, or not yet due
 
 local job = job_get(LIFE_FIELDS)
 local due = redis.call('ZSCORE', J.deadlines, P.job_id)
-if job.state ~= 'waiting' or not due or tonumber(due) > P.now_ms then return {'kept'} end
+if job.state ~= 'waiting' or not due or (tonumber(due) > P.now_ms and not P.at_once) then return {'kept'} end
 local outcome = finish(job, 'failed', {state = 'failed', code = 'NO_ELIGIBLE_NODE', message = P.message,
   exclusions = P.exclusions}, P.now_ms)
 return {'failed', cjson.encode(outcome)}

@@ -16,9 +16,13 @@
 --          {"waiting", exclusions JSON}: no candidate fits; the job waits
 --          {"queued"}: a job waiting ahead of it could take the node: it waits behind it
 --          {"exists", state}
+--          {"revoked"}: revoked through Celery before it arrived (nothing written)
 
 local state = job_get({'state'}).state
 if state then return {'exists', state} end
+-- Celery marks a task it was told to revoke before any worker had it: that final state stands.
+local prior = redis.call('GET', J.result)
+if prior and cjson.decode(prior).status == 'REVOKED' then return {'revoked'} end
 local f, now = P.fields, P.now_ms
 local job = {job_type = f.job_type, payload = f.payload, required_models = f.required_models,
   require_gpu = f.require_gpu and '1' or '0', public = f.public and '1' or '0',

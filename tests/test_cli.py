@@ -103,3 +103,20 @@ def test_submit_refuses_a_redis_other_than_the_dispatchers(system: Any, own_redi
         done = subprocess.run([PYTHON, "-m", "dispatcher.cli", "submit", "--type", "t"], capture_output=True,
                               text=True, timeout=30, env=clean_env(url, DISPATCHER_URL=system.web.url))
         assert done.returncode == code and done.stderr.startswith(f"dispatcher: {says}"), done.stderr
+
+
+def test_submit_says_why_a_job_waits_until_it_fails(system: Any, live_nodes: Any) -> None:
+    node = live_nodes(system.web, {"other": "ready"}).wait_ready()
+    done = run(system, "submit", "--type", "asr", "--model", "whisper", "--dispatch-timeout", "2")
+    assert done.returncode == 1
+    waiting = [line for line in done.stderr.splitlines() if line.startswith("waiting for a node")]
+    assert waiting == [f"waiting for a node: 0/1 nodes eligible: 1 ModelNotAvailable "
+                       f"(e.g. ModelNotAvailable: {node.node_id})"], done.stderr
+    assert "NoEligibleNode" in done.stderr.splitlines()[-1]
+
+
+def test_submit_fail_fast_ends_at_once(system: Any, live_nodes: Any) -> None:
+    live_nodes(system.web, {"other": "ready"}).wait_ready()
+    done = run(system, "submit", "--type", "asr", "--model", "whisper", "--fail-fast", timeout_s=15)
+    assert done.returncode == 1
+    assert "NoEligibleNode: no registered node could ever take it: 0/1 nodes eligible" in done.stderr

@@ -82,7 +82,12 @@ def test_a_waiting_decision_counts_from_the_indexes_and_a_question_walks_the_fle
 
 
 def test_the_indexes_and_the_walk_count_alike(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
+    """Why a job waits (its Celery WAITING meta) is counted from the indexes and has examples
+    from a bounded look; the walk over every node, which explains a failure, agrees."""
     registry, jobs = core
+    spec = {"job_type": "t", "required_models": ["a"], "require_gpu": True, "public": True,
+            "node_selector": {"zone": "1"}}
+    assert jobs.submit("j-1", spec).outcome == "waiting"  # before any node registers
     add_node(registry, beats=1)
     add_node(registry, public=False, gpu=True, models={"a": "ready"}, labels={"zone": "1"})
     add_node(registry, public=True, gpu=True, models={"a": "ready"})
@@ -94,8 +99,37 @@ def test_the_indexes_and_the_walk_count_alike(core: tuple[Registry, Jobs], r: re
     needs = JobNeeds(("a",), True, True, (("zone", "1"),))
     eligible, total, walked = jobs.dispatcher.explain(needs)
     assert (eligible, total) == (1, 8)
-    assert jobs.dispatcher.count_exclusions(needs) == (1, 8, {"counts": walked["counts"], "examples": {}})
+    noted = jobs.dispatcher.note_waiting("j-1", needs)
+    assert noted is not None and (noted.eligible, noted.total) == (1, 8)
+    assert noted.exclusions == walked, "the same counts, and each reason's one node as its example"
     assert walked["counts"] == {reason: 1 for reason in REASONS}, "one node fails each step"
+    meta = json.loads(r.get(jobs.keys.celery_result("j-1")))
+    assert meta["status"] == "WAITING"
+    assert {k: meta["result"][k] for k in ("eligible", "total", "exclusions", "examples")} == {
+        "eligible": 1, "total": 8, "exclusions": walked["counts"], "examples": walked["examples"]}
+
+
+def test_a_pass_over_waiting_jobs_records_its_decisions_with_examples(core: tuple[Registry, Jobs],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Each pass records, for the first job of each kind it leaves waiting, the counts and
+    examples (in the log, /api/stats and the job's WAITING state), not only submissions."""
+    registry, jobs = core
+    jobs.clock = lambda: T0 + 9_500
+    jobs.dispatcher.clock = jobs.clock
+    assert jobs.submit("j-1", {"job_type": "t", "required_models": ["a"]}).outcome == "waiting"
+    jobs.dispatcher.flush()
+    before = jobs.dispatcher.stats()["decisions"]["waiting"]
+    lacking = add_node(registry, models={"b": "ready"})
+    caplog.set_level("INFO", logger="dispatcher.dispatch")
+    assert jobs.dispatch_waiting() == 0
+    stats = jobs.dispatcher.stats()
+    assert stats["decisions"]["waiting"] == before + 1, "the pass's decision is counted"
+    assert stats["examples"]["ModelNotAvailable"] == [lacking]
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "dispatch_decision"]
+    assert [(r.job_id, r.outcome, r.examples) for r in logged] == [  # type: ignore[attr-defined]
+        ("j-1", "waiting", {"ModelNotAvailable": [lacking]})], "the pass's decision is logged, with examples"
+    meta = json.loads(jobs.client.get(jobs.keys.celery_result("j-1")))["result"]
+    assert (meta["eligible"], meta["total"], meta["examples"]) == (0, 1, {"ModelNotAvailable": [lacking]})
 
 
 def test_the_least_loaded_node_wins(core: tuple[Registry, Jobs], r: redis.Redis) -> None:
@@ -172,7 +206,6 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
     expected = first_failure(evaluate(stored, node["assigned"], needs, T0 + 10_000, 45_000, 80))
     event(expected.reason if expected else "eligible")
 
-    eligible, total, counted = jobs.dispatcher.count_exclusions(needs)
     reply = jobs.scripts.submit_job("j", needs.kind, T0 + 10_000, 0, {
         "job_type": "t", "payload": "{}", "required_models": json.dumps(job["required_models"]),
         "require_gpu": job["require_gpu"], "public": job["public"], "timeout_seconds": 1, "timeout_ms": 1000,
@@ -181,17 +214,20 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
         jobs.dispatcher.search(needs))
     if expected is None:
         assert reply[0] == "assigned", (stored, job, reply)
-        assert (eligible, total) == (1, 1)
         return
     assert reply[0] == "waiting", (stored, job, expected, reply)
     assert expected.reason in REASONS
     # The script names the reason of a node it looked at (one the indexes let through); the
     # indexes, which count a waiting job's exclusions, name it too (silence aside: the scan's).
     assert json.loads(reply[1])["counts"] in ({}, {expected.reason: 1}), (stored, job, expected)
+    noted = jobs.dispatcher.note_waiting("j", needs)
+    assert noted is not None and noted.total == 1
+    counted = noted.exclusions
     if node["silent_ms"] >= 45_000 and expected.reason == "StatusNotReady":
         assert sum(counted["counts"].values()) <= 1, counted  # the indexes see the silent node as ready
     else:
-        assert counted["counts"] == {expected.reason: 1}, (stored, job, expected, counted)
+        assert counted == {"counts": {expected.reason: 1}, "examples": {expected.reason: [node_id]}}, (
+            stored, job, expected, counted)
 
 
 def test_indexes_find_every_eligible_node(core: tuple[Registry, Jobs], r: redis.Redis) -> None:

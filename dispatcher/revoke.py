@@ -1,0 +1,62 @@
+"""Celery's revoke is the dispatcher's cancel.
+
+``AsyncResult.revoke()``, ``celery control revoke`` and Flower's revoke and
+terminate buttons broadcast Celery's ``revoke`` control command to every
+worker. Celery alone would only stop a submission that no worker has run yet;
+a job lives on past its submission task, on a node. So every worker answers
+the command by cancelling the job as ``dispatcher.cancel_job`` does (the node
+gets ``job_cancel``, the slot frees, the state is ``REVOKED`` with the reason),
+then lets Celery do its own part, which leaves a final state alone. Every
+worker hears the broadcast; the cancel script makes the second one a no-op.
+
+A revoke that comes before any worker has the submission is Celery's to
+mark; ``submit_job.lua`` then refuses the submission when it arrives.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import redis
+from celery.utils.functional import maybe_list
+from celery.worker import control
+
+from dispatcher.errors import DispatcherError, UnknownJob
+from dispatcher.jobspec import valid_job_id
+from dispatcher.logs import log_event
+
+log = logging.getLogger("dispatcher.revoke")
+
+_celery_revoke = control.Panel.data["revoke"]
+
+
+@functools.cache
+def _jobs() -> Any:
+    # Built on first use in the worker's main process, where control commands run.
+    from dispatcher.celery_app import app
+    from dispatcher.connection import redis_client
+    from dispatcher.jobs import Jobs
+    from dispatcher.settings import get_settings
+
+    settings = get_settings()
+    return Jobs(redis_client(settings), settings, app)
+
+
+@control.control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")
+def revoke(state: Any, task_id: Any, terminate: bool = False, signal: str | None = None, **kwargs: Any) -> Any:
+    """Revoke tasks by id: a job is cancelled (on its node too), then Celery revokes the task."""
+    how = f"terminate, signal {signal or 'TERM'}" if terminate else "revoke"
+    for job_id in set(maybe_list(task_id) or []):
+        if not isinstance(job_id, str) or not valid_job_id(job_id):
+            continue  # no job has such an id
+        try:
+            outcome = _jobs().cancel(job_id, f"revoked through Celery ({how})")
+        except UnknownJob:
+            continue  # not (yet) a job: Celery's own revoke below covers it
+        except (DispatcherError, redis.RedisError) as exc:
+            log_event(log, "revoke_failed", logging.WARNING, job_id=str(job_id)[:128], error=str(exc)[:200])
+            continue
+        log_event(log, "job_revoked", job_id=job_id, outcome=outcome, terminate=terminate)
+    return _celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
