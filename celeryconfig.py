@@ -29,8 +29,14 @@ accept_content = ["json"]
 result_extended = False
 # The job scripts write the results of jobs themselves (dispatcher/keys.py): the same expiry.
 result_expires = CELERY_RESULT_EXPIRES_S
-# Sized on purpose: redis-py 8 refuses to go past its pool size.
+# Sized on purpose, by the one setting that sizes every pool of a process (redis-py 8 refuses
+# to go past its pool size): the result backend's and each broker channel's (transport
+# options below).
 redis_max_connections = _settings.redis_max_connections
+# Celery's broker pool opens its connections as they are needed (the dispatcher's processes
+# use one: their tasks and events go through one channel, dispatcher/publish.py), so this is
+# a ceiling, not a size. Celery's default stays: a broadcast (Flower inspects 8 ways at once)
+# holds one connection while it takes another, so a ceiling under about 10 deadlocks Flower.
 broker_pool_limit = 10
 broker_connection_retry_on_startup = True
 # A managed Redis restarts for maintenance: keep reconnecting however long it takes (a

@@ -1,4 +1,5 @@
-"""A workaround for a kombu bug that stops a Celery worker when Redis restarts.
+"""A workaround for a kombu bug that stops a Celery worker when Redis restarts, and a
+Redis connection saved per publishing channel.
 
 Imported for its effect by ``dispatcher.celery_app`` (worker and beat).
 
@@ -54,6 +55,18 @@ older than ``visibility_timeout`` (300 s, celeryconfig.py), and a worker runs
 it again: our tasks are idempotent. That is what already happens to them
 whenever the restore or the ack fails because Redis is down.
 
+A connection saved: the channel's first ping
+---------------------------------------------
+A new channel checks Redis with a PING on its asynchronous pool (redis.py:1201),
+the pool its BRPOP and pub/sub use. A channel that only publishes (Celery's
+producers, the task events of every process) never uses that pool again, yet
+keeps the connection open: one idle Redis connection per publishing channel in
+every process (web, beat, each worker pool process), against a managed Redis's
+cap on clients (docs/operations.md, the connection budget). Here the PING goes
+through the channel's ordinary pool instead, whose connection the channel's
+publishes then reuse; a consuming channel opens its asynchronous connection
+with its first BRPOP, as before. The check itself is the same command.
+
 When to remove it: once kombu's Redis channel no longer builds a pool from
 ``Transport.client`` after ``collect()`` (or ``collect()`` resets
 ``_default_channel`` and closes every channel). It applies to kombu 5.7.0
@@ -97,6 +110,30 @@ def _connparams(self: kombu_redis.Channel, asynchronous: bool = False) -> dict[s
     return _original_connparams(self, asynchronous)
 
 
+_original_init = kombu_redis.Channel.__init__
+
+
+class _PingThroughPool:
+    """Stands in for a channel's asynchronous client while it is made: its PING goes through
+    the channel's ordinary pool."""
+
+    def __init__(self, channel: kombu_redis.Channel) -> None:
+        self.channel = channel
+
+    def ping(self) -> Any:
+        return self.channel._create_client().ping()
+
+
+def _init(self: kombu_redis.Channel, *args: Any, **kwargs: Any) -> None:
+    # ``client`` is a cached property: set in the instance, it is what __init__ pings; removed
+    # after, the asynchronous client is made on its first real use (a BRPOP).
+    self.__dict__["client"] = _PingThroughPool(self)
+    try:
+        _original_init(self, *args, **kwargs)
+    finally:
+        self.__dict__.pop("client", None)
+
+
 def apply() -> bool:
     """Patch kombu's Redis channel; False (and a warning) with any kombu but the one it was written for."""
     if kombu.__version__ != KOMBU_VERSION:
@@ -104,6 +141,7 @@ def apply() -> bool:
                   written_for=KOMBU_VERSION)
         return False
     kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
+    kombu_redis.Channel.__init__ = _init  # type: ignore[method-assign]
     return True
 
 

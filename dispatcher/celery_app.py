@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import beat_init, celeryd_after_setup, setup_logging
 
 import dispatcher.brokerfix  # noqa: F401 - patches kombu's Redis transport on import (see there)
 import dispatcher.revoke  # noqa: F401 - Celery's revoke cancels the job (registers the worker's handler)
 from dispatcher.completions import CompletionStep
+from dispatcher.connection import say_if_unreachable
 from dispatcher.logs import configure_logging
 from dispatcher.settings import get_settings
 
@@ -21,5 +22,17 @@ app.steps["worker"].add(CompletionStep)
 
 @setup_logging.connect
 def _json_logs(**_: Any) -> None:
-    # Connecting here stops Celery from installing its own handlers.
-    configure_logging(get_settings().log_level)
+    # Connecting here stops Celery from installing its own handlers. The internal tasks (those
+    # routed to the internal queue) get no INFO line for each run.
+    configure_logging(get_settings().log_level, quiet_tasks=frozenset(app.conf.task_routes))
+
+
+@celeryd_after_setup.connect
+def _check_redis_worker(**_: Any) -> None:
+    # Celery retries for ever (a managed Redis restarts for maintenance): say once why it waits.
+    say_if_unreachable(get_settings(), "worker")
+
+
+@beat_init.connect
+def _check_redis_beat(**_: Any) -> None:
+    say_if_unreachable(get_settings(), "beat")

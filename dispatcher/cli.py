@@ -1,5 +1,5 @@
-"""The ``dispatcher`` command: run the system locally, look at the fleet, drain
-nodes, submit jobs, run a node agent.
+"""The ``dispatcher`` command: run the system locally, look at the fleet and the
+jobs, drain and cordon nodes, submit jobs, run a node agent.
 
 Exit codes: 0 done; 1 the operation failed (a job failed or was cancelled, a
 drain was refused); 2 bad usage; 3 no such node or job; 4 not authorized;
@@ -14,11 +14,15 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from dispatcher.errors import DispatcherError
+from dispatcher.joblist import LIST_STATES
+from dispatcher.keys import STATUSES
+from dispatcher.wording import ago, duration, plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
 
@@ -71,14 +75,13 @@ class Api:
 # --- output ----------------------------------------------------------------------------
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:.0f}s"
+def _since_s(at_ms: float | None) -> float | None:
+    """Seconds from a time in ms since the epoch to now (None stays None)."""
+    return None if at_ms is None else time.time() - at_ms / 1000
+
+
+def _until_s(at_ms: float | None) -> float | None:
+    return None if at_ms is None else at_ms / 1000 - time.time()
 
 
 def _pct(value: float | None) -> str:
@@ -91,30 +94,62 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pages(api: Api, path: str, query: dict[str, str | None], key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every item of a paged listing (following ``next_cursor``), and its last answer."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        given = {k: v for k, v in {**query, "cursor": cursor}.items() if v}
+        answer = api.call("GET", path + ("?" + urllib.parse.urlencode(given) if given else ""))
+        items += answer[key]
+        cursor = answer.get("next_cursor")
+        if not cursor:
+            return items, answer
+
+
 def show_nodes(api: Api, status: str | None) -> None:
-    answer = api.call("GET", "/api/nodes" + (f"?status={status}" if status else ""))
-    now_ms = time.time() * 1000
+    listed, answer = pages(api, "/api/nodes", {"status": status, "limit": "1000"}, "nodes")
     rows = []
-    for n in answer["nodes"]:
+    for n in listed:
         usage = n["resource_usage"]
         ready = sum(1 for m in n["models"] if m["status"] == "ready")
-        rows.append([n["node_id"], n["status"], f"{len(n['assigned_jobs'])}/{n['max_concurrent_jobs']}",
+        # A cordoned node keeps its status (like kubectl's Ready,SchedulingDisabled).
+        shown_status = n["status"] + (",cordoned" if n.get("cordon") else "")
+        rows.append([n["node_id"], shown_status, f"{len(n['assigned_jobs'])}/{n['max_concurrent_jobs']}",
                      _pct(usage["cpu_percent"]), _pct(usage["gpu_percent"]), _pct(usage["mem_percent"]),
-                     f"{ready}/{len(n['models'])}", _age(n["last_heartbeat_age_s"]),
-                     _age((now_ms - n["status_since_ms"]) / 1000 if n["status_since_ms"] else None),
-                     n["reason"][:60]])
-    print(table(rows, ["NODE", "STATUS", "JOBS", "CPU", "GPU", "MEM", "MODELS", "HEARTBEAT", "AGE", "REASON"]))
-    print("\n" + ", ".join(f"{count} {s}" for s, count in answer["counts"].items() if count) or "no nodes")
+                     f"{ready}/{len(n['models'])}", duration(n["last_heartbeat_age_s"], compact=True),
+                     duration(_since_s(n["status_since_ms"]), compact=True), n["reason"][:60]])
+    print(table(rows, ["NODE", "STATUS", "JOBS", "CPU", "GPU", "MEM", "MODELS", "HEARTBEAT", "IN STATUS", "REASON"]))
+    counts = [f"{count} {s}" for s, count in answer["counts"].items() if count]
+    print("\n" + (", ".join(counts) if counts else "no nodes"))
+
+
+def show_jobs(api: Api, state: str | None, node_id: str | None, limit: int) -> None:
+    """The newest jobs first, like ``dispatcher nodes``."""
+    answer = api.call("GET", "/api/jobs?" + urllib.parse.urlencode(
+        {k: v for k, v in {"state": state, "node": node_id, "limit": str(limit)}.items() if v}))
+    rows = []
+    for j in answer["jobs"]:
+        outcome = j.get("outcome") or {}
+        rows.append([j["job_id"], j["state"], j["job_type"] or "-", j["node_id"] or "-",
+                     f"{j['attempt'] or 0}/{j['max_attempts'] or 0}", ago(_since_s(j["submitted_ms"])),
+                     (outcome.get("text") or outcome.get("code") or "")[:60]])
+    print(table(rows, ["JOB", "STATE", "TYPE", "NODE", "ATTEMPT", "SUBMITTED", "OUTCOME"]) if rows else "no jobs")
+    if answer["next_cursor"]:
+        print(f"\n(newest {plural(len(rows), 'job')} shown: --limit shows more)")
 
 
 def show_node(api: Api, node_id: str, job_id: str | None) -> None:
     n = api.call("GET", f"/api/nodes/{node_id}")
     usage, health = n["resource_usage"], n["health"]
     print(f"Node:          {n['node_id']}")
-    print(f"Status:        {n['status']} (since {_age((time.time() * 1000 - n['status_since_ms']) / 1000)} ago): "
-          f"{n['reason']}")
+    print(f"Status:        {n['status']} for {duration(_since_s(n['status_since_ms']))}: {n['reason']}")
+    cordon = n.get("cordon")
+    if cordon:
+        print(f"Cordoned:      no new jobs ({ago(_since_s(cordon['at_ms']))}, by {cordon['requested_by']}): "
+              f"{cordon['reason']}")
     print(f"Connected:     {'yes' if n['connected'] else 'no'} (web {n['web_id']}), last heartbeat "
-          f"{_age(n['last_heartbeat_age_s'])} ago")
+          f"{ago(n['last_heartbeat_age_s'])}")
     print(f"Agent:         {n['version'] or '-'} (schema {n['capability_schema_version']})")
     gpus = ", ".join(f"{g['name']} {g['memory_gb']:g} GB" for g in n["hardware"].get("gpus", [])) or "none"
     print(f"Hardware:      {n['hardware'].get('cpu_cores', 0)} cores, {n['hardware'].get('memory_gb', 0):g} GB, "
@@ -130,17 +165,23 @@ def show_node(api: Api, node_id: str, job_id: str | None) -> None:
           f"{' '.join(n['assigned_jobs'])}".rstrip())
     print(f"Health:        window {health['window'] or '(empty)'}, {health['consecutive_ok']} ok / "
           f"{health['consecutive_fail']} failed in a row, last: {health['last_reason']}")
+    print(f"Job outcomes:  {_job_health(n.get('job_health'))}")
+    mismatch = n.get("running_jobs_mismatch")
+    if mismatch:
+        print(f"Running jobs:  MISMATCH: the node reports {mismatch['running_jobs']}, "
+              f"{mismatch['assigned_jobs']} assigned, for {mismatch['heartbeats']} heartbeats "
+              f"(for {duration(_since_s(mismatch['since_ms']))})")
     drain = n.get("drain")
     if drain:
         state = "in progress" if drain["in_progress"] else (drain["outcome"] or "over")
-        deadline = f", deadline in {_age((drain['deadline_ms'] - time.time() * 1000) / 1000)}" \
+        deadline = f", deadline in {duration(_until_s(drain['deadline_ms']))}" \
             if drain["deadline_ms"] and drain["in_progress"] else ""
         print(f"Drain:         {state}: asked by {drain['requested_by']}: {drain['reason']}; "
-              f"{drain['jobs_left']} of {drain['jobs_at_start']} jobs left{deadline}")
+              f"{drain['jobs_left']} of {plural(drain['jobs_at_start'], 'job')} left{deadline}")
     print("Transitions:")
     for t in n["transitions"][:10]:
-        when = _age((time.time() * 1000 - t["at_ms"]) / 1000)
-        print(f"  {when:>5} ago  {t['from'] or '(new)'} -> {t['to']}: {t['reason']}")
+        when = ago(_since_s(t["at_ms"]))
+        print(f"  {when:>10}  {t['from'] or '(new)'} -> {t['to']}: {t['reason']}")
     query = f"?job={job_id}" if job_id else ""
     why = api.call("GET", f"/api/nodes/{node_id}/eligibility{query}")
     print(f"Why not {'job ' + job_id if job_id else 'a job without requirements'}: "
@@ -149,18 +190,49 @@ def show_node(api: Api, node_id: str, job_id: str | None) -> None:
         print(f"  {'ok  ' if step['passed'] else 'FAIL'} {step['step']:<14} {step['detail']}")
 
 
+def _job_health(job_health: dict[str, Any] | None) -> str:
+    """The node's job window in one line: "window 1100 (2 node failures of 4), 2 in a row; last failure ..."."""
+    job_health = job_health or {}
+    window = job_health.get("window") or ""
+    text = (f"window {window} ({job_health['window_failures']} node failures of {len(window)}), "
+            f"{job_health['consecutive_failures']} in a row") if window else "window (empty)"
+    last = job_health.get("last_failure")
+    if last:
+        text += f"; last failure {last.get('code')} (job {last.get('job_id')})"
+    if job_health.get("cooldown_until_ms"):
+        text += f"; JobFailures cool-down, {duration(_until_s(job_health['cooldown_until_ms']))} left"
+    return text
+
+
 def drain(api: Api, node_id: str, deadline_s: float | None, reason: str) -> None:
     body: dict[str, Any] = {"reason": reason, "requested_by": os.environ.get("USER", "dispatcher CLI")}
     if deadline_s is not None:
         body["deadline_seconds"] = deadline_s
     answer = api.call("POST", f"/api/nodes/{node_id}/drain", body)
-    left = f"; {answer['jobs_left']} jobs left to finish" if answer["status"] == "draining" else ""
+    left = f"; {plural(answer['jobs_left'], 'job')} left to finish" if answer["status"] == "draining" else ""
     print(f"node {node_id} is {answer['status']}{left}")
 
 
 def undrain(api: Api, node_id: str) -> None:
     answer = api.call("DELETE", f"/api/nodes/{node_id}/drain")
-    print(f"node {node_id} is {answer['status']}")
+    print(answer.get("message") or f"node {node_id} is {answer['status']}")
+
+
+def cordon(api: Api, node_id: str, reason: str) -> None:
+    answer = api.call("POST", f"/api/nodes/{node_id}/cordon",
+                      {"reason": reason, "requested_by": os.environ.get("USER", "dispatcher CLI")})
+    print(f"node {node_id} is cordoned: no new jobs; it stays {answer['status']} and finishes what it has")
+
+
+def uncordon(api: Api, node_id: str) -> None:
+    answer = api.call("DELETE", f"/api/nodes/{node_id}/cordon")
+    then = "takes new jobs again" if answer["status"] == "ready" else f"takes new jobs once ready (now {answer['status']})"
+    print(f"node {node_id} is uncordoned: it {then}")
+
+
+def forget(api: Api, node_id: str) -> None:
+    api.call("DELETE", f"/api/nodes/{node_id}")
+    print(f"node {node_id} is forgotten: its record and secret are gone")
 
 
 # --- submit ----------------------------------------------------------------------------
@@ -261,12 +333,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=os.environ.get("DISPATCHER_URL", f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"),
                    help="the web process (env DISPATCHER_URL)")
     p.add_argument("--token", default=os.environ.get("DISPATCHER_ADMIN_TOKEN"),
-                   help="the admin token, for drain and undrain (env DISPATCHER_ADMIN_TOKEN)")
+                   help="the admin token, for drain, cordon, forget and their undoing (env DISPATCHER_ADMIN_TOKEN)")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = commands.add_parser("up", help="run the whole system locally (private Redis, Procfile processes, demo nodes)")
     up.add_argument("--nodes", type=int, default=2, help="demo node agents to start (default 2)")
     nodes = commands.add_parser("nodes", help="list the nodes (like kubectl get nodes)")
-    nodes.add_argument("--status", choices=["registering", "ready", "degraded", "draining", "offline"])
+    nodes.add_argument("--status", choices=STATUSES)
+    jobs = commands.add_parser("jobs", help="list the jobs, newest first")
+    jobs.add_argument("--state", choices=LIST_STATES)
+    jobs.add_argument("--node", help="only the jobs of this node (running, or ended there)")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50, up to 500)")
     node = commands.add_parser("node", help="describe one node: history, drain, and why it would not take a job")
     node.add_argument("node_id")
     node.add_argument("--job", help="explain the filter for this job instead of a job without requirements")
@@ -276,6 +352,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--reason", default="drained from the CLI")
     u = commands.add_parser("undrain", help="end a drain")
     u.add_argument("node_id")
+    c = commands.add_parser("cordon", help="stop new jobs to a node without draining it: it keeps its status")
+    c.add_argument("node_id")
+    c.add_argument("--reason", default="cordoned from the CLI")
+    commands.add_parser("uncordon", help="end a cordon").add_argument("node_id")
+    commands.add_parser("forget", help="delete an offline node, its secret and its history").add_argument("node_id")
     s = commands.add_parser("submit", help="submit a job, follow it, print its output")
     s.add_argument("--type", required=True, help="job_type")
     s.add_argument("--payload", default="{}", help="JSON object")
@@ -318,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             drain(api, args.node_id, args.deadline, args.reason)
         elif args.command == "undrain":
             undrain(api, args.node_id)
+        elif args.command == "jobs":
+            show_jobs(api, args.state, args.node, args.limit)
+        elif args.command == "cordon":
+            cordon(api, args.node_id, args.reason)
+        elif args.command == "uncordon":
+            uncordon(api, args.node_id)
+        elif args.command == "forget":
+            forget(api, args.node_id)
         elif args.command == "submit":
             return submit(api, args)
     except CliError as exc:

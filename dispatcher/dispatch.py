@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
 from dispatcher.records import as_int, as_json
 from dispatcher.scripts import Scripts, Search
 from dispatcher.settings import Settings
+from dispatcher.tally import TALLY
 
 log = logging.getLogger("dispatcher.dispatch")
 
@@ -38,8 +38,6 @@ _CANDIDATE_BUDGET = 64
 _EXAMPLES_BUDGET = 512
 #: Seconds a yes of could_ever_take is kept.
 _EVER_KEEP_S = 1.0
-#: Seconds between writes of the decision statistics.
-_FLUSH_EVERY_S = 1.0
 #: Nodes read per pipeline when explaining a failure over the whole fleet.
 _WALK_CHUNK = 500
 
@@ -73,28 +71,28 @@ class Dispatcher:
         self.scripts = scripts
         self.keys: Keys = scripts.keys
         self.clock = clock
-        # Decisions tallied here, written in sums by a flusher thread started on the first one.
-        self._tally: Counter[str] = Counter()
-        self._examples: dict[str, list[str]] = {}
-        self._tally_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
+        # Decisions are counted in the process's tally, which adds them to Redis in sums.
+        TALLY.bind(client, scripts)
         #: kind of needs -> when a registered node was last found that could take it
         self._ever: dict[str, float] = {}
 
-    def _stages(self, needs: JobNeeds) -> list[tuple[str, list[str]]]:
-        """The filter's indexed steps, in order: (reason, the index keys that step adds)."""
+    def _stages(self, needs: JobNeeds) -> list[tuple[str, list[str], bool]]:
+        """The filter's indexed steps, in order: (reason, the index keys that step adds, whether
+        its key lists the nodes that fail it). The cordoned nodes are such a key: the capacity
+        index, the next step's, holds none of them (lua/note_waiting.lua counts on it)."""
         k = self.keys
-        stages = [("StatusNotReady", [k.status_set("ready")])]
+        stages = [("StatusNotReady", [k.status_set("ready")], False)]
         if needs.public:
-            stages.append(("NotInPublicPool", [k.public_index()]))
+            stages.append(("NotInPublicPool", [k.public_index()], False))
         if needs.node_selector:
-            stages.append(("NodeSelectorMismatch", k.label_indexes(needs.node_selector)))
+            stages.append(("NodeSelectorMismatch", k.label_indexes(needs.node_selector), False))
         if needs.require_gpu:
-            stages.append(("GpuUnavailable", [k.gpu_index()]))
+            stages.append(("GpuUnavailable", [k.gpu_index()], False))
         if needs.required_models:
-            stages.append(("ModelNotAvailable", k.model_indexes(needs.required_models)))
-        stages.append(("CapacityExceeded", [k.capacity_index()]))
-        stages.append(("ResourceThresholdExceeded", [k.resources_index()]))
+            stages.append(("ModelNotAvailable", k.model_indexes(needs.required_models), False))
+        stages.append(("NodeCordoned", [k.cordoned()], True))
+        stages.append(("CapacityExceeded", [k.capacity_index()], False))
+        stages.append(("ResourceThresholdExceeded", [k.resources_index()], False))
         return stages
 
     def note_waiting(self, job_id: str, needs: JobNeeds) -> Decision | None:
@@ -114,10 +112,10 @@ class Dispatcher:
     def search(self, needs: JobNeeds) -> Search:
         """How the dispatch scripts look for a node for these needs."""
         s = self.settings
-        # The capacity index holds ready nodes only; the job's own needs go before the
-        # resources index: the likelier to rule a node out, the sooner it is checked.
-        sets = [key for reason, keys in self._stages(needs)
-                if reason not in ("StatusNotReady", "CapacityExceeded", "ResourceThresholdExceeded") for key in keys]
+        # The capacity index holds ready, uncordoned nodes only; the job's own needs go before
+        # the resources index: the likelier to rule a node out, the sooner it is checked.
+        sets = [key for reason, keys, _ in self._stages(needs) if reason not in (
+            "StatusNotReady", "NodeCordoned", "CapacityExceeded", "ResourceThresholdExceeded") for key in keys]
         sets.append(self.keys.resources_index())
         return Search(sets, s.dispatch_candidates, _CANDIDATE_BUDGET, int(s.heartbeat_timeout_seconds * 1000),
                       s.resource_threshold_percent, s.exclusion_examples)
@@ -193,21 +191,14 @@ class Dispatcher:
 
     def record(self, decision: Decision) -> None:
         """Add one decision to the statistics and log it. The counts go to Redis in sums,
-        at most once a second: a decision adds no Redis call of its own."""
+        at most once a second (dispatcher/tally.py): a decision adds no Redis call of its own."""
         counts = decision.exclusions.get("counts", {})
-        with self._tally_lock:
-            self._tally[f"decisions:{decision.outcome}"] += 1
-            for reason, n in counts.items():
-                self._tally[f"excluded:{reason}"] += n
-            for reason, ids in decision.exclusions.get("examples", {}).items():
-                if ids:
-                    self._examples[reason] = ids
-            if self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_every_second, name="stats-flush", daemon=True)
-                self._flusher.start()
         DECISIONS.labels(decision.outcome).inc()
         for reason, n in counts.items():
             EXCLUSIONS.labels(reason).inc(n)
+        for reason, ids in decision.exclusions.get("examples", {}).items():
+            if ids:
+                TALLY.examples(reason, ids)
         if decision.outcome == "assigned" and decision.attempt == 1 and decision.waited_ms is not None:
             SUBMIT_TO_ASSIGN.observe(decision.waited_ms / 1000)
         log_event(log, "dispatch_decision", job_id=decision.job_id, outcome=decision.outcome,
@@ -215,31 +206,12 @@ class Dispatcher:
                   examples=decision.exclusions.get("examples", {}), eligible=decision.eligible,
                   total=decision.total)
 
-    def _flush_every_second(self) -> None:
-        while True:
-            time.sleep(_FLUSH_EVERY_S)
-            self.flush()
-
     def flush(self) -> None:
-        """Write the decisions tallied since the last flush."""
-        with self._tally_lock:
-            if not self._tally and not self._examples:
-                return
-            tally, examples = self._tally, self._examples
-            self._tally, self._examples = Counter(), {}
-        pipe = self.client.pipeline(transaction=False)
-        for name, n in tally.items():
-            pipe.hincrby(self.keys.stats(), name, n)
-        if examples:
-            pipe.hset(self.keys.stats_examples(), mapping={r: json.dumps(ids) for r, ids in examples.items()})
-        try:
-            pipe.execute()
-        except redis.RedisError:
-            with self._tally_lock:
-                self._tally.update(tally)  # kept for the next flush
+        """Write this process's counts now (they go once a second by themselves)."""
+        TALLY.flush()
 
     def stats(self) -> dict[str, Any]:
-        self.flush()
+        self.flush()  # this process's latest decisions too
         raw = self.client.hgetall(self.keys.stats())
         examples = self.client.hgetall(self.keys.stats_examples())
         return {

@@ -21,13 +21,14 @@ REASONS = (
     "NodeSelectorMismatch",
     "GpuUnavailable",
     "ModelNotAvailable",
+    "NodeCordoned",
     "CapacityExceeded",
     "ResourceThresholdExceeded",
 )
 
 #: The node hash fields the filter reads.
 NODE_FIELDS = ("status", "last_seen_ms", "accept_public", "labels", "gpu_available", "models",
-               "max_concurrent_jobs", "cpu_percent", "gpu_percent", "mem_percent")
+               "max_concurrent_jobs", "cpu_percent", "gpu_percent", "mem_percent", "cordoned", "cordon_reason")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,9 @@ def evaluate(node: Mapping[str, str], assigned: int, needs: JobNeeds, now_ms: in
         Step("models", "ModelNotAvailable", not missing_models,
              f"not ready: {', '.join(missing_models)}" if missing_models else
              (f"ready: {', '.join(needs.required_models)}" if needs.required_models else "no models required")),
+        Step("cordon", "NodeCordoned", node.get("cordoned") != "1",
+             f"cordoned: {node.get('cordon_reason') or 'no reason given'}" if node.get("cordoned") == "1"
+             else "not cordoned"),
         Step("capacity", "CapacityExceeded", assigned < max_jobs, f"{assigned}/{max_jobs} slots used"),
         Step("resources", "ResourceThresholdExceeded", not over,
              "; ".join(over) if over else

@@ -58,8 +58,43 @@ def node_view(raw: dict[str, str], assigned: list[str], now: int) -> dict[str, A
             "last_healthy": {"1": True, "0": False}.get(raw.get("last_healthy", "")),
             "last_reason": raw.get("last_health_reason", ""),
         },
+        "job_health": _job_health_view(raw, now),
+        "running_jobs_mismatch": _mismatch_view(raw, len(assigned)),
         "drain": _drain_view(raw, len(assigned)),
+        "cordon": _cordon_view(raw),
     }
+
+
+def _cordon_view(raw: dict[str, str]) -> dict[str, Any] | None:
+    """Set while an operator keeps the node from new jobs (its status is unchanged)."""
+    if raw.get("cordoned") != "1":
+        return None
+    return {"reason": raw.get("cordon_reason") or "", "requested_by": raw.get("cordoned_by") or "",
+            "at_ms": as_int(raw.get("cordoned_ms"))}
+
+
+def _job_health_view(raw: dict[str, str], now: int) -> dict[str, Any]:
+    """The node's job window: its last outcomes, oldest first ("1" good, "0" its own failure:
+    a node_fault error or a timeout), and the JobFailures cool-down while it lasts."""
+    window = raw.get("job_window", "")
+    cooldown_until = as_int(raw.get("job_cooldown_until_ms"))
+    return {
+        "window": window,
+        "window_failures": window.count("0"),
+        "consecutive_failures": len(window) - len(window.rstrip("0")),
+        "last_failure": as_json(raw.get("job_last_failure"), {}) or None,
+        "cooldown_until_ms": cooldown_until if cooldown_until and cooldown_until > now else None,
+    }
+
+
+def _mismatch_view(raw: dict[str, str], assigned: int) -> dict[str, Any] | None:
+    """The node's running_jobs disagreeing with its assigned jobs, while an episode lasts
+    (field ``running_mismatch``: heartbeats in a row, then ":" and when the episode began)."""
+    beats, _, since = raw.get("running_mismatch", "").partition(":")
+    if as_int(since) is None:
+        return None
+    return {"since_ms": as_int(since), "heartbeats": as_int(beats) or 0,
+            "running_jobs": as_int(raw.get("running_jobs")), "assigned_jobs": assigned}
 
 
 def _drain_view(raw: dict[str, str], jobs_left: int) -> dict[str, Any] | None:

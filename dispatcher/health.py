@@ -1,9 +1,12 @@
-"""Whether one heartbeat is healthy. The status rules built on it live in the Lua scripts."""
+"""Whether one heartbeat is healthy, and the rules on job outcomes. The status rules
+built on them live in the Lua scripts."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from dispatcher.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,11 @@ def check_health(
         elif not gpu_available:
             problems.append("GPU not available")
     return HealthVerdict(not problems, "; ".join(problems) or "healthy")
+
+
+def job_failure_rules(settings: Settings) -> dict[str, int]:
+    """What the job scripts need to count an outcome against its node (their ``job_health``
+    parameter): failures in a row, failures in the window, the window, the cool-down (ms)."""
+    return {"consecutive": settings.job_failures_consecutive, "in_window": settings.job_failures_in_window,
+            "window": settings.job_failures_window,
+            "cooldown_ms": int(settings.job_failures_cooldown_seconds * 1000)}

@@ -23,12 +23,14 @@ from dispatcher.clock import Clock, now_ms
 from dispatcher.dispatch import Decision, Dispatcher
 from dispatcher.errors import StoreError, UnknownJob
 from dispatcher.filter import JobNeeds
+from dispatcher.health import job_failure_rules
 from dispatcher.jobspec import JobSpec
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.messages import JobAck, JobProgress, JobResult
 from dispatcher.publish import Publisher
 from dispatcher.records import as_int, as_json
+from dispatcher.registry import transitioned
 from dispatcher.scripts import Scripts
 from dispatcher.settings import Settings
 
@@ -53,7 +55,9 @@ class Jobs:
         self.keys = Keys(settings.key_prefix)
         self.scripts = Scripts(client, self.keys)
         self.dispatcher = Dispatcher(client, settings, self.scripts, clock)
-        self.publisher = Publisher(app)
+        self.publisher = Publisher(app, count_per_node=settings.metrics_node_series > 0)
+        #: How results and timeouts count against their node (the job scripts' ``job_health``).
+        self.job_health = job_failure_rules(settings)
 
     # --- submission (worker) ---------------------------------------------------
 
@@ -144,7 +148,7 @@ class Jobs:
         if self.client.zcard(self.keys.waiting()) == 0:
             return
         if self.client.set(self.keys.kick(), "1", nx=True, px=5000):
-            self.app.send_task("dispatcher.dispatch_waiting")
+            self.publisher.send_task("dispatcher.dispatch_waiting")
 
     def dispatch_waiting(self) -> int:
         """Place waiting jobs in order (priority, then age) while any ready node has a
@@ -223,7 +227,7 @@ class Jobs:
         job_id, node_id, attempt, kind = result["job_id"], result["node_id"], int(result["attempt"]), result["kind"]
         for _ in range(2):
             reply = self.scripts.complete_job(job_id, kind or None, node_id, attempt, self.clock(), result["meta"],
-                                              result["output"], RETENTION_MS)
+                                              result["output"], RETENTION_MS, self.job_health)
             if reply[0] != "need_kind":
                 break
             kind = self.client.hget(self.keys.job(job_id), "needs_class") or ""
@@ -232,6 +236,8 @@ class Jobs:
             log_event(log, "job_frame_ignored", job_id=job_id, node_id=node_id, attempt=attempt,
                       ref_type="job_result", why=f"stale: the job is {reply[1]}")
             return outcome, False
+        if outcome in ("succeeded", "failed", "retry"):
+            self.node_degraded(node_id, reply[-1])
         if outcome in ("succeeded", "failed"):
             self.publisher.finished(job_id, as_json(reply[2], {}), result["output"], as_int(reply[3]),
                                     as_int(result.get("received_ms")))
@@ -240,6 +246,12 @@ class Jobs:
                                    str(reply[2]) if len(reply) > 2 else "")
             self.note_requeued(job_id)
         return outcome, reply[1] == "1"
+
+    @staticmethod
+    def node_degraded(node_id: str, reason: str) -> None:
+        """Log and count the JobFailures transition a job script made (``reason`` "" when it made none)."""
+        if reason:
+            transitioned(node_id, "ready", "degraded", reason)
 
     # --- cancellation (worker) -------------------------------------------------------
 

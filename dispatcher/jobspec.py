@@ -19,6 +19,11 @@ from dispatcher.messages import (
 )
 
 
+#: The waiting queue's scores: (MAX_PRIORITY - priority) * QUEUE_BAND + submission time (ms).
+MAX_PRIORITY = 9
+QUEUE_BAND = 10**13
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -33,7 +38,7 @@ class JobSpec(BaseModel):
     #: How long the job may wait for an eligible node.
     dispatch_timeout_seconds: float = Field(300, ge=0, le=7 * 24 * 3600)
     #: 0-9, higher first among waiting jobs.
-    priority: int = Field(5, ge=0, le=9)
+    priority: int = Field(5, ge=0, le=MAX_PRIORITY)
     node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=64)
     #: Fail at once (NoEligibleNode) when no registered node could ever take the job (its
     #: models, GPU, public pool, selector), instead of waiting out dispatch_timeout_seconds.
@@ -62,7 +67,7 @@ class JobSpec(BaseModel):
 
     def queue_score(self, submitted_ms: int) -> int:
         """Waiting order: higher priority first, then first submitted."""
-        return (9 - self.priority) * 10**13 + submitted_ms
+        return (MAX_PRIORITY - self.priority) * QUEUE_BAND + submitted_ms
 
 
 #: Submitted fields shown in logs and task events; the payload never is.

@@ -12,6 +12,9 @@ from collections.abc import Iterable
 #: Node statuses, in the order the status sets appear in a node bundle.
 STATUSES = ("registering", "ready", "degraded", "draining", "offline")
 
+#: A job's final states, each with its index of finished jobs (``Keys.finished``).
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
 #: The keys every node script receives first, in this order. The script loader
 #: turns this list into the Lua table ``K`` (``K.node``, ``K.ready`` ...), so
 #: Python and Lua cannot disagree on positions.
@@ -53,6 +56,7 @@ JOB_BUNDLE = (
     "result",
     "capacity_index",
     "liveness",
+    *(f"finished_{state}" for state in FINAL_STATES),
 )
 
 
@@ -117,6 +121,10 @@ class Keys:
         """Sorted set: draining node id -> drain deadline (ms)."""
         return f"{self.prefix}:drains"
 
+    def cordoned(self) -> str:
+        """Set of the cordoned node ids (none of them is in the capacity index)."""
+        return f"{self.prefix}:cordoned"
+
     # --- dispatch indexes --------------------------------------------------
     def gpu_index(self) -> str:
         return f"{self.prefix}:idx:gpu"
@@ -170,6 +178,11 @@ class Keys:
         dispatch timeout while waiting, the attempt's timeout once assigned."""
         return f"{self.prefix}:deadlines"
 
+    def finished(self, state: str) -> str:
+        """Sorted set: job id -> when it was submitted (ms), for the jobs that ended in ``state``
+        (one of FINAL_STATES); the scan trims it to the records' retention."""
+        return f"{self.prefix}:finished:{state}"
+
     def results(self) -> str:
         """Stream of the nodes' results as the web processes received them, until a worker
         applies them (dispatcher/completions.py): job_id, node_id, attempt, kind, meta, output."""
@@ -188,8 +201,14 @@ class Keys:
         return f"{self.prefix}:scan"
 
     def stats(self) -> str:
-        """Hash of aggregate dispatch statistics (decisions, exclusions per reason)."""
+        """Hash of the fleet's counters: dispatch decisions, exclusions per reason, jobs
+        finished, heartbeats, transitions (dispatcher/tally.py)."""
         return f"{self.prefix}:stats"
+
+    def stats_histograms(self) -> str:
+        """Hash of the fleet's latency histograms: ``<name>|<bucket index>`` -> count and
+        ``<name>|sum`` -> seconds (dispatcher/tally.py)."""
+        return f"{self.prefix}:stats:histograms"
 
     def stats_examples(self) -> str:
         """Hash: exclusion reason -> JSON list of recent example node ids."""
@@ -238,6 +257,7 @@ class Keys:
             "result": self.celery_result(job_id),
             "capacity_index": self.capacity_index(),
             "liveness": self.liveness(),
+            **{f"finished_{state}": self.finished(state) for state in FINAL_STATES},
         }
         return [by_name[name] for name in JOB_BUNDLE]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -32,6 +31,9 @@ DEMO_DEFAULTS = {
     "DISPATCHER_HEARTBEAT_TIMEOUT_SECONDS": "8",
     "DISPATCHER_PERIODIC_SCAN_INTERVAL_SECONDS": "5",
 }
+#: The README's CLI example, which the demo nodes can run (their handler answers ``asr``).
+SUBMIT_EXAMPLE = ("dispatcher submit --type asr --model whisper-large-v3 "
+                  "--payload '{\"audio_url\": \"https://example.com/hello.wav\"}'")
 #: The port the private Redis prefers, so that a re-run finds its data on the same address.
 LOCAL_REDIS_PORT = 6390
 
@@ -45,6 +47,27 @@ def _port_free(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+#: The ports the local run listens on: variable, default, what listens there.
+PORTS = (("PORT", "8000", "the web process"), ("FLOWER_PORT", "5555", "Flower"))
+
+
+def ports_taken(env: dict[str, str]) -> list[str]:
+    """What is wrong with the ports the local run would listen on (nothing when all are free),
+    each naming the variable that moves it."""
+    import socket
+
+    problems = []
+    for variable, default, who in PORTS:
+        port = int(env.get(variable) or default)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                problems.append(f"port {port} ({who}) is taken by another program: set {variable} to a free "
+                                f"port, e.g. {variable}={port + 1} ./scripts/up")
+    return problems
 
 
 def _get_json(url: str) -> Any:
@@ -87,6 +110,11 @@ def demo_job(redis_url: str, url: str) -> None:
 def run_local(root: Path, demo_nodes: int = 2) -> int:
     data = root / ".data"
     env = dict(os.environ)
+    taken = ports_taken(env)
+    for problem in taken:
+        _say(problem)
+    if taken:
+        return 1
     redis_server = None
     if not env.get("REDIS_URL"):
         port = LOCAL_REDIS_PORT if _port_free(LOCAL_REDIS_PORT) else free_port()
@@ -98,18 +126,15 @@ def run_local(root: Path, demo_nodes: int = 2) -> int:
     env.setdefault("PORT", "8000")
     env.setdefault("FLOWER_PORT", "5555")
     env.setdefault("FLOWER_UNAUTHENTICATED_API", "true")  # a local run; set FLOWER_BASIC_AUTH elsewhere
+    # Registration and the admin API are open here: only this machine may reach them.
+    env.setdefault("WEB_ADDRESS", "127.0.0.1")
+    env.setdefault("FLOWER_ADDRESS", "127.0.0.1")
     for key, value in DEMO_DEFAULTS.items():
         if key not in env:
             env[key] = value
             _say(f"demo default {key}={value} (set it to override)")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
-    if "PROMETHEUS_MULTIPROC_DIR" not in env:
-        # Every process of this run counts into one folder; /metrics adds them up.
-        metrics_dir = data / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
     manager = Manager()
     procfile = parse_procfile((root / "Procfile").read_text())
@@ -130,7 +155,8 @@ def run_local(root: Path, demo_nodes: int = 2) -> int:
         _say(f"web is up: the fleet page at {url}/ , the API at {url}/api/nodes , metrics at {url}/metrics")
         _say(f"Flower at http://127.0.0.1:{env['FLOWER_PORT']}/ ; the CLI, from another terminal:")
         _say(f"  export REDIS_URL={env['REDIS_URL']} DISPATCHER_URL={url}")
-        _say("  .venv/bin/dispatcher nodes ; .venv/bin/dispatcher submit --type echo --payload '{\"hi\": 1}'")
+        _say("  .venv/bin/dispatcher nodes")
+        _say(f"  .venv/bin/{SUBMIT_EXAMPLE}")
         if not _wait(lambda: _get_json(f"{url}/api/nodes")["counts"]["ready"] >= 1, 60):
             _say("no node became ready within 60 s; see the node lines above")
             return

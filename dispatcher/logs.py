@@ -28,11 +28,39 @@ class _NoHandOffTracebacks(logging.Filter):
                     and data.get("description") == "ignored")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Send every log record of the process to stdout as JSON lines."""
+class QuietTasks(logging.Filter):
+    """Celery logs each task a worker receives and ends, and beat each one it sends, at
+    INFO: for internal tasks (the scan every few seconds, passes over waiting jobs) those
+    are lines that say nothing happened. Theirs are DEBUG lines; what the tasks did, when
+    they did something, they log themselves."""
+
+    _LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.beat")
+
+    def __init__(self, tasks: frozenset[str]) -> None:
+        super().__init__()
+        self.tasks = tasks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or record.name not in self._LOGGERS:
+            return True
+        data = getattr(record, "data", None)
+        if isinstance(data, dict):
+            task = data.get("name")
+        else:  # beat: "Scheduler: Sending due task %s (%s)" % (entry name, task name)
+            task = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+        if task not in self.tasks:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def configure_logging(level: str = "INFO", quiet_tasks: frozenset[str] = frozenset()) -> None:
+    """Send every log record of the process to stdout as JSON lines; Celery's lines about the
+    tasks ``quiet_tasks`` are DEBUG lines."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(json_formatter())
     handler.addFilter(_NoHandOffTracebacks())
+    handler.addFilter(QuietTasks(quiet_tasks))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

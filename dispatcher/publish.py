@@ -21,6 +21,7 @@ from celery import Celery, states
 
 from dispatcher.logs import log_event
 from dispatcher.metrics import ASSIGN_TO_RESULT, JOBS_FINISHED
+from dispatcher.tally import TALLY
 
 log = logging.getLogger("dispatcher.publish")
 
@@ -44,8 +45,10 @@ EVENTS_BATCH = 200
 class Publisher:
     """Task events for Flower, and a log line and a count for each job that ends."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, count_per_node: bool = False) -> None:
         self.app = app
+        #: Count each node's jobs finished too (per-node metrics, ``metrics_node_series``).
+        self.count_per_node = count_per_node
         self._hostname = f"dispatcher@{socket.gethostname()}"
         # One long-lived event dispatcher per process (building one per event costs
         # more than the rest of a completion); the lock serialises its channel.
@@ -53,17 +56,33 @@ class Publisher:
         self._events_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
 
+    def _dispatcher(self) -> Any:
+        """The process's event dispatcher (the caller holds the lock)."""
+        if self._events is None:
+            self._events = self.app.events.Dispatcher(
+                self.app.connection_for_write(), hostname=self._hostname, buffer_group={"task"},
+                buffer_limit=EVENTS_BATCH, buffer_while_offline=False)
+        if self._flusher is None:
+            # Started by the first event, in the process that sends it (after a fork).
+            self._flusher = threading.Thread(target=self._flush_every, name="events-flush", daemon=True)
+            self._flusher.start()
+        return self._events
+
+    def send_task(self, name: str) -> None:
+        """Queue one of the dispatcher's internal tasks (no result) on the events' own broker
+        connection: a process publishes through one connection, not one more from Celery's
+        producer pool (the Redis connection budget, docs/operations.md)."""
+        with self._events_lock:
+            try:
+                self.app.send_task(name, connection=self._dispatcher().connection, ignore_result=True)
+            except Exception:
+                self._events = None
+                raise
+
     def _event(self, kind: str, job_id: str, worker: str, **fields: Any) -> None:
         try:
             with self._events_lock:
-                if self._events is None:
-                    self._events = self.app.events.Dispatcher(
-                        self.app.connection_for_write(), hostname=self._hostname, buffer_group={"task"},
-                        buffer_limit=EVENTS_BATCH, buffer_while_offline=False)
-                if self._flusher is None:
-                    # Started by the first event, in the process that sends it (after a fork).
-                    self._flusher = threading.Thread(target=self._flush_every, name="events-flush", daemon=True)
-                    self._flusher.start()
+                self._dispatcher()
                 # send() stamps the dispatcher's hostname; a job's events name its worker.
                 self._events.hostname = worker or self._hostname
                 self._events.send(kind, uuid=job_id, **fields)
@@ -135,6 +154,8 @@ class Publisher:
         else:
             self._event("task-revoked", job_id, worker, terminated=False, signum=None, expired=False)
         JOBS_FINISHED.labels(state).inc()
+        if self.count_per_node and outcome.get("node_id"):
+            TALLY.count_node(str(outcome["node_id"]), f"finished_{state}")
         if state in ("succeeded", "failed") and assigned_ms and result_ms:
             ASSIGN_TO_RESULT.observe((result_ms - assigned_ms) / 1000)
         log_event(log, "job_finished", job_id=job_id, state=state, code=outcome.get("code"),

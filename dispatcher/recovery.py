@@ -10,6 +10,7 @@ from typing import Any
 from dispatcher.completions import Completions
 from dispatcher.dispatch import Decision
 from dispatcher.filter import JobNeeds
+from dispatcher.joblist import JobList
 from dispatcher.jobs import RETENTION_MS, Jobs
 from dispatcher.logs import log_event
 
@@ -54,6 +55,8 @@ class Recovery:
             self._release_lost(node_id, now, summary)
         if self.client.zcard(k.waiting()):
             summary.placed = self.jobs.dispatch_waiting()
+        # The finished-job indexes are trimmed here, not by each job's end: no command per job.
+        JobList(self.client, k).trim(now, RETENTION_MS)
         return summary
 
     def _deadline(self, job_id: str, now: int, summary: JobScanSummary,
@@ -78,9 +81,12 @@ class Recovery:
         elif state in ("assigned", "running"):
             message = (f"node {node_id} did not finish attempt {attempt} within "
                        f"{int(timeout_ms or 0) / 1000:g} s")
+            # A timeout counts against the node, as its own failures do.
             reply = self.scripts.release_job(job_id, kind or "", node_id, now, "TIMEOUT", message,
-                                             cancel_on_node=True, only_if_due=True, retention_ms=RETENTION_MS)
+                                             cancel_on_node=True, only_if_due=True, retention_ms=RETENTION_MS,
+                                             job_health=self.jobs.job_health)
             if reply[0] in ("retry", "failed"):
+                self.jobs.node_degraded(node_id, reply[2])
                 summary.timed_out.append(job_id)
                 log_event(log, "job_timed_out", logging.WARNING, job_id=job_id, node_id=node_id, attempt=attempt,
                           outcome=reply[0])

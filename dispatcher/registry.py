@@ -31,9 +31,10 @@ from dispatcher.health import HealthVerdict, check_health
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.messages import InstalledModel, NodeHeartbeat, NodeRegister, valid_node_id
-from dispatcher.metrics import HEARTBEATS, TRANSITIONS
+from dispatcher.metrics import HEARTBEATS, RUNNING_JOBS_MISMATCHES, TRANSITIONS
 from dispatcher.scripts import HeartbeatOutcome, Scripts
 from dispatcher.settings import Settings
+from dispatcher.wording import plural
 
 log = logging.getLogger("dispatcher.registry")
 
@@ -101,6 +102,16 @@ class DrainOutcome:
     #: "draining" (jobs still assigned) or "offline" (nothing was assigned).
     status: str
     jobs_left: int
+
+
+def undrained_message(node_id: str, status: str) -> str:
+    """What an undrain leads to, for a person: the node's status and what happens next."""
+    if status == "offline":
+        return (f"node {node_id} is offline: it will be ready again when it reconnects and passes its "
+                "health checks")
+    if status == "degraded":
+        return f"node {node_id} is degraded: it takes jobs again once its health checks pass"
+    return f"node {node_id} is {status}"
 
 
 @dataclass
@@ -237,6 +248,7 @@ class Registry:
             "failure_rate_threshold": s.failure_rate_threshold,
             "consecutive_failure_threshold": s.consecutive_failure_threshold,
             "warmup_ms": int(s.warmup_timeout_seconds * 1000),
+            "mismatch_heartbeats": s.running_jobs_mismatch_heartbeats,
         }
         index_models = set(node.models) | set(models) if msg.installed_models is not None else set()
         for _ in range(_SCRIPT_ATTEMPTS):
@@ -260,6 +272,13 @@ class Registry:
         HEARTBEATS.labels("true" if verdict.healthy else "false").inc()
         if outcome.transitioned:
             transitioned(node.node_id, outcome.previous_status, outcome.status, outcome.reason)
+        if outcome.mismatch == "began":
+            log_event(log, "running_jobs_mismatch", logging.WARNING, node_id=node.node_id,
+                      running_jobs=usage.running_jobs, assigned_jobs=outcome.assigned,
+                      heartbeats=s.running_jobs_mismatch_heartbeats)
+            RUNNING_JOBS_MISMATCHES.inc()
+        elif outcome.mismatch == "ended":
+            log_event(log, "running_jobs_reconciled", node_id=node.node_id, running_jobs=usage.running_jobs)
         return HeartbeatResult(outcome, verdict)
 
     # --- draining ------------------------------------------------------------
@@ -286,7 +305,7 @@ class Registry:
 
     def undrain(self, node_id: str, requested_by: str, now: int | None = None) -> str:
         """End a drain. Returns the node's status now (``offline`` while a drained
-        node reconnects to warm up again)."""
+        node reconnects to warm up again: ``undrained_message`` says so)."""
         now = self.clock() if now is None else now
         outcome, detail = self.scripts.undrain_node(node_id, now, requested_by)
         if outcome == "unknown":
@@ -298,6 +317,67 @@ class Registry:
             transitioned(node_id, "draining", detail, f"drain ended by {requested_by}")
             return detail
         return "offline"  # drained (it reconnects to warm up again) or away mid-drain
+
+    # --- cordons and forgetting ---------------------------------------------
+
+    def cordon(self, node_id: str, requested_by: str, reason: str, now: int | None = None) -> str:
+        """Keep a node from new jobs; it keeps its status, session and jobs. Returns its status."""
+        now = self.clock() if now is None else now
+        outcome, status, already = self.scripts.cordon_node(node_id, now, requested_by, reason)
+        if outcome == "unknown":
+            raise UnknownNode(f"no node {node_id}")
+        log_event(log, "node_cordoned", node_id=node_id, requested_by=requested_by, reason=reason, status=status,
+                  already=already)
+        return status
+
+    def uncordon(self, node_id: str, requested_by: str, now: int | None = None) -> str:
+        """End a cordon (nothing to do when there is none). Returns the node's status."""
+        now = self.clock() if now is None else now
+        outcome, status = self.scripts.uncordon_node(node_id, now)
+        if outcome == "unknown":
+            raise UnknownNode(f"no node {node_id}")
+        log_event(log, "node_uncordoned", node_id=node_id, requested_by=requested_by, status=status,
+                  was_cordoned=outcome == "uncordoned")
+        return status
+
+    def forget(self, node_id: str, requested_by: str, now: int | None = None) -> None:
+        """Delete an offline node's record, secret, history and index entries at once (an
+        operator's request; the scan does the same after offline_node_retention_seconds).
+        Raises UnknownNode, or InvalidTransition for a node that is not offline, still has its
+        session and is heard from (its agent would register again at once) or still holds jobs."""
+        now = self.clock() if now is None else now
+        # A node whose session is open (a drained node keeps its session) is kept while it is
+        # heard from; one whose session closed goes at once (were it to connect again meanwhile,
+        # it would no longer be offline, and the script would refuse).
+        connected = self.client.hget(self.keys.node(node_id), "connected") == "1"
+        retention_ms = int(self.settings.heartbeat_timeout_seconds * 1000) if connected else 0
+        outcome, detail = self._forget(node_id, now, retention_ms)
+        if outcome == "gone" and detail == "unknown":
+            raise UnknownNode(f"no node {node_id}")
+        if outcome == "gone":
+            raise InvalidTransition(f"node {node_id} is {detail}: only an offline node can be forgotten "
+                                    "(drain it first)")
+        if outcome == "kept" and detail == "seen":
+            raise InvalidTransition(f"node {node_id} is offline but its session is open (a drained node): its "
+                                    "agent would register again at once; stop the agent first")
+        if outcome == "kept":
+            jobs = self.client.hlen(self.keys.assigned(node_id))
+            raise InvalidTransition(f"node {node_id} still holds {plural(jobs, 'job')}, sent to other nodes once "
+                                    "job_reassign_grace_seconds pass: forget it after that")
+        log_event(log, "node_forgotten", node_id=node_id, requested_by=requested_by)
+
+    def _forget(self, node_id: str, now: int, retention_ms: int) -> tuple[str, str]:
+        """Run forget_node with the node's index entries as stored (read again if they change)."""
+        for _ in range(_SCRIPT_ATTEMPTS):
+            stored_models, stored_labels = self.client.hmget(self.keys.node(node_id), "models", "labels")
+            extra_keys, index_params = self._index_entries(*_indexed_under(stored_models, stored_labels))
+            try:
+                return self.scripts.forget_node(node_id, extra_keys, {
+                    "now_ms": now, "retention_ms": retention_ms,
+                    "expected_models": stored_models, "expected_labels": stored_labels, **index_params})
+            except ScriptRetry:
+                continue
+        raise StoreError(f"node {node_id} kept changing while being forgotten")
 
     # --- session ends and the scan -----------------------------------------
 
@@ -333,14 +413,18 @@ class Registry:
             handed_back = self.scripts.expire_drain(node_id, now)
             if handed_back is not None:
                 summary.drains_ended.append(node_id)
-                transitioned(node_id, "draining", "offline", f"drain deadline passed with {handed_back} jobs left")
+                transitioned(node_id, "draining", "offline",
+                             f"drain deadline passed with {plural(handed_back, 'job')} left")
         if s.offline_node_retention_seconds:
             summary.forgotten = self._forget_long_gone(now, int(s.offline_node_retention_seconds * 1000))
         self.client.hset(self.keys.scan_state(), mapping={
             "at_ms": now, "expired": len(summary.expired), "warmup_degraded": len(summary.warmup_degraded),
             "suspected_partition": int(summary.suspected_partition), "deferred": summary.deferred,
             "forgotten": len(summary.forgotten)})
-        log_event(log, "scan_summary", expired=len(summary.expired), warmup_degraded=len(summary.warmup_degraded),
+        # A scan that changed nothing says so at DEBUG: a quiet fleet logs nothing every scan.
+        changed = summary.expired or summary.warmup_degraded or summary.drains_ended or summary.forgotten
+        log_event(log, "scan_summary", logging.INFO if changed or summary.suspected_partition else logging.DEBUG,
+                  expired=len(summary.expired), warmup_degraded=len(summary.warmup_degraded),
                   drains_ended=len(summary.drains_ended), forgotten=len(summary.forgotten),
                   suspected_partition=summary.suspected_partition, deferred=summary.deferred)
         return summary
@@ -352,19 +436,13 @@ class Registry:
         forgotten = []
         for node_id in self.client.zrangebyscore(self.keys.offline_since(), "-inf", now - retention_ms,
                                                  0, _SCAN_BATCH):
-            for _ in range(_SCRIPT_ATTEMPTS):
-                stored_models, stored_labels = self.client.hmget(self.keys.node(node_id), "models", "labels")
-                extra_keys, index_params = self._index_entries(*_indexed_under(stored_models, stored_labels))
-                try:
-                    outcome = self.scripts.forget_node(node_id, extra_keys, {
-                        "now_ms": now, "retention_ms": retention_ms,
-                        "expected_models": stored_models, "expected_labels": stored_labels, **index_params})
-                except ScriptRetry:
-                    continue
-                if outcome == "forgotten":
-                    forgotten.append(node_id)
-                    log_event(log, "node_forgotten", node_id=node_id, retention_s=retention_ms // 1000)
-                break
+            try:
+                outcome, _ = self._forget(node_id, now, retention_ms)
+            except StoreError:
+                continue  # changing all the time: not gone, then
+            if outcome == "forgotten":
+                forgotten.append(node_id)
+                log_event(log, "node_forgotten", node_id=node_id, retention_s=retention_ms // 1000)
         return forgotten
 
     def _index_entries(self, models: set[str],

@@ -36,12 +36,12 @@ _celery_revoke = control.Panel.data["revoke"]
 def _jobs() -> Any:
     # Built on first use in the worker's main process, where control commands run.
     from dispatcher.celery_app import app
-    from dispatcher.connection import redis_client
+    from dispatcher.connection import shared_client
     from dispatcher.jobs import Jobs
     from dispatcher.settings import get_settings
 
     settings = get_settings()
-    return Jobs(redis_client(settings), settings, app)
+    return Jobs(shared_client(settings), settings, app)
 
 
 @control.control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")

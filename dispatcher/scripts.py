@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -55,10 +56,20 @@ def _expand(text: str, read: Any) -> str:
     return "\n".join(lines) + "\n" + body
 
 
+def _lua_folder() -> Any:
+    """Where the scripts are: the installed package ``dispatcher.lua``, or ``lua/`` beside the
+    ``dispatcher`` package when the code runs from a checkout that is not installed (a
+    platform's build installs requirements.txt and runs the app from its folder)."""
+    try:
+        return resources.files("dispatcher.lua")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "lua"
+
+
 @functools.cache
 def script_sources() -> dict[str, str]:
     """Name -> full Lua source, with the preludes of its includes expanded."""
-    package = resources.files("dispatcher.lua")
+    package = _lua_folder()
 
     def read(name: str) -> str:
         return (package / name).read_text()
@@ -81,6 +92,11 @@ class HeartbeatOutcome:
     reason: str
     #: The node may take work it could not before, and jobs are waiting.
     kick: bool
+    #: "began": the node's running_jobs has disagreed with its assigned jobs for the set number
+    #: of heartbeats (said once per episode); "ended": they agree again; "" otherwise.
+    mismatch: str = ""
+    #: The jobs assigned to the node, by our record.
+    assigned: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,7 +162,9 @@ class Scripts:
         reply = self._call("record_heartbeat", self.keys.node_bundle(node_id) + model_keys,
                            {"node_id": node_id, **params})
         if reply[0] == "ok":
-            return HeartbeatOutcome(reply[1], reply[2] == "1", reply[3], reply[4], reply[5] == "1")
+            mismatch, assigned = (reply[6], int(reply[7])) if len(reply) > 7 else ("", 0)
+            return HeartbeatOutcome(reply[1], reply[2] == "1", reply[3], reply[4], reply[5] == "1", mismatch,
+                                    assigned)
         if reply[0] in ("unknown", "superseded", "offline"):
             return reply[0]
         if reply[0] == "retry":
@@ -198,16 +216,30 @@ class Scripts:
             "node_id": node_id, "now_ms": now_ms, "reassign_grace_ms": 0})
         return int(reply[1]) if reply[0] == "drained" else None
 
-    def forget_node(self, node_id: str, extra_keys: list[str], params: dict[str, Any]) -> str:
-        """Delete a long-gone node. Returns ``forgotten``, ``kept`` or ``gone``;
-        raises ScriptRetry when its models or labels changed since the caller read them."""
-        reply = self._call("forget_node", self.keys.node_bundle(node_id) + extra_keys,
+    def forget_node(self, node_id: str, extra_keys: list[str], params: dict[str, Any]) -> tuple[str, str]:
+        """Delete a long-gone node. Returns ("forgotten", ""), ("kept", "seen" | "jobs") or
+        ("gone", its status); raises ScriptRetry when its models or labels changed since the
+        caller read them."""
+        reply = self._call("forget_node", self.keys.node_bundle(node_id) + extra_keys + [self.keys.cordoned()],
                            {"node_id": node_id, **params})
         if reply[0] == "retry":
             raise ScriptRetry("forget_node")
         if reply[0] in ("forgotten", "kept", "gone"):
-            return str(reply[0])
+            return str(reply[0]), (str(reply[1]) if len(reply) > 1 else "")
         raise self._unexpected("forget_node", reply)
+
+    def cordon_node(self, node_id: str, now_ms: int, requested_by: str, reason: str) -> tuple[str, str, bool]:
+        """Keep a node from new jobs. Returns ("cordoned", its status, whether it already was)
+        or ("unknown", "", False)."""
+        reply = self._call("cordon_node", self.keys.node_bundle(node_id) + [self.keys.cordoned()], {
+            "node_id": node_id, "now_ms": now_ms, "requested_by": requested_by, "reason": reason})
+        return str(reply[0]), (str(reply[1]) if len(reply) > 1 else ""), len(reply) > 2 and reply[2] == "1"
+
+    def uncordon_node(self, node_id: str, now_ms: int) -> tuple[str, str]:
+        """End a cordon. Returns ("uncordoned" | "not_cordoned", its status) or ("unknown", "")."""
+        reply = self._call("uncordon_node", self.keys.node_bundle(node_id) + [self.keys.cordoned()],
+                           {"node_id": node_id, "now_ms": now_ms})
+        return str(reply[0]), (str(reply[1]) if len(reply) > 1 else "")
 
     def pop_frames(self, node_id: str, session_id: str, max_frames: int, max_bytes: int) -> list[str] | None:
         """Frames queued for the node (at most ``max_frames``, and ``max_bytes`` but for
@@ -215,6 +247,13 @@ class Scripts:
         reply = self._call("pop_frames", [self.keys.node(node_id), self.keys.queue(node_id)],
                            args=[session_id, max_frames, max_bytes])
         return None if reply is None else list(reply)
+
+    def count_node_jobs(self, counts: dict[str, dict[str, int]]) -> int:
+        """Add jobs finished to their nodes' records (node id -> {field: n}); a node that no
+        longer exists is skipped. Returns how many nodes were counted."""
+        node_ids = list(counts)
+        return int(self._call("count_node_jobs", [self.keys.node(node_id) for node_id in node_ids],
+                              args=[json.dumps(counts[node_id]) for node_id in node_ids]))
 
     # --- jobs --------------------------------------------------------------
 
@@ -257,23 +296,28 @@ class Scripts:
         return str(reply[0]), str(reply[1]), str(reply[2]) if len(reply) > 2 else ""
 
     def complete_job(self, job_id: str, needs_class: str | None, node_id: str, attempt: int, now_ms: int,
-                     meta: str, output: str, retention_ms: int) -> list[Any]:
-        """Apply a node's result. Returns ["succeeded" | "failed", kick, outcome JSON, assigned_ms],
-        ["retry", kick, worker], ["stale", state], or ["need_kind"] when it would requeue the job and
-        ``needs_class`` is None; kick "1" when a waiting job could take the freed slot."""
+                     meta: str, output: str, retention_ms: int,
+                     job_health: dict[str, int] | None = None) -> list[Any]:
+        """Apply a node's result; an error with ``node_fault`` counts against the node by the rules
+        ``job_health`` (dispatcher.health.job_failure_rules; None: not counted). Returns ["succeeded" | "failed", kick,
+        outcome JSON, assigned_ms, degraded], ["retry", kick, worker, degraded], ["stale", state], or
+        ["need_kind"] when it would requeue the job and ``needs_class`` is None; kick "1" when a
+        waiting job could take the freed slot; degraded, the JobFailures reason when the result
+        degraded the node, else ""."""
         return list(self._job_call("complete_job", job_id, needs_class, {
             "node_id": node_id, "attempt": attempt, "now_ms": now_ms, "meta": meta, "output": output,
-            "retention_ms": retention_ms}, node_id=node_id))
+            "retention_ms": retention_ms, "job_health": job_health}, node_id=node_id))
 
     def release_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, code: str, message: str, *,
                     cancel_on_node: bool, only_if_offline: bool = False, only_if_due: bool = False,
-                    retention_ms: int) -> list[Any]:
-        """End an attempt without a result. Returns ["retry", worker], ["failed", outcome JSON], ["kept"],
-        ["gone"] or ["moved"]."""
+                    retention_ms: int, job_health: dict[str, int] | None = None) -> list[Any]:
+        """End an attempt without a result; with ``job_health`` (a timeout) it counts against the
+        node as complete_job's node faults do. Returns ["retry", worker, degraded], ["failed", outcome
+        JSON, degraded], ["kept"], ["gone"] or ["moved"]; degraded as complete_job's."""
         return list(self._job_call("release_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,
             "cancel_on_node": cancel_on_node, "only_if_offline": only_if_offline, "only_if_due": only_if_due,
-            "retention_ms": retention_ms, "reassign_grace_ms": 0}, node_id=node_id))
+            "retention_ms": retention_ms, "reassign_grace_ms": 0, "job_health": job_health}, node_id=node_id))
 
     def cancel_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, reason: str,
                    retention_ms: int) -> list[Any]:
@@ -282,14 +326,16 @@ class Scripts:
             "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms,
             "reassign_grace_ms": 0}, node_id=node_id))
 
-    def note_waiting(self, job_id: str, nodes_key: str, steps: list[tuple[str, list[str]]], now_ms: int,
+    def note_waiting(self, job_id: str, nodes_key: str, steps: list[tuple[str, list[str], bool]], now_ms: int,
                      examples: int, budget: int) -> tuple[dict[str, Any], str] | None:
         """Write why a waiting job waits (its Celery WAITING state and last decision) from the
-        filter's ``steps`` (reason, its index keys). Returns the meta and the Celery worker that
-        took the submission, or None when the job no longer waits."""
-        keys = [nodes_key] + [key for _, step_keys in steps for key in step_keys]
+        filter's ``steps`` (reason, its index keys, whether its one key lists the nodes failing
+        it). Returns the meta and the Celery worker that took the submission, or None when the
+        job no longer waits."""
+        keys = [nodes_key] + [key for _, step_keys, _ in steps for key in step_keys]
         reply = self._job_call("note_waiting", job_id, None, {
-            "now_ms": now_ms, "steps": [[reason, len(step_keys)] for reason, step_keys in steps],
+            "now_ms": now_ms,
+            "steps": [[reason, len(step_keys), excluding] for reason, step_keys, excluding in steps],
             "examples": examples, "budget": budget}, extra_keys=keys)
         return (json.loads(reply[1]), str(reply[2])) if reply[0] == "noted" else None
 

@@ -51,6 +51,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "partition_offline_fraction",
         "partition_offline_per_scan",
         "offline_node_retention_seconds",
+        "job_failures_consecutive",
+        "job_failures_in_window",
+        "job_failures_window",
+        "job_failures_cooldown_seconds",
+        "running_jobs_mismatch_heartbeats",
     ),
     "scheduler.dispatch": (
         "resource_threshold_percent",
@@ -77,6 +82,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "delivery_sweep_interval_seconds",
         "gc_pause_log_ms",
         "log_level",
+        "metrics_node_series",
     ),
     "redis": (
         "key_prefix",
@@ -132,6 +138,17 @@ class Settings(BaseSettings):
     partition_offline_per_scan: int = Field(5, ge=1)
     #: A node offline and unheard of for this long is deleted (0: kept forever).
     offline_node_retention_seconds: float = Field(7 * 24 * 3600, ge=0)
+    #: A ready node whose last this many jobs failed by its own fault (a node_fault error or
+    #: a timeout) is degraded for JobFailures ...
+    job_failures_consecutive: int = Field(5, ge=1)
+    #: ... or when this many of its last ``job_failures_window`` jobs did (both at most the window).
+    job_failures_in_window: int = Field(7, ge=1)
+    job_failures_window: int = Field(10, ge=1, le=64)
+    #: Seconds a node degraded for JobFailures stays out of ready, however healthy its heartbeats.
+    job_failures_cooldown_seconds: float = Field(300, ge=0)
+    #: Heartbeats in a row whose running_jobs differs from the node's assigned jobs before the
+    #: disagreement is logged (running_jobs_mismatch) and counted.
+    running_jobs_mismatch_heartbeats: int = Field(3, ge=1)
 
     # [scheduler.dispatch]
     resource_threshold_percent: float = Field(25, gt=0, le=100)
@@ -181,11 +198,18 @@ class Settings(BaseSettings):
     #: Garbage collections that stop the web process at least this long (ms) are logged (gc_pause).
     gc_pause_log_ms: float = Field(100, gt=0)
     log_level: str = "INFO"
+    #: Nodes given series of their own in /metrics (status, slots, jobs finished), the first
+    #: in id order; 0: none. Each costs a few series and two Redis reads per scrape, so
+    #: the fleet's totals are the default and a dashboard of nodes is asked for, bounded.
+    metrics_node_series: int = Field(0, ge=0, le=100_000)
 
     # [redis]
     key_prefix: str = Field("{dispatcher}", min_length=1)
-    #: Connections in each process's pool for the dispatcher's own records.
-    redis_max_connections: int = Field(50, ge=2)
+    #: The size of every growing Redis pool of each process: the dispatcher's records, Celery's
+    #: result backend, each broker channel's. With the fixed ones
+    #: (a BRPOP, a subscription, a completions reader...) it makes each process's share of
+    #: the Redis plan's client limit (docs/operations.md, the connection budget).
+    redis_max_connections: int = Field(4, ge=2)
     #: Verify the server certificate of a rediss:// URL (Heroku's Redis has a self-signed one).
     redis_tls_verify: bool = False
 
@@ -208,6 +232,10 @@ class Settings(BaseSettings):
                 "failure_rate_threshold must not exceed failure_rate_window_size "
                 f"({self.failure_rate_threshold} > {self.failure_rate_window_size})"
             )
+        for part in ("job_failures_in_window", "job_failures_consecutive"):
+            if getattr(self, part) > self.job_failures_window:
+                raise ValueError(f"{part} must not exceed job_failures_window "
+                                 f"({getattr(self, part)} > {self.job_failures_window})")
         return self
 
     @property

@@ -1,5 +1,6 @@
 """The dispatcher's Celery tasks. ``dispatcher.submit_job``, ``cancel_job``,
-``drain_node`` and ``undrain_node`` are the contract; the others are internal.
+``drain_node``, ``undrain_node``, ``cordon_node`` and ``uncordon_node`` are the
+contract; the others are internal.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from celery import Task
 from celery.worker.request import Request
 
 from dispatcher.celery_app import app
-from dispatcher.connection import redis_client
+from dispatcher.connection import shared_client
 from dispatcher.errors import InvalidJob
 from dispatcher.jobs import Jobs
 from dispatcher.jobspec import describe_submission
@@ -24,7 +25,7 @@ from dispatcher.settings import get_settings
 @functools.cache
 def registry() -> Registry:
     """The process's registry, built on first use (after a prefork worker forks)."""
-    return Registry(redis_client(get_settings()), get_settings())
+    return Registry(shared_client(get_settings()), get_settings())
 
 
 @functools.cache
@@ -87,6 +88,21 @@ def undrain_node(node_id: str, requested_by: str = "a dispatcher.undrain_node ta
     status = registry().undrain(node_id, requested_by)
     jobs().request_kick()
     return status
+
+
+@app.task(name="dispatcher.cordon_node")
+def cordon_node(node_id: str, reason: str = "", requested_by: str = "a dispatcher.cordon_node task") -> dict[str, Any]:
+    """Keep a node from new jobs; it keeps its status, its session and the jobs it has."""
+    status = registry().cordon(node_id, requested_by, reason or "no reason given")
+    return {"node_id": node_id, "status": status, "cordoned": True}
+
+
+@app.task(name="dispatcher.uncordon_node")
+def uncordon_node(node_id: str, requested_by: str = "a dispatcher.uncordon_node task") -> dict[str, Any]:
+    """End a cordon: the node takes new jobs again (once ready)."""
+    status = registry().uncordon(node_id, requested_by)
+    jobs().request_kick()
+    return {"node_id": node_id, "status": status, "cordoned": False}
 
 
 # Internal tasks send no events: Flower lists the jobs and the contract's tasks.

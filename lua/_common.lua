@@ -8,19 +8,13 @@
 --   P      the script's parameters, decoded from the JSON in ARGV[1]
 -- Times are milliseconds from the caller's clock (P.now_ms); scripts never read TIME.
 
-local function hget_number(key, field, default)
-  local value = redis.call('HGET', key, field)
-  if value == false or value == '' then return default end
-  return tonumber(value) or default
-end
-
 -- Queue one frame for a node's session and wake the web process holding it.
 local function deliver_to(queue_key, node_id, frame)
   redis.call('RPUSH', queue_key, frame)
   redis.call('PUBLISH', P.wake_channel, node_id)
 end
 
--- The capacity index holds the ready nodes with a free slot, scored by their load
+-- The capacity index holds the ready, uncordoned nodes with a free slot, scored by their load
 -- (assigned / max_concurrent_jobs), then (in the last digits) by when they were
 -- last given or freed a slot: the dispatcher reads the least loaded first, and
 -- equally loaded nodes take turns.
@@ -32,8 +26,10 @@ local function set_capacity(capacity_key, node_id, assigned, max_jobs, now_ms)
   end
 end
 
+-- A cordoned node stays out of the index whatever its load: it takes no new job.
 local function refresh_capacity_of(node_key, assigned_key, capacity_key, node_id, now_ms)
   local assigned = redis.call('HLEN', assigned_key)
-  set_capacity(capacity_key, node_id, assigned, hget_number(node_key, 'max_concurrent_jobs', 1), now_ms)
+  local n = redis.call('HMGET', node_key, 'max_concurrent_jobs', 'cordoned')
+  set_capacity(capacity_key, node_id, assigned, n[2] == '1' and 0 or (tonumber(n[1] or '') or 1), now_ms)
   return assigned
 end

@@ -20,7 +20,7 @@ local TERMINAL = {succeeded = true, failed = true, cancelled = true}
 
 --- The job fields a script that ends or requeues an attempt reads (with HMGET, once).
 local LIFE_FIELDS = {'state', 'attempt', 'node_id', 'assigned_ms', 'acked_ms', 'attempts', 'needs_class', 'needs',
-  'queue_score', 'dispatch_timeout_ms', 'max_attempts', 'timeout_ms', 'avoid', 'worker'}
+  'queue_score', 'dispatch_timeout_ms', 'max_attempts', 'timeout_ms', 'avoid', 'worker', 'submitted_ms'}
 
 -- The job's fields, read once. Every script that is given P.needs_class reads
 -- `needs_class` too: J.waiting_class was built from P.needs_class, so a job of
@@ -135,6 +135,8 @@ local function finish(job, state, outcome, now_ms, extra, output)
     'attempts', attempts_with_current(job, state, now_ms), unpack(extra or {}))
   redis.call('ZREM', J.deadlines, P.job_id)
   redis.call('EXPIRE', J.job, math.floor(P.retention_ms / 1000))
+  -- Listed by final state, newest submitted first (dispatcher/joblist.py).
+  redis.call('ZADD', J['finished_' .. state], tonumber(job.submitted_ms) or now_ms, P.job_id)
   return outcome
 end
 
@@ -153,7 +155,7 @@ end
 
 -- --- choosing a node and assigning -------------------------------------------
 -- The candidates are the least loaded ready nodes with a free slot (J.capacity_index
--- holds ready nodes only) that are in every index set the job needs (KEYS[NEXT] on)
+-- holds ready, uncordoned nodes only) that are in every index set the job needs (KEYS[NEXT] on)
 -- and were heard from within the timeout. The filter re-checks each in the contract's
 -- order; the first failing step names the node's exclusion reason. A candidate's own
 -- keys are named from P.node_key (dispatcher.keys.Keys.node_key_parts): they share the
@@ -243,8 +245,14 @@ local function needs_of_kind(text)
   return {public = n.public, require_gpu = n.require_gpu, models = n.required_models, selector = n.node_selector}
 end
 
---- The node fields of the filter's steps that depend on the job, in this order.
-local NODE_STATIC = {'accept_public', 'labels', 'gpu_available', 'models'}
+--- The node fields of the filter's steps that depend on the job, in this order, then
+--- `cordoned` (read with them, so that no script reads it on its own).
+local NODE_STATIC = {'accept_public', 'labels', 'gpu_available', 'models', 'cordoned'}
+
+-- Whether an operator cordoned the node (``n`` holds NODE_STATIC's values from n[first]).
+local function is_cordoned(n, first)
+  return n[first + 4] == '1'
+end
 
 -- The first of the job-dependent steps (3 to 5) the node fails, or nil.
 -- ``n`` holds NODE_STATIC's values at n[first], n[first + 1] ...
@@ -296,7 +304,8 @@ local function pick_node(needs, avoid)
     if n[1] ~= 'ready' or P.now_ms - number(n[2]) >= P.heartbeat_timeout_ms then
       reason = 'StatusNotReady'
     else
-      reason = static_reason(needs, n, 7)
+      -- (a cordoned node is never in the capacity index: checked for the filter's sake)
+      reason = static_reason(needs, n, 7) or (is_cordoned(n, 7) and 'NodeCordoned' or nil)
     end
     if not reason then
       assigned = redis.call('HLEN', node_key .. P.node_key.assigned)

@@ -33,7 +33,8 @@ end
 -- Move the node to a new status. This is the only place a status changes:
 -- status sets, warmup and liveness indexes, the health window (fresh for every
 -- status), the transition logs and the node_status frame all change together.
-local function transition(node_id, to, reason, now_ms)
+-- ``extra``: more node fields to write with the status (a flat list of names and values).
+local function transition(node_id, to, reason, now_ms, extra)
   local from = redis.call('HGET', K.node, 'status')
   if from == false then from = nil end
   for _, status in ipairs(STATUSES) do
@@ -42,7 +43,7 @@ local function transition(node_id, to, reason, now_ms)
   redis.call('SADD', status_key(to), node_id)
   redis.call('HSET', K.node,
     'status', to, 'previous_status', from or '', 'status_reason', reason,
-    'status_since_ms', now_ms, 'window', '', 'consecutive_ok', 0, 'consecutive_fail', 0)
+    'status_since_ms', now_ms, 'window', '', 'consecutive_ok', 0, 'consecutive_fail', 0, unpack(extra or {}))
   if to == 'registering' then
     redis.call('ZADD', K.warmup, now_ms, node_id)
   else
@@ -70,6 +71,12 @@ local function transition(node_id, to, reason, now_ms)
   redis.call('LTRIM', K.transitions, 0, 499)
   deliver(node_id, status_frame(node_id, to, from, reason, now_ms))
   return from
+end
+
+-- Whether the node still cools down after a JobFailures degradation (``until_ms``: its
+-- job_cooldown_until_ms field as HMGET read it): it does not return to ready before then.
+local function cooling_down(until_ms, now_ms)
+  return now_ms < (tonumber(until_ms or '') or 0)
 end
 
 -- Offline: the node's assigned jobs wait P.reassign_grace_ms for it to resume,

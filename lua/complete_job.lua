@@ -8,10 +8,12 @@
 -- KEYS: the node bundle of the sending node, then the job bundle
 -- P: job_id, node_id, attempt, meta (JSON: success, error, duration_ms),
 --    output (JSON text, exactly as the node sent it), now_ms, retention_ms,
---    needs_class (or null when the caller does not know it), wake_channel
--- Returns: {"succeeded" | "failed", kick, outcome JSON, assigned_ms}
---          {"retry", kick, worker}: worker, the Celery worker that took the submission
+--    needs_class (or null when the caller does not know it), wake_channel,
+--    job_health (see note_job_outcome: an error with node_fault counts against the node)
+-- Returns: {"succeeded" | "failed", kick, outcome JSON, assigned_ms, degraded}
+--          {"retry", kick, worker, degraded}: worker, the Celery worker that took the submission
 --          kick "1": a waiting job could take the freed slot (a pass over them is due)
+--          degraded: the JobFailures reason when this result degraded the node, else ""
 --          {"stale", state}: not the current attempt of this node
 --          {"need_kind"}: it would wait again, and needs_class was not given (nothing written)
 
@@ -26,19 +28,21 @@ local retry = not meta.success and err.retryable and tonumber(job.attempt) < ton
 if retry and (P.needs_class == nil or P.needs_class == cjson.null) then return {'need_kind'} end
 
 local node_id, now = job.node_id, P.now_ms
-local kick = release_slot(node_id, now) and '1' or '0'
+local freed, n = release_slot(node_id, now)
+local degraded = note_job_outcome(node_id, n, (not meta.success and err.node_fault == true) and err.code or nil, now)
+local kick = (freed and not degraded) and '1' or '0'
 if meta.success then
   local outcome = {state = 'succeeded', node_id = node_id, attempt = tonumber(job.attempt),
     duration_ms = meta.duration_ms}
   finish(job, 'succeeded', outcome, now, {'output', P.output, 'result_received_ms', now}, P.output)
-  return {'succeeded', kick, cjson.encode(outcome), job.assigned_ms}
+  return {'succeeded', kick, cjson.encode(outcome), job.assigned_ms, degraded or ''}
 end
 if retry then
   back_to_waiting(job, 'failed: ' .. err.code, now, {'last_error', cjson.encode(err), 'result_received_ms', now})
-  return {'retry', '1', job.worker or ''}
+  return {'retry', '1', job.worker or '', degraded or ''}
 end
 local outcome = {state = 'failed', code = err.code, message = err.message, node_id = node_id,
   attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts), retryable = err.retryable,
   node_fault = err.node_fault}
 finish(job, 'failed', outcome, now, {'result_received_ms', now})
-return {'failed', kick, cjson.encode(outcome), job.assigned_ms}
+return {'failed', kick, cjson.encode(outcome), job.assigned_ms, degraded or ''}

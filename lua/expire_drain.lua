@@ -13,7 +13,8 @@ if fields[1] ~= 'draining' then
 end
 if fields[2] == false or fields[2] == '' or tonumber(fields[2]) > P.now_ms then return {'gone'} end
 local jobs = redis.call('HLEN', K.assigned)
-finish_drain(P.node_id, 'drain deadline passed with ' .. jobs .. ' jobs left', P.now_ms)
+finish_drain(P.node_id, 'drain deadline passed with ' .. jobs .. (jobs == 1 and ' job' or ' jobs') .. ' left',
+  P.now_ms)
 if jobs > 0 then
   -- Lost right away: the next lost-node pass re-dispatches them elsewhere.
   redis.call('ZADD', K.lost, P.now_ms, P.node_id)

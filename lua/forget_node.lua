@@ -4,30 +4,35 @@
 -- record, queue, history and every index entry go; should it come back, it
 -- registers as a new node under the same id.
 --
+-- An operator may ask the same of an offline node at once (DELETE /api/nodes/<id>):
+-- then the retention is 0, or the heartbeat timeout while its session is open (a
+-- drained node's), so that a node whose agent still runs is kept.
+--
 -- KEYS: the node bundle, then one model index key per P.index_models entry,
---       then one label index key per P.index_labels entry.
+--       then one label index key per P.index_labels entry, then the set of cordoned nodes.
 -- P: node_id, now_ms, retention_ms, expected_models / expected_labels (the
 --    stored JSON texts the caller read), index_models (list), index_labels
 --    (list of "key=value")
--- Returns: {"forgotten"} | {"kept"}: not due yet (checked again later)
---          {"gone"}: not an offline node | {"retry"}: its models or labels changed since the caller read them
+-- Returns: {"forgotten"} | {"kept", "seen" | "jobs"}: not due yet (checked again later):
+--          heard from within the retention, or jobs still assigned
+--          {"gone", status}: not an offline node | {"retry"}: its models or labels changed since the caller read them
 
 local node_id, now = P.node_id, P.now_ms
 local n = redis.call('HMGET', K.node, 'status', 'last_seen_ms', 'models', 'labels')
 if n[1] ~= 'offline' then
   redis.call('ZREM', K.offline_since, node_id)
-  return {'gone'}
+  return {'gone', n[1] or 'unknown'}
 end
 if (n[3] or cjson.null) ~= P.expected_models or (n[4] or cjson.null) ~= P.expected_labels then return {'retry'} end
 local seen_ms = tonumber(n[2]) or 0
 if now - seen_ms < P.retention_ms then
   redis.call('ZADD', K.offline_since, seen_ms, node_id)
-  return {'kept'}
+  return {'kept', 'seen'}
 end
 if redis.call('HLEN', K.assigned) > 0 then
   -- Its jobs are still waiting to be taken back (the lost-node grace): later.
   redis.call('ZADD', K.offline_since, now, node_id)
-  return {'kept'}
+  return {'kept', 'jobs'}
 end
 
 for i = NEXT, #KEYS do redis.call('SREM', KEYS[i], node_id) end

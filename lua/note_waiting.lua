@@ -9,9 +9,14 @@
 -- failing step naming its reason: up to P.examples per reason, found among at
 -- most P.budget nodes (a rare reason in a large fleet may show fewer).
 --
+-- A step is passed by the nodes in all its keys, except an excluding step (one key:
+-- the cordoned nodes), passed by the nodes not in its key: its nodes are counted
+-- out of those still passing, and must be in none of the next step's keys (the
+-- capacity index holds no cordoned node), which keeps them out of the counts after it.
+--
 -- KEYS: the job bundle, then the key of all nodes, then each step's index keys
 --       in the filter's order (sets, or sorted sets such as the capacity index)
--- P: job_id, now_ms, steps ({reason, number of its keys} in order), examples, budget
+-- P: job_id, now_ms, steps ({reason, number of its keys, excluding} in order), examples, budget
 -- Returns: {"noted", meta JSON, worker (for the task event)} | {"not_waiting", state}
 
 local job = job_get({'state', 'waiting_since_ms', 'dispatch_timeout_ms', 'worker'})
@@ -26,10 +31,15 @@ for i, step in ipairs(P.steps) do
   step_keys[i] = {}
   for _ = 1, step[2] do
     step_keys[i][#step_keys[i] + 1] = KEYS[position]
-    so_far[#so_far + 1] = KEYS[position]
     position = position + 1
   end
-  local after = redis.call('ZINTERCARD', #so_far + 1, nodes_key, unpack(so_far))
+  local after
+  if step[3] then
+    after = before - redis.call('ZINTERCARD', #so_far + 2, nodes_key, step_keys[i][1], unpack(so_far))
+  else
+    for _, key in ipairs(step_keys[i]) do so_far[#so_far + 1] = key end
+    after = redis.call('ZINTERCARD', #so_far + 1, nodes_key, unpack(so_far))
+  end
   if before > after then counts[step[1]] = (counts[step[1]] or 0) + before - after end
   before = after
 end
@@ -56,7 +66,11 @@ while missing > 0 and offset < P.budget do
         or redis.call('SMISMEMBER', key, unpack(passing))
       still = {}
       for j, node_id in ipairs(passing) do
-        if member[j] and member[j] ~= 0 then still[#still + 1] = node_id else failed[#failed + 1] = node_id end
+        if (member[j] and member[j] ~= 0) ~= (step[3] == true) then
+          still[#still + 1] = node_id
+        else
+          failed[#failed + 1] = node_id
+        end
       end
       passing = still
     end

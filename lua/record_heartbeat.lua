@@ -9,15 +9,20 @@
 --    gpu_available (bool), models (JSON text of the model list, or null when
 --    the heartbeat did not list models), index_models (list),
 --    resource_threshold, success_threshold, window_size, failure_rate_threshold,
---    consecutive_failure_threshold, warmup_ms
--- Returns: {"ok", status, transitioned "1"/"0", previous_status, reason, kick "1"/"0"}
+--    consecutive_failure_threshold, warmup_ms, mismatch_heartbeats
+-- Returns: {"ok", status, transitioned "1"/"0", previous_status, reason, kick "1"/"0",
+--           mismatch, assigned}
 --          kick: the node may take more work now and jobs are waiting
+--          mismatch: "began" when running_jobs has differed from the node's assigned jobs
+--          for P.mismatch_heartbeats heartbeats in a row (once per episode), "ended" when
+--          they agree again after that, else ""; assigned: the node's assigned jobs
 --          {"unknown"} | {"superseded"} | {"offline"}
 --          {"retry", stored models JSON}: index_models missed a stored model.
 
 local node_id, now = P.node_id, P.now_ms
 local fields = redis.call('HMGET', K.node, 'status', 'session_id', 'models', 'status_since_ms',
-  'consecutive_ok', 'consecutive_fail', 'window', 'gpu_count', 'drain_outcome')
+  'consecutive_ok', 'consecutive_fail', 'window', 'gpu_count', 'drain_outcome', 'job_cooldown_until_ms',
+  'running_mismatch')
 local status, session_id, stored_models = fields[1], fields[2], fields[3]
 if status == false then return {'unknown'} end
 if session_id ~= P.session_id then return {'superseded'} end
@@ -78,11 +83,35 @@ local ok_run = tonumber(fields[5] or '0') or 0
 local fail_run = tonumber(fields[6] or '0') or 0
 if P.healthy then ok_run, fail_run = ok_run + 1, 0 else ok_run, fail_run = 0, fail_run + 1 end
 local window = ((fields[7] or '') .. (P.healthy and '1' or '0')):sub(-P.window_size)
-redis.call('HSET', K.node, 'consecutive_ok', ok_run, 'consecutive_fail', fail_run, 'window', window)
+
+-- The node's own count of its jobs against our record of them: an episode of
+-- disagreement begins after P.mismatch_heartbeats heartbeats in a row (an assignment in
+-- flight, or a result on its way, explains one or two) and ends when they agree again.
+-- Field running_mismatch: "" (or absent) when they agree, else the heartbeats in a row
+-- that disagreed, then ":" and when the episode began (ms) once it has.
+local assigned = redis.call('HLEN', K.assigned)
+local stored_mismatch = fields[11] or ''
+local beats, since = stored_mismatch:match('^(%d+):?(%d*)$')
+local mismatch, running_mismatch = '', ''
+if P.running_jobs ~= assigned then
+  beats, since = (tonumber(beats) or 0) + 1, since or ''
+  if beats >= P.mismatch_heartbeats and since == '' then mismatch, since = 'began', now end
+  running_mismatch = beats .. (since ~= '' and (':' .. since) or '')
+elseif since and since ~= '' then
+  mismatch = 'ended'
+end
+local writes = {'consecutive_ok', ok_run, 'consecutive_fail', fail_run, 'window', window}
+if running_mismatch ~= stored_mismatch then
+  table.insert(writes, 'running_mismatch') table.insert(writes, running_mismatch)
+end
+redis.call('HSET', K.node, unpack(writes))
+
+-- A node degraded for JobFailures cools down before it may be ready again, whatever its heartbeats say.
+local cooling = cooling_down(fields[10], now)
 
 local to, reason = nil, nil
 if status == 'registering' then
-  if P.healthy and ok_run >= P.success_threshold then
+  if P.healthy and ok_run >= P.success_threshold and not cooling then
     to, reason = 'ready', ok_run .. ' consecutive healthy heartbeats'
   elseif not P.healthy and now - tonumber(fields[4]) >= P.warmup_ms then
     to, reason = 'degraded', 'warmup timeout: not healthy ' ..
@@ -96,12 +125,16 @@ elseif status == 'ready' and not P.healthy then
     to, reason = 'degraded', failures .. ' of the last ' .. #window ..
       ' health checks failed (' .. P.health_reason .. ')'
   end
-elseif status == 'degraded' and P.healthy then
+elseif status == 'degraded' and P.healthy and not cooling then
   to, reason = 'ready', 'health check passed'
+end
+local extra = nil
+if to == 'ready' and (fields[10] or '') ~= '' then
+  reason, extra = reason .. ' (job failures cool-down over)', {'job_cooldown_until_ms', ''}
 end
 
 if to then
-  transition(node_id, to, reason, now)
+  transition(node_id, to, reason, now, extra)
   if to == 'ready' or to == 'degraded' then
     if resume_pending_drain(node_id, now) then
       local final = redis.call('HMGET', K.node, 'status', 'status_reason')
@@ -111,5 +144,5 @@ if to then
 end
 more_work = more_work or to == 'ready'
 local kick = (more_work and redis.call('ZCARD', K.waiting) > 0) and '1' or '0'
-if to then return {'ok', to, '1', status, reason, kick} end
-return {'ok', status, '0', status, '', kick}
+if to then return {'ok', to, '1', status, reason, kick, mismatch, assigned} end
+return {'ok', status, '0', status, '', kick, mismatch, assigned}

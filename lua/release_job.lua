@@ -7,8 +7,11 @@
 -- KEYS: the node bundle of the job's node, then the job bundle
 -- P: job_id, needs_class, node_id (as the caller read it), now_ms, code, message,
 --    cancel_on_node, only_if_offline (node loss: not if it resumed),
---    only_if_due (timeout: not before the deadline), retention_ms, wake_channel
--- Returns: {"retry", worker} | {"failed", outcome JSON} | {"kept"}: the condition no longer holds
+--    only_if_due (timeout: not before the deadline), retention_ms, wake_channel,
+--    job_health (see note_job_outcome; given for a timeout, which counts against the node)
+-- Returns: {"retry", worker, degraded} | {"failed", outcome JSON, degraded}
+--          degraded: the JobFailures reason when this release degraded the node, else ""
+--          {"kept"}: the condition no longer holds
 --          {"gone"}: the job is not on a node any more | {"moved"}: read again
 
 local job = job_get(LIFE_FIELDS)
@@ -21,11 +24,12 @@ if P.only_if_due then
 end
 local node_id, now = job.node_id, P.now_ms
 if P.cancel_on_node then stop_on_node(node_id, job, P.message, now) end
-release_slot(node_id, now)
+local _, n = release_slot(node_id, now)
+local degraded = note_job_outcome(node_id, n, P.code, now) or ''
 if tonumber(job.attempt) < tonumber(job.max_attempts) then
   back_to_waiting(job, P.code, now, {'last_error', cjson.encode({code = P.code, message = P.message})})
-  return {'retry', job.worker or ''}
+  return {'retry', job.worker or '', degraded}
 end
 local outcome = finish(job, 'failed', {state = 'failed', code = P.code, message = P.message, node_id = node_id,
   attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)
-return {'failed', cjson.encode(outcome)}
+return {'failed', cjson.encode(outcome), degraded}

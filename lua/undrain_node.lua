@@ -1,21 +1,23 @@
 --#include node
 -- undrain_node: end a drain. A draining node returns to ready (or degraded,
 -- when its last health check failed). A node already drained offline has its
--- session closed, so that it registers again and warms up afresh.
+-- session closed, so that it registers again and warms up afresh. A node still cooling
+-- down after a JobFailures degradation returns to degraded.
 --
 -- KEYS: the node bundle
 -- P: node_id, now_ms, requested_by, wake_channel
 -- Returns: {"resumed", status} | {"reconnect"} | {"refused", status} | {"unknown"}
 --          {"cancelled"}: the node is away mid-drain; it will not drain when it comes back
 
-local fields = redis.call('HMGET', K.node, 'status', 'last_healthy', 'drain_outcome', 'drain_pending')
+local fields = redis.call('HMGET', K.node, 'status', 'last_healthy', 'drain_outcome', 'drain_pending',
+  'job_cooldown_until_ms')
 local status = fields[1]
 if status == false then return {'unknown'} end
 local reason = 'drain ended by ' .. P.requested_by
 if status == 'draining' then
   redis.call('ZREM', K.drains, P.node_id)
   redis.call('HSET', K.node, 'drain_ended_ms', P.now_ms, 'drain_outcome', 'cancelled', 'drain_pending', '0')
-  local to = fields[2] == '0' and 'degraded' or 'ready'
+  local to = (fields[2] == '0' or cooling_down(fields[5], P.now_ms)) and 'degraded' or 'ready'
   transition(P.node_id, to, reason, P.now_ms)
   return {'resumed', to}
 end

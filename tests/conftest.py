@@ -286,11 +286,8 @@ class System:
                   "heartbeat_interval_seconds": 0.3,
                   "status_report_interval_seconds": 60, "delivery_sweep_interval_seconds": 0.5, **settings}
         self.settings = merged
-        metrics_dir = logs_dir / f"metrics-{id(self)}"
-        metrics_dir.mkdir()
-        shared = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-        self.web = WebServer(redis_url, logs_dir, **merged, **shared).start()
-        env = clean_env(redis_url, **merged, **shared)
+        self.web = WebServer(redis_url, logs_dir, **merged).start()
+        env = clean_env(redis_url, **merged)
         self.worker = start_procfile("worker", {**env, "WORKER_CONCURRENCY": "2"}, logs_dir)
         self.beat = start_procfile("beat", env, logs_dir)
         self.redis_url = redis_url
@@ -377,7 +374,11 @@ class Flower:
         self.port = free_port()
         env = clean_env(system.redis_url, **system.settings, FLOWER_PORT=self.port, FLOWER_UNAUTHENTICATED_API="true")
         self.process = start_procfile("flower", env, logs_dir)
-        wait_for(lambda: self.call("/api/workers?refresh=1"), 30, 0.3, what="flower up, seeing the worker")
+        try:
+            wait_for(lambda: self.call("/api/workers?refresh=1"), 30, 0.3, what="flower up, seeing the worker")
+        except BaseException:
+            self.process.stop()  # no orphan Flower when setting up fails
+            raise
 
     def call(self, path: str, method: str = "GET") -> Any:
         """Flower's JSON answer, or None (not up yet, or 404)."""

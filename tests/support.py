@@ -265,6 +265,11 @@ def assert_consistent(client: redis.Redis, keys: Keys) -> None:
         assert (node_id in live) == (status != "offline"), f"{node_id} ({status}) liveness index disagrees"
         assert (node_id in warming) == (status == "registering"), f"{node_id} ({status}) warmup index disagrees"
         assert (node_id in offline) == (status == "offline"), f"{node_id} ({status}) offline index disagrees"
+    cordoned = client.smembers(keys.cordoned())
+    assert cordoned <= nodes, f"cordoned but not known: {cordoned - nodes}"
+    for node_id in cordoned:
+        assert client.hget(keys.node(node_id), "cordoned") == "1", f"{node_id} in the cordoned set, not cordoned"
+        assert client.zscore(keys.capacity_index(), node_id) is None, f"{node_id} cordoned and in the capacity index"
 
 
 class LiveNode:

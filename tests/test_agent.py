@@ -82,6 +82,23 @@ def test_agent_logs_transitions_apart_from_the_periodic_reports(start_web: Any, 
     assert transitions == [(None, "registering"), ("registering", "ready")], "a report is no transition"
 
 
+def test_agent_takes_an_undrain_calmly(start_web: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:
+    """An undrain of a drained node closes its session so that it registers again: the
+    agent logs that at INFO and comes back, with no warning."""
+    server = start_web(**FAST)
+    state = tmp_path / "agent.json"
+    agent = agents(server, state)
+    node_id = wait_for(lambda: state.exists() and json.loads(state.read_text())["node_id"], what="registered")
+    wait_for(lambda: status_of(r, node_id) == "ready", what="ready")
+    assert server.request("POST", f"/api/nodes/{node_id}/drain", {"reason": "swap"})[1]["status"] == "offline"
+    assert server.request("DELETE", f"/api/nodes/{node_id}/drain")[1]["status"] == "offline"
+    wait_for(lambda: len(events(agent, "registered")) == 2 and status_of(r, node_id) == "ready",
+             what="registered again and ready")
+    ended = events(agent, "session_ended")
+    assert [e["level"] for e in ended] == ["INFO"] and "drain ended" in ended[0]["error"]
+    assert not [line for line in agent.log().splitlines() if '"level": "WARNING"' in line]
+
+
 def test_agent_with_a_refused_id_registers_anew(start_web: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:
     server = start_web(**FAST)
     first_state = tmp_path / "first.json"
@@ -216,3 +233,35 @@ def test_a_restarted_runner_never_runs_an_attempt_twice(tmp_path: Path) -> None:
     assert results[("cut-short", 2)]["success"] is True
     assert sorted(runs) == ["cut-short", "cut-short", "finished"], "attempt 1 of each ran once, attempt 2 once"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_runner_marks_the_nodes_own_failures_as_node_faults() -> None:
+    from dispatcher.agent.runner import JobFailed, JobRunner
+    from dispatcher.messages import JobAssign
+
+    class OutOfMemoryError(RuntimeError):  # as torch.cuda.OutOfMemoryError is named
+        pass
+
+    raised = {
+        "crashed": JobFailed("MODEL_CRASHED", "the model crashed", retryable=True),
+        "bad-input": JobFailed("BAD_AUDIO", "not a WAV file"),
+        "said-so": JobFailed("WEIRD", "the operator's handler knows", node_fault=True),
+        "not-mine": JobFailed("CUDA_ERROR", "a job that asks too much", node_fault=False),
+        "cuda": RuntimeError("CUDA error: an illegal memory access was encountered"),
+        "torch-oom": OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        "oom": MemoryError(),
+        "bug": KeyError("payload"),
+    }
+
+    def handler(job: dict[str, Any], ctx: Any) -> Any:
+        raise raised[job["job_id"]]
+    sent: list[dict[str, Any]] = []
+    runner = JobRunner(handler, max_concurrent_jobs=1, send=sent.append)
+    for job_id in raised:
+        runner.assign(JobAssign(job_id=job_id, attempt=1, job_type="t"))
+        assert runner.wait_idle(5)
+    errors = {f["job_id"]: f["error"] for f in sent if f["type"] == "job_result"}
+    assert {job_id: (e["code"], e.get("node_fault", False)) for job_id, e in errors.items()} == {
+        "crashed": ("MODEL_CRASHED", True), "bad-input": ("BAD_AUDIO", False), "said-so": ("WEIRD", True),
+        "not-mine": ("CUDA_ERROR", False), "cuda": ("CUDA_ERROR", True), "torch-oom": ("OUT_OF_MEMORY", True),
+        "oom": ("OUT_OF_MEMORY", True), "bug": ("HANDLER_ERROR", False)}

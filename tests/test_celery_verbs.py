@@ -153,3 +153,29 @@ def test_flower_shows_waiting_then_started_and_lists_no_internal_task(system: An
     assert names <= {"dispatcher.submit_job", "dispatcher.cancel_job", "dispatcher.drain_node",
                      "dispatcher.undrain_node", "dispatcher.cordon_node", "dispatcher.uncordon_node"}, names
     assert {"dispatcher.submit_job", "dispatcher.cancel_job"} <= names
+
+
+def test_celerys_command_line_revokes_and_shows_where_a_job_failed(system: Any, client: Any,
+                                                                    live_nodes: Any) -> None:
+    import subprocess
+
+    from tests.support import PYTHON, clean_env
+
+    def celery(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, "-m", "celery", "-A", "dispatcher.celery_app", *args], capture_output=True,
+                              text=True, timeout=60, env=clean_env(system.redis_url, **system.settings))
+
+    node = live_nodes(system.web, {"m": "ready"}).wait_ready()
+    running = submit(client)
+    node.take_job()
+    done = celery("control", "revoke", running.id)
+    assert done.returncode == 0, done.stderr
+    assert "revoked through Celery" in node.expect("job_cancel")["reason"]
+    assert running.state == "REVOKED"
+    failing = submit(client, max_attempts=1)
+    node.fail(node.take_job(), "CUDA_ERROR", "device lost", retryable=False)
+    with pytest.raises(Exception, match="CUDA_ERROR: device lost"):
+        failing.get(timeout=10)
+    shown = celery("result", "--traceback", failing.id)
+    assert shown.returncode == 0, shown.stderr
+    assert f"node {node.node_id}, attempt 1 of 1" in shown.stdout and "CUDA_ERROR: device lost" in shown.stdout

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from typing import Any
 
 import redis
 
 from dispatcher.keys import Keys
-from tests.support import PYTHON, clean_env
+from tests.support import PYTHON, clean_env, wait_for
 
 
 def run(system: Any, *args: str, timeout_s: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
@@ -23,13 +24,16 @@ def test_nodes_and_node(system: Any, live_nodes: Any) -> None:
     listing = run(system, "nodes")
     assert listing.returncode == 0, listing.stderr
     header, *rows = listing.stdout.splitlines()
-    assert header.split() == ["NODE", "STATUS", "JOBS", "CPU", "GPU", "MEM", "MODELS", "HEARTBEAT", "AGE", "REASON"]
+    assert re.split(r" {2,}", header) == ["NODE", "STATUS", "JOBS", "CPU", "GPU", "MEM", "MODELS", "HEARTBEAT",
+                                          "IN STATUS", "REASON"]
     mine = next(row for row in rows if row.startswith(node.node_id))
     assert mine.split()[1:4] == ["ready", "0/2", "5%"]
+    assert listing.stdout.rstrip().endswith("1 ready")
     described = run(system, "node", node.node_id)
     assert described.returncode == 0, described.stderr
     out = described.stdout
-    assert f"Node:          {node.node_id}" in out and "Status:        ready" in out
+    assert f"Node:          {node.node_id}" in out and "Status:        ready for " in out
+    assert " ago ago" not in out and "0s ago" not in out
     assert "Labels:        zone=eu" in out and "whisper (ready)" in out
     assert "registering -> ready: 3 consecutive healthy heartbeats" in out
     assert "Why not a job without requirements: eligible" in out and "ok   capacity       0/2 slots used" in out
@@ -43,7 +47,36 @@ def test_drain_and_undrain(system: Any, live_nodes: Any, r: redis.Redis) -> None
     again = run(system, "drain", node.node_id)
     assert again.returncode == 1 and again.stderr.startswith("dispatcher: node ") and len(again.stderr.splitlines()) == 1
     back = run(system, "undrain", node.node_id)
-    assert back.returncode == 0 and back.stdout.strip() == f"node {node.node_id} is offline"
+    assert back.returncode == 0 and back.stdout.strip() == (
+        f"node {node.node_id} is offline: it will be ready again when it reconnects and passes its health checks")
+
+
+def test_cordon_uncordon_and_the_jobs_list(system: Any, live_nodes: Any, client: Any) -> None:
+    node = live_nodes(system.web, {"m": "ready"}, labels={"cli": "c"}).wait_ready()
+    done = run(system, "cordon", node.node_id, "--reason", "bad fan", USER="carol")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"node {node.node_id} is cordoned: no new jobs; it stays ready and finishes "
+                                   "what it has")
+    listing = run(system, "nodes")
+    assert next(row for row in listing.stdout.splitlines() if row.startswith(node.node_id)).split()[1] == \
+        "ready,cordoned"
+    described = run(system, "node", node.node_id).stdout
+    assert "by carol): bad fan" in described and "FAIL cordon         cordoned: bad fan" in described
+    waiting = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr", "node_selector": {"cli": "c"}})
+    jobs = wait_for(lambda: (out := run(system, "jobs", "--state", "waiting").stdout) and waiting.id in out and out,
+                    what="the job listed")
+    header, row = jobs.splitlines()[:2]
+    assert re.split(r" {2,}", header) == ["JOB", "STATE", "TYPE", "NODE", "ATTEMPT", "SUBMITTED", "OUTCOME"]
+    assert row.split()[:5] == [waiting.id, "waiting", "asr", "-", "0/3"]
+    back = run(system, "uncordon", node.node_id)
+    assert back.stdout.strip() == f"node {node.node_id} is uncordoned: it takes new jobs again", back.stderr
+    node.succeed(node.take_job(job_id=waiting.id), "ok")
+    assert waiting.get(timeout=10) == "ok"
+    ended = run(system, "jobs", "--node", node.node_id)
+    assert ended.stdout.splitlines()[1].split()[:4] == [waiting.id, "succeeded", "asr", node.node_id]
+    assert run(system, "jobs", "--state", "cancelled", "--node", node.node_id).stdout.strip() == "no jobs"
+    refused = run(system, "forget", node.node_id)
+    assert refused.returncode == 1 and "only an offline node can be forgotten" in refused.stderr
 
 
 def test_submit_follows_the_job_and_prints_its_output(system: Any, live_nodes: Any) -> None:

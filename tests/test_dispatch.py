@@ -17,9 +17,10 @@ from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, first_fa
 from dispatcher.jobs import Jobs
 from dispatcher.jobviews import JobViews
 from dispatcher.keys import Keys
-from dispatcher.messages import NodeHeartbeat, NodeRegister
+from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message
 from dispatcher.registry import Registry
 from tests.conftest import client_app, forget_everything
+from tests.support import apply_result
 
 PREFIX = "{coretest}"
 T0 = 1_800_000_000_000
@@ -95,18 +96,22 @@ def test_the_indexes_and_the_walk_count_alike(core: tuple[Registry, Jobs], r: re
     add_node(registry, public=True, gpu=True, models={"b": "ready"}, labels={"zone": "1"})
     add_node(registry, public=True, gpu=True, models={"a": "ready"}, labels={"zone": "1"}, usage=(95, 0, 0))
     fill(r, jobs.keys, add_node(registry, public=True, gpu=True, models={"a": "ready"}, labels={"zone": "1"}), 1)
+    # cordoned with every slot taken: NodeCordoned comes first
+    cordoned = add_node(registry, public=True, gpu=True, models={"a": "ready"}, labels={"zone": "1"})
+    registry.cordon(cordoned, "operator", "firmware")
+    r.hset(jobs.keys.assigned(cordoned), "filler", "{}")
     add_node(registry, public=True, gpu=True, models={"a": "ready"}, labels={"zone": "1"})
     needs = JobNeeds(("a",), True, True, (("zone", "1"),))
     eligible, total, walked = jobs.dispatcher.explain(needs)
-    assert (eligible, total) == (1, 8)
+    assert (eligible, total) == (1, 9)
     noted = jobs.dispatcher.note_waiting("j-1", needs)
-    assert noted is not None and (noted.eligible, noted.total) == (1, 8)
+    assert noted is not None and (noted.eligible, noted.total) == (1, 9)
     assert noted.exclusions == walked, "the same counts, and each reason's one node as its example"
     assert walked["counts"] == {reason: 1 for reason in REASONS}, "one node fails each step"
     meta = json.loads(r.get(jobs.keys.celery_result("j-1")))
     assert meta["status"] == "WAITING"
     assert {k: meta["result"][k] for k in ("eligible", "total", "exclusions", "examples")} == {
-        "eligible": 1, "total": 8, "exclusions": walked["counts"], "examples": walked["examples"]}
+        "eligible": 1, "total": 9, "exclusions": walked["counts"], "examples": walked["examples"]}
 
 
 def test_a_pass_over_waiting_jobs_records_its_decisions_with_examples(core: tuple[Registry, Jobs],
@@ -162,6 +167,33 @@ def test_a_job_is_assigned_once_even_when_submitted_twice(core: tuple[Registry, 
     assert r.hlen(jobs.keys.assigned(node)) == 1 and r.llen(jobs.keys.queue(node)) == 3  # status, status, job
 
 
+def test_a_cordoned_node_keeps_its_status_and_its_jobs_and_gets_no_new_one(core: tuple[Registry, Jobs],
+                                                                            r: redis.Redis) -> None:
+    registry, jobs = core
+    keys = jobs.keys
+    node = add_node(registry, max_jobs=3)
+    assert jobs.submit("j-1", {"job_type": "t"}).node_id == node
+    assert registry.cordon(node, "alice", "fan noise") == "ready"
+    assert r.hget(keys.node(node), "status") == "ready" and r.zscore(keys.capacity_index(), node) is None
+    waiting = jobs.submit("j-2", {"job_type": "t"})
+    assert waiting.outcome == "waiting" and waiting.exclusions["counts"] == {"NodeCordoned": 1}
+    assert waiting.exclusions["examples"] == {"NodeCordoned": [node]}
+    assert JobViews(jobs).eligibility(node, JobNeeds())["first_failure"] == "NodeCordoned"
+    # a status change back to ready (a drain called off) keeps it out of the capacity index
+    assert registry.drain(node, "bob", "maybe").status == "draining"
+    assert registry.undrain(node, "bob") == "ready"
+    assert r.zscore(keys.capacity_index(), node) is None and r.hget(keys.node(node), "cordoned") == "1"
+    # the job it has ends: the freed slot stays closed
+    frame = {"type": "job_result", "job_id": "j-1", "attempt": 1, "success": True, "output": 1}
+    assert apply_result(jobs, node, decode_node_message(json.dumps(frame))) == "succeeded"
+    assert r.zscore(keys.capacity_index(), node) is None and jobs.dispatch_waiting() == 0
+    jobs.submit("j-3", {"job_type": "t", "priority": 9})
+    assert registry.uncordon(node, "alice") == "ready"
+    assert r.zscore(keys.capacity_index(), node) is not None and not r.sismember(keys.cordoned(), node)
+    assert jobs.dispatch_waiting() == 2, "both waiting jobs go to it at once"
+    assert registry.uncordon(node, "alice") == "ready", "uncordoning an uncordoned node changes nothing"
+
+
 # Each step fails on its own now and then (and edge values sit on both sides of
 # each limit), so every step gets its turn as the first to fail.
 often = [True] * 6 + [False] * 2
@@ -176,6 +208,7 @@ node_strategy = st.fixed_dictionaries({
     "max_jobs": st.integers(1, 2),
     "assigned": st.sampled_from([0, 0, 0, 1, 2]),
     "cpu": st.sampled_from([0.0] * 4 + [79.9, 80.0, 99.0]),
+    "cordoned": st.sampled_from(often),
 })
 job_strategy = st.fixed_dictionaries({
     "required_models": st.sampled_from([[], ["a"]]),
@@ -200,6 +233,8 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
     if node["beats"] == 0:
         r.hset(keys.node(node_id), "last_seen_ms", T0 + 10_000 - node["silent_ms"])
     fill(r, keys, node_id, node["assigned"])
+    if not node["cordoned"]:  # ("often" True: cordoned now and then)
+        registry.cordon(node_id, "operator", "maintenance")
     stored = dict(zip(NODE_FIELDS, r.hmget(keys.node(node_id), NODE_FIELDS)))
     needs = JobNeeds(tuple(job["required_models"]), job["require_gpu"], job["public"],
                      tuple(sorted(job["node_selector"].items())))

@@ -56,6 +56,54 @@ def test_node_list_filters_by_status(web: WebServer, nodes: Any, r: redis.Redis)
     assert r.zcard(Keys().nodes()) == 2
 
 
+def test_node_list_pages_by_limit_and_cursor(web: WebServer, nodes: Any, r: redis.Redis) -> None:
+    registered = sorted(nodes(web).register()["node_id"] for _ in range(3))
+    status, first = web.get("/api/nodes?limit=2")
+    assert status == 200 and [n["node_id"] for n in first["nodes"]] == registered[:2]
+    assert first["next_cursor"] == registered[1]
+    status, rest = web.get(f"/api/nodes?limit=2&cursor={first['next_cursor']}")
+    assert [n["node_id"] for n in rest["nodes"]] == registered[2:] and rest["next_cursor"] is None
+    assert list(first["counts"]) == ["registering", "ready", "degraded", "draining", "offline"]
+
+
+def test_bad_query_values_are_json_400_and_unknown_api_paths_json_404(web: WebServer) -> None:
+    for path in ("/api/nodes?limit=0", "/api/nodes?limit=ten", "/api/nodes?cursor=no%20such", "/api/nodes?status=up",
+                 "/api/jobs?state=done", "/api/jobs?limit=501", "/api/jobs?cursor=x", "/api/jobs?node=a%2Fb",
+                 "/api/transitions?limit=0", "/api/nodes/n-1/eligibility?require_gpu=maybe"):
+        status, body = web.get(path)
+        assert status == 400 and isinstance(body, dict) and body["error"], (path, status, body)
+    for method, path in (("GET", "/api/nope"), ("GET", "/api/jobs/a/b"), ("POST", "/api/nodes/n-1/dance")):
+        status, body = web.request(method, path)
+        assert status in (404, 405) and isinstance(body, dict) and path.split("?")[0] in body["error"], (path, body)
+
+
+def test_jobs_are_listed_newest_first_by_state_and_node(system: Any, client: Any, live_nodes: Any) -> None:
+    node = live_nodes(system.web, {"m": "ready"}, labels={"list": "me"}).wait_ready()
+    done = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr", "node_selector": {"list": "me"}})
+    node.succeed(node.take_job(job_id=done.id), "ok")
+    assert done.get(timeout=10) == "ok"
+    waiting = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr", "required_models": ["nobody"]})
+    # Submitted in that order: the time of submission is the worker's, and two pool processes race.
+    wait_for(lambda: waiting.state == "WAITING", what="the first submission recorded")
+    running = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr", "node_selector": {"list": "me"}})
+    node.take_job(job_id=running.id)
+    status, listing = system.web.get("/api/jobs?limit=3")
+    assert status == 200
+    assert [(j["job_id"], j["state"]) for j in listing["jobs"]] == [
+        (running.id, "running"), (waiting.id, "waiting"), (done.id, "succeeded")]
+    status, page = system.web.get("/api/jobs?limit=1")
+    assert [j["job_id"] for j in page["jobs"]] == [running.id] and page["next_cursor"]
+    status, page = system.web.get(f"/api/jobs?limit=1&cursor={page['next_cursor']}")
+    assert [j["job_id"] for j in page["jobs"]] == [waiting.id]
+    assert [j["job_id"] for j in system.web.get(f"/api/jobs?state=succeeded&node={node.node_id}")[1]["jobs"]] == [
+        done.id]
+    assert [j["job_id"] for j in system.web.get(f"/api/jobs?state=running&node={node.node_id}")[1]["jobs"]] == [
+        running.id]
+    assert system.web.get("/api/jobs?state=waiting&node=n-nobody")[1] == {"jobs": [], "next_cursor": None}
+    for result in (waiting, running):
+        client.send_task("dispatcher.cancel_job", kwargs={"job_id": result.id}).get(timeout=10)
+
+
 def test_job_record_and_dispatch_statistics(system: Any, client: Any, live_nodes: Any) -> None:
     node = live_nodes(system.web, {"m": "ready"}).wait_ready()
     result = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr", "required_models": ["m"]})
@@ -75,4 +123,5 @@ def test_job_record_and_dispatch_statistics(system: Any, client: Any, live_nodes
     stats = wait_for(lambda: (s := system.web.get("/api/stats")[1])["decisions"].get("assigned") and s,
                      what="the decision counted")
     assert set(stats["excluded"]) == {"StatusNotReady", "NotInPublicPool", "NodeSelectorMismatch", "GpuUnavailable",
-                                      "ModelNotAvailable", "CapacityExceeded", "ResourceThresholdExceeded"}
+                                      "ModelNotAvailable", "NodeCordoned", "CapacityExceeded",
+                                      "ResourceThresholdExceeded"}

@@ -55,6 +55,52 @@ def test_drain_over_http_needs_the_admin_token(system: Any, start_web: Any, live
     client.send_task("dispatcher.cancel_job", kwargs={"job_id": other.id}).get(timeout=10)
 
 
+def test_cordon_over_http_stops_new_jobs_and_keeps_the_status(system: Any, start_web: Any, live_nodes: Any,
+                                                                client: Any, r: redis.Redis) -> None:
+    api = start_web(admin_token="adm1n", **{k: v for k, v in system.settings.items() if k != "admin_token"})
+    node = live_nodes(system.web, {"m": "ready"}, labels={"who": "cord"}, max_concurrent_jobs=2).wait_ready()
+    held = submit(client, node_selector={"who": "cord"})
+    running = node.take_job()
+    path = f"/api/nodes/{node.node_id}/cordon"
+    assert api.request("POST", path, {"reason": "x"})[0] == 401
+    status, body = api.request("POST", path, {"reason": "fan noise", "requested_by": "alice"}, AUTH)
+    assert status == 200 and body["status"] == "ready"
+    assert (body["cordon"]["reason"], body["cordon"]["requested_by"]) == ("fan noise", "alice")
+    waiting = submit(client, node_selector={"who": "cord"})
+    meta = wait_for(lambda: waiting.state == "WAITING" and waiting.info, what="why it waits")
+    assert meta["exclusions"] == {"NodeCordoned": 1} and meta["examples"] == {"NodeCordoned": [node.node_id]}
+    view = api.get(f"/api/nodes/{node.node_id}")[1]
+    assert view["status"] == "ready" and view["cordon"]["reason"] == "fan noise" and len(view["assigned_jobs"]) == 1
+    node.succeed(running, "kept running")
+    assert held.get(timeout=10) == "kept running"
+    time.sleep(0.3)
+    assert len(node.assigned()) == 1, "a freed slot of a cordoned node takes nothing"
+    assert api.request("POST", "/api/nodes/nope/cordon", {}, AUTH)[0] == 404
+    assert api.request("POST", path, {"reason": 7}, AUTH)[0] == 400
+    status, body = api.request("DELETE", path, headers=AUTH)
+    assert status == 200 and (body["status"], body["cordon"]) == ("ready", None)
+    node.succeed(node.take_job(), "after the cordon")
+    assert waiting.get(timeout=10) == "after the cordon"
+
+
+def test_forget_over_http_only_for_an_offline_node(system: Any, start_web: Any, live_nodes: Any,
+                                                  r: redis.Redis) -> None:
+    api = start_web(admin_token="adm1n", **{k: v for k, v in system.settings.items() if k != "admin_token"})
+    node = live_nodes(system.web, {"m": "ready"}).wait_ready()
+    path = f"/api/nodes/{node.node_id}"
+    assert api.request("DELETE", path)[0] == 401
+    status, body = api.request("DELETE", path, headers=AUTH)
+    assert status == 409 and body["error"].startswith(f"node {node.node_id} is ready: only an offline node")
+    assert api.request("POST", f"{path}/drain", {}, AUTH)[1]["status"] == "offline"
+    status, body = api.request("DELETE", path, headers=AUTH)
+    assert status == 409 and "its session is open (a drained node)" in body["error"]
+    node.close()
+    wait_for(lambda: r.hget(Keys().node(node.node_id), "connected") == "0", what="session closed")
+    assert api.request("DELETE", path, headers=AUTH) == (200, {"node_id": node.node_id, "forgotten": True})
+    assert api.get(path)[0] == 404 and not r.exists(Keys().node(node.node_id))
+    assert api.request("DELETE", path, headers=AUTH)[0] == 404
+
+
 def test_drain_deadline_sends_what_is_left_elsewhere(system: Any, live_nodes: Any, client: Any,
                                                      r: redis.Redis) -> None:
     slow = live_nodes(system.web, {"m": "ready"}, labels={"pool": "p"}).wait_ready()
@@ -65,7 +111,7 @@ def test_drain_deadline_sends_what_is_left_elsewhere(system: Any, live_nodes: An
     spare = live_nodes(system.web, {"m": "ready"}, labels={"pool": "p"}).wait_ready()
     job = spare.take_job(timeout_s=15, attempt=2)
     cancel = slow.expect("job_cancel")
-    assert "drain deadline passed with 1 jobs left" in cancel["reason"]
+    assert "drain deadline passed with 1 job left" in cancel["reason"]
     spare.succeed(job, "rescued")
     assert result.get(timeout=10) == "rescued"
     history = job_attempts(r, result.id)
@@ -81,7 +127,7 @@ def test_undrain_returns_the_node_and_feeds_it_waiting_work(system: Any, live_no
     waiting = submit(client, node_selector={"who": "u"})
     time.sleep(0.5)
     status, body = system.web.request("DELETE", f"/api/nodes/{node.node_id}/drain")
-    assert status == 200 and body["status"] == "ready"
+    assert status == 200 and (body["status"], body["message"]) == ("ready", f"node {node.node_id} is ready")
     node.succeed(held, 1)
     node.succeed(node.take_job(), 2)
     assert (busy.get(timeout=10), waiting.get(timeout=10)) == (1, 2)

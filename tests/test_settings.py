@@ -30,6 +30,7 @@ def test_defaults_are_the_contracts() -> None:
     assert s.required_models == [] and s.require_gpu is True and s.resource_threshold_percent == 25
     assert s.max_message_bytes == 1024 * 1024 and s.registration_tokens == [] and s.admin_token is None
     assert s.reassign_grace_seconds == 45, "the grace defaults to the heartbeat timeout"
+    assert (s.job_failures_consecutive, s.job_failures_in_window, s.job_failures_window) == (5, 7, 10)
 
 
 def test_toml_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,6 +64,9 @@ def test_config_file_named_by_the_environment(tmp_path: Path, monkeypatch: pytes
     ("[scheduler.node_health]\nheartbeat_timout_seconds = 3\n", {}, "heartbeat_timout_seconds"),
     ("[scheduler.node_health]\nheartbeat_timeout_seconds = 'soon'\n", {}, "heartbeat_timeout_seconds"),
     ("", {"DISPATCHER_FAILURE_RATE_THRESHOLD": "9"}, "failure_rate_threshold"),
+    ("", {"DISPATCHER_JOB_FAILURES_IN_WINDOW": "11"}, "job_failures_in_window must not exceed job_failures_window"),
+    ("", {"DISPATCHER_JOB_FAILURES_CONSECUTIVE": "11"}, "job_failures_consecutive must not exceed"),
+    ("[scheduler.node_health]\njob_failures_window = 65\n", {}, "job_failures_window"),
     ("", {"DISPATCHER_REQUIRED_MODELS": "whisper"}, "required_models"),
     ("[scheduler.node_health\n", {}, "config.toml"),
 ])

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from dispatcher.errors import InvalidTransition
+from dispatcher.errors import InvalidTransition, UnknownNode
 from dispatcher.keys import Keys
 from dispatcher.messages import NodeHeartbeat, NodeRegister
 from dispatcher.registry import Registration, Registry
@@ -201,6 +201,33 @@ def test_a_node_long_gone_is_forgotten_with_every_trace(strict: Registry, r: red
     assert_consistent(r, keys)
     again = register(strict, now=T0 + WEEK_MS + 10_000, node_id="gone-1", node_secret="the old one")
     assert not again.resumed and again.status == "registering", "a new node under the old id"
+
+
+def test_an_operator_forgets_an_offline_node_and_nothing_else(strict: Registry, r: redis.Redis, keys: Keys) -> None:
+    """DELETE /api/nodes/<id>: at once for an offline node gone silent, with its secret and every
+    trace (a cordon too); refused, with why, for any other."""
+    reg = register(strict, node_id="old-1", labels={"rack": "a"})
+    now = make_ready(strict, reg)
+    strict.cordon("old-1", "operator", "broken fan", now=now)
+    with pytest.raises(InvalidTransition, match="old-1 is ready: only an offline node can be forgotten"):
+        strict.forget("old-1", "operator", now=now)
+    assert strict.drain("old-1", "operator", "retire", now=now).status == "offline"
+    with pytest.raises(InvalidTransition, match="its session is open .a drained node.: its agent would register"):
+        strict.forget("old-1", "operator", now=now + 1000)
+    r.hset(keys.assigned("old-1"), "job-1", "{}")  # not yet taken back
+    strict.close_session("old-1", reg.node.session_id, now=now + 2000)
+    with pytest.raises(InvalidTransition, match="still holds 1 job, sent to other nodes"):
+        strict.forget("old-1", "operator", now=now + 3000)
+    r.delete(keys.assigned("old-1"))
+    later = now + 4000
+    strict.forget("old-1", "operator", now=later)
+    assert traces_of(r, "old-1") == []
+    with pytest.raises(UnknownNode):
+        strict.forget("old-1", "operator", now=later)
+    again = register(strict, now=later, node_id="old-1", node_secret="the old one")
+    assert not again.resumed, "its secret went with it: a new node under the old id"
+    assert r.hget(keys.node("old-1"), "cordoned") is None
+    assert_consistent(r, keys)
 
 
 def test_a_drained_node_still_heartbeating_is_kept(strict: Registry, r: redis.Redis, keys: Keys) -> None:

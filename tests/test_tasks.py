@@ -219,6 +219,29 @@ def test_drain_node_and_undrain_node(world: tuple[Registry, Jobs], celery_sessio
     assert type(raised.value).__name__ == "UnknownNode"
 
 
+def test_cordon_node_and_uncordon_node(world: tuple[Registry, Jobs], celery_session_app: Celery,
+                                      r: redis.Redis) -> None:
+    node = Node(*world, max_jobs=2, labels={"who": "c"})
+    held = submit(celery_session_app, node_selector={"who": "c"})
+    held_job = node.take_job(job_id=held.id)
+    assert call(celery_session_app, "dispatcher.cordon_node", node_id=node.node_id, reason="bad fan") == {
+        "node_id": node.node_id, "status": "ready", "cordoned": True}
+    waiting = submit(celery_session_app, node_selector={"who": "c"})
+    wait_for(lambda: r.zscore(Keys().waiting(), waiting.id) is not None, TASK_S, what="no job for a cordoned node")
+    assert wait_for(lambda: waiting.state == "WAITING" and waiting.info, TASK_S,
+                    what="why it waits")["exclusions"] == {"NodeCordoned": 1}
+    assert node.status() == "ready" and r.hget(Keys().node(node.node_id), "cordon_reason") == "bad fan"
+    assert call(celery_session_app, "dispatcher.uncordon_node", node_id=node.node_id) == {
+        "node_id": node.node_id, "status": "ready", "cordoned": False}
+    node.answer(node.take_job(job_id=waiting.id), output="after the cordon")
+    assert waiting.get(timeout=TASK_S) == "after the cordon" and held.state == "STARTED"
+    node.answer(held_job, output="the first job")
+    assert held.get(timeout=TASK_S) == "the first job"
+    with pytest.raises(Exception, match="no node nobody") as raised:
+        call(celery_session_app, "dispatcher.cordon_node", node_id="nobody")
+    assert type(raised.value).__name__ == "UnknownNode"
+
+
 def test_scan_nodes_takes_a_silent_node_offline_and_its_job_elsewhere_after_the_grace(
         world: tuple[Registry, Jobs], celery_session_app: Celery, settings: Settings, r: redis.Redis) -> None:
     """The scan's clock is its argument: 45 s of silence pass without a sleep."""

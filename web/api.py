@@ -7,7 +7,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from flask import Blueprint, Response, jsonify, request
@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dispatcher.errors import InvalidTransition, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
+from dispatcher.joblist import LIST_STATES, JobList
 from dispatcher.jobviews import JobViews
 from dispatcher.keys import STATUSES
 from dispatcher.messages import describe_validation_error, valid_job_id, valid_node_id
 from dispatcher.metrics import exposition
+from dispatcher.registry import undrained_message
 from web.hub import Hub
 
 #: The most one page of /api/nodes holds (a node record is at most about 70 KB).
@@ -27,7 +29,7 @@ MAX_PAGE_BYTES = 2 * 1024 * 1024
 
 
 class BadQuery(ValueError):
-    """Raised when a query or path value is malformed; answered with a JSON 400."""
+    """Raised when a query, path or body value is malformed; answered with a JSON 400."""
 
 
 def query_int(name: str, default: int, low: int, high: int) -> int:
@@ -72,19 +74,67 @@ def job_id_in_path(job_id: str) -> str:
     return job_id
 
 
-class DrainRequest(BaseModel):
+class CordonRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    deadline_seconds: float | None = Field(None, gt=0)
     reason: str = Field("no reason given", max_length=500)
     #: Who asks (a person's name, a ticket): recorded and shown.
     requested_by: str | None = Field(None, max_length=100)
+
+
+class DrainRequest(CordonRequest):
+    deadline_seconds: float | None = Field(None, gt=0)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def body_of(model: type[Body]) -> Body:
+    """The request's JSON body (optional: absent, every field's default) as ``model``."""
+    try:
+        return model.model_validate(request.get_json(silent=True) or {})
+    except ValidationError as exc:
+        raise BadQuery(describe_validation_error(exc)) from exc
+
+
+def listed_jobs(job_list: JobList, default_limit: int) -> dict[str, Any]:
+    """The page of jobs the query asks for (``state``, ``node``, ``limit``, ``cursor``): ``jobs``
+    and ``next_cursor``, with the query's ``state``, ``node_id`` and ``limit``."""
+    state = query_choice("state", LIST_STATES)
+    node_id = query_node_id("node")
+    limit = query_int("limit", default_limit, 1, 500)
+    try:
+        listed, next_cursor = job_list.page(state, node_id, limit, request.args.get("cursor") or None)
+    except ValueError:
+        raise BadQuery("cursor: the next_cursor of an earlier page") from None
+    return {"jobs": listed, "next_cursor": next_cursor, "state": state, "node_id": node_id, "limit": limit}
+
+
+def requester(named: str | None = None) -> str:
+    """Who asks: as the request names itself (body or ``?requested_by=``), else its address."""
+    return (named or request.args.get("requested_by") or f"HTTP client {request.remote_addr}")[:100]
+
+
+def query_choice(name: str, choices: tuple[str, ...]) -> str | None:
+    """A query parameter that is one of ``choices``, or absent."""
+    value = request.args.get(name)
+    if value is not None and value not in choices:
+        raise BadQuery(f"{name}: one of {', '.join(choices)}, not {value[:40]!r}")
+    return value
+
+
+def query_node_id(name: str) -> str | None:
+    value = request.args.get(name) or None
+    if value is not None and not valid_node_id(value):
+        raise BadQuery(f"{name}: a node id ([A-Za-z0-9_.-]{{1,64}}), not {value[:80]!r}")
+    return value
 
 
 def api_blueprint(hub: Hub) -> Blueprint:
     api = Blueprint("api", __name__)
     fleet, jobs, registry = hub.fleet, hub.jobs, hub.registry
     job_views = JobViews(jobs)
+    job_list_reader = JobList(jobs.client, jobs.keys)
     admin_token = hub.settings.admin_token
 
     def admin(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -117,13 +167,12 @@ def api_blueprint(hub: Hub) -> Blueprint:
     def nodes() -> Any:
         """One page of nodes in id order: ``?status=&limit=&cursor=``; ``next_cursor`` is
         the ``cursor`` of the next page (null on the last)."""
-        status = request.args.get("status")
-        if status is not None and status not in STATUSES:
-            raise BadQuery(f"status: one of {', '.join(STATUSES)}")
+        status = query_choice("status", STATUSES)
         limit = query_int("limit", 100, 1, 1000)
-        cursor = request.args.get("cursor") or None
-        if cursor is not None and not valid_node_id(cursor):
-            raise BadQuery("cursor: the next_cursor of an earlier page")
+        try:
+            cursor = query_node_id("cursor")
+        except BadQuery:
+            raise BadQuery("cursor: the next_cursor of an earlier page") from None
         ids, next_cursor = fleet.page(status, limit, cursor)
         parts, next_cursor = encoded_views(fleet, ids, next_cursor)
         body = (f'{{"nodes":[{",".join(parts)}],"next_cursor":{json.dumps(next_cursor)},'
@@ -144,23 +193,43 @@ def api_blueprint(hub: Hub) -> Blueprint:
     @admin
     def drain(node_id: str) -> Any:
         node_id_in_path(node_id)
-        try:
-            body = DrainRequest.model_validate(request.get_json(silent=True) or {})
-        except ValidationError as exc:
-            return jsonify(error=describe_validation_error(exc)), 400
-        by = body.requested_by or f"HTTP client {request.remote_addr}"
-        outcome = registry.drain(node_id, by, body.reason, body.deadline_seconds)
+        body = body_of(DrainRequest)
+        outcome = registry.drain(node_id, requester(body.requested_by), body.reason, body.deadline_seconds)
         return jsonify(node_id=node_id, status=outcome.status, jobs_left=outcome.jobs_left,
                        drain=(fleet.node(node_id) or {}).get("drain"))
+
+    def reopened(node_id: str, status: str, **fields: Any) -> Any:
+        """After an undrain or an uncordon: the node may take waiting jobs."""
+        jobs.request_kick()
+        return jsonify(node_id=node_id, status=status, **fields)
 
     @api.delete("/api/nodes/<node_id>/drain")
     @admin
     def undrain(node_id: str) -> Any:
+        status = registry.undrain(node_id_in_path(node_id), requester())
+        return reopened(node_id, status, message=undrained_message(node_id, status))
+
+    @api.post("/api/nodes/<node_id>/cordon")
+    @admin
+    def cordon(node_id: str) -> Any:
+        """No new jobs for the node; it keeps its status, session and jobs (JSON body optional:
+        ``reason``, ``requested_by``)."""
         node_id_in_path(node_id)
-        by = (request.args.get("requested_by") or f"HTTP client {request.remote_addr}")[:100]
-        status = registry.undrain(node_id, by)
-        jobs.request_kick()
-        return jsonify(node_id=node_id, status=status)
+        body = body_of(CordonRequest)
+        status = registry.cordon(node_id, requester(body.requested_by), body.reason)
+        return jsonify(node_id=node_id, status=status, cordon=(fleet.node(node_id) or {}).get("cordon"))
+
+    @api.delete("/api/nodes/<node_id>/cordon")
+    @admin
+    def uncordon(node_id: str) -> Any:
+        return reopened(node_id, registry.uncordon(node_id_in_path(node_id), requester()), cordon=None)
+
+    @api.delete("/api/nodes/<node_id>")
+    @admin
+    def forget(node_id: str) -> Any:
+        """Delete an offline node, its secret and its history (409 for any other node)."""
+        registry.forget(node_id_in_path(node_id), requester())
+        return jsonify(node_id=node_id, forgotten=True)
 
     @api.get("/api/nodes/<node_id>/eligibility")
     def eligibility(node_id: str) -> Any:
@@ -172,13 +241,23 @@ def api_blueprint(hub: Hub) -> Blueprint:
             needs = jobs.needs_of(job_id_in_path(args["job"]))
         else:
             def flag(name: str) -> bool:
-                return args.get(name, "false").lower() in ("1", "true", "yes")
+                value = args.get(name, "false").lower()
+                if value not in ("1", "true", "yes", "0", "false", "no"):
+                    raise BadQuery(f"{name}: true or false, not {value[:40]!r}")
+                return value in ("1", "true", "yes")
             models = tuple(m for m in args.get("required_models", "").split(",") if m)
             pairs = [p.split("=", 1) for p in args.get("node_selector", "").split(",") if p]
             if any(len(p) != 2 for p in pairs):
                 raise BadQuery("node_selector: write key=value pairs separated by commas")
             needs = JobNeeds(models, flag("require_gpu"), flag("public"), tuple(sorted((k, v) for k, v in pairs)))
         return found(job_views.eligibility(node_id, needs), UnknownNode(f"no node {node_id}"))
+
+    @api.get("/api/jobs")
+    def job_list() -> Any:
+        """One page of jobs, newest submitted first: ``?state=&node=&limit=&cursor=``;
+        ``next_cursor`` is the ``cursor`` of the next page (null on the last)."""
+        listed = listed_jobs(job_list_reader, 50)
+        return jsonify(jobs=listed["jobs"], next_cursor=listed["next_cursor"])
 
     @api.get("/api/jobs/<job_id>")
     def job(job_id: str) -> Any:

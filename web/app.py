@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from dispatcher.batching import ScriptBatcher
 from dispatcher.celery_app import app as celery_app
-from dispatcher.connection import redis_client
+from dispatcher.connection import shared_client
 from dispatcher.jobs import Jobs
 from dispatcher.logs import configure_logging, log_event
 from dispatcher.registry import Registry
@@ -32,7 +32,7 @@ NODE_PATH = "/ws/node"
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    client = redis_client(settings)
+    client = shared_client(settings)
     # Thousands of sessions' script calls (heartbeats, pops) go to Redis grouped in pipelines.
     registry = Registry(client, settings, batcher=ScriptBatcher(client))
     hub = Hub(registry, Jobs(client, settings, celery_app), settings)
@@ -73,5 +73,5 @@ def create_app(settings: Settings | None = None) -> Flask:
                   why="no registration_tokens configured: any client may register as a node")
     if settings.admin_token is None:
         log_event(log, "open_admin", logging.WARNING,
-                  why="no admin_token configured: anyone reaching the HTTP API may drain nodes")
+                  why="no admin_token configured: anyone reaching the HTTP API may drain, cordon and forget nodes")
     return app

@@ -5,14 +5,25 @@ from __future__ import annotations
 import gc
 import os
 import resource
+import shutil
+import tempfile
 from typing import Any
 
-from dispatcher.logs import json_formatter, watch_gc_pauses
-from dispatcher.settings import get_settings
+# The web process's own metrics (each worker's session count) are kept in a multiprocess
+# folder of its own, made here, before any worker imports prometheus-client: no other
+# process (a Celery worker, Flower) writes there, whatever PROMETHEUS_MULTIPROC_DIR the
+# environment names. The fleet's counters come from Redis (dispatcher/metrics.py).
+_METRICS_DIR = tempfile.mkdtemp(prefix="dispatcher-web-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _METRICS_DIR
+
+from dispatcher.logs import json_formatter, watch_gc_pauses  # noqa: E402 - after the folder is chosen
+from dispatcher.settings import get_settings  # noqa: E402
 
 _settings = get_settings()
 
-bind = f"0.0.0.0:{_settings.port}"
+# 0.0.0.0 on a platform (its router reaches $PORT from outside); the local run sets
+# WEB_ADDRESS=127.0.0.1, as it binds Flower.
+bind = f"{os.environ.get('WEB_ADDRESS') or '0.0.0.0'}:{_settings.port}"
 worker_class = "gevent"
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 # Node sessions and HTTP requests share this budget per worker: past it even
@@ -52,6 +63,10 @@ def post_worker_init(worker: object) -> None:
     # every later full collection, whose pause grows with the objects it walks.
     gc.freeze()
     watch_gc_pauses(_settings.gc_pause_log_ms)
+    # Here, not in the master: redis (and ssl) must be imported after gevent patches them.
+    from dispatcher.connection import say_if_unreachable
+
+    say_if_unreachable(_settings, "web")
     if os.environ.get("BENCH_PROBE"):
         _bench_probe()
     # Start the session hub in the worker (after the fork); absent when serving another app.
@@ -95,7 +110,10 @@ def _bench_probe() -> None:
 
 def child_exit(server: object, worker: Any) -> None:
     # A dead worker's live gauges (its session count) must not linger in /metrics.
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid, _METRICS_DIR)
+
+
+def on_exit(server: object) -> None:
+    shutil.rmtree(_METRICS_DIR, ignore_errors=True)

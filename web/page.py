@@ -1,17 +1,32 @@
-"""The fleet page at ``/``: one self-contained HTML file that polls the API."""
+"""The fleet page at ``/`` and the job list at ``/jobs``, rendered on the server.
+
+The first paint is complete HTML (no wait for a poll). The page's one script
+then fetches ``/live`` (the same fragment, rendered again) every two seconds
+and sends the admin buttons' requests to the API. Everything nodes and
+clients wrote goes through Jinja's autoescaping.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import re
-from importlib import resources
+import time
 from typing import Any
+from urllib.parse import urlencode
 
-from flask import Blueprint, Response, jsonify
+import redis
+from flask import Blueprint, Response, jsonify, render_template, request
 
 from dispatcher.filter import REASONS
+from dispatcher.joblist import LIST_STATES, JobList
+from dispatcher.keys import STATUSES
+from dispatcher.wording import ago, duration, plural
+from web.api import BadQuery, listed_jobs
 from web.hub import Hub
+
+#: Nodes the page shows (the API pages through the rest).
+PAGE_NODES = 500
 
 
 def content_security_policy(html: str) -> str:
@@ -19,24 +34,75 @@ def content_security_policy(html: str) -> str:
     node-supplied text that slipped into the page could not run, load or send anything."""
     scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
-    return (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
-            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    allowed = hashes or "'none'"
+    return (f"default-src 'none'; script-src {allowed}; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def jobs_url(**query: Any) -> str:
+    """The job list's address with these filters (those given)."""
+    given = {k: v for k, v in query.items() if v}
+    return "/jobs" + ("?" + urlencode(given) if given else "")
+
+
+def html_response(html: str, status: int = 200) -> Response:
+    return Response(html, status=status, mimetype="text/html",
+                    headers={"Cache-Control": "no-store", "Content-Security-Policy": content_security_policy(html)})
 
 
 def page_blueprint(hub: Hub) -> Blueprint:
     page = Blueprint("page", __name__)
-    html = (resources.files("web") / "templates" / "index.html").read_text()
-    policy = content_security_policy(html)
+    fleet, jobs = hub.fleet, hub.jobs
+    job_list = JobList(jobs.client, jobs.keys)
+    admin_required = hub.settings.admin_token is not None
+
+    for name, helper in (("ago", ago), ("duration", duration), ("plural", plural)):
+        page.add_app_template_filter(helper, name)
+    page.add_app_template_global(jobs_url)
+
+    def live(admin: bool) -> dict[str, Any]:
+        """What the fleet page shows, as the templates read it."""
+        ids, more = fleet.page(None, PAGE_NODES, None)
+        views = []
+        for chunk in fleet.views_in_chunks(ids):
+            views += chunk
+            time.sleep(0)  # a large fleet never holds up the sessions this process serves
+        counts = fleet.counts_by_status()
+        return {"nodes": views, "more_nodes": more is not None, "counts": [(s, counts.get(s, 0)) for s in STATUSES],
+                "stats": jobs.dispatcher.stats(), "scan": fleet.last_scan(), "reasons": REASONS,
+                "transitions": fleet.recent_transitions(25), "admin": admin, "now_ms": time.time() * 1000,
+                "threshold": hub.settings.resource_threshold_percent}
 
     @page.get("/")
     def index() -> Any:
-        return Response(html, mimetype="text/html",
-                        headers={"Cache-Control": "no-store", "Content-Security-Policy": policy})
+        # The first paint shows the admin buttons only when no token is asked for.
+        return html_response(render_template("index.html", admin_required=admin_required,
+                                              **live(not admin_required)))
+
+    @page.get("/live")
+    def live_fragment() -> Any:
+        """The fleet page's changing part, for its script (``?admin=1``: with the buttons)."""
+        return html_response(render_template("live.html", **live(request.args.get("admin") == "1")))
+
+    @page.get("/jobs")
+    def job_page() -> Any:
+        """The jobs, newest first: ``?state=&node=&cursor=`` as ``/api/jobs`` takes them."""
+        return html_response(render_template("jobs.html", **listed_jobs(job_list, 100), states=LIST_STATES,
+                                              now_ms=time.time() * 1000))
+
+    @page.errorhandler(BadQuery)
+    def bad_query(exc: BadQuery) -> Any:
+        return Response(f"Bad request: {exc}\n", status=400, mimetype="text/plain")
+
+    @page.errorhandler(redis.RedisError)
+    def store_down(exc: redis.RedisError) -> Any:
+        # (the page's script shows it, and keeps trying)
+        return Response(f"The dispatcher's store is unavailable: {exc}\n", status=503, mimetype="text/plain")
 
     @page.get("/api/info")
     def info() -> Any:
-        """What the page needs to know about this deployment."""
-        return jsonify(admin_token_required=hub.settings.admin_token is not None, web_id=hub.web_id,
+        """What a client needs to know about this deployment."""
+        return jsonify(admin_token_required=admin_required, web_id=hub.web_id,
                        resource_threshold_percent=hub.settings.resource_threshold_percent,
                        reasons=list(REASONS),
                        # Which Redis this is (not where, nor how to get in): a client can check it uses the same.

@@ -3,8 +3,10 @@
 A handler receives the job (``job_id``, ``attempt``, ``job_type``, ``payload``,
 ``required_models``, ``timeout_seconds``) and a ``JobContext`` (report
 progress, see cancellation) and returns the job's output, any JSON value. A
-raised ``JobFailed`` carries an error code and whether a retry may help; any
-other exception is reported as ``HANDLER_ERROR``, retryable.
+raised ``JobFailed`` carries an error code, whether a retry may help and whether
+the node is to blame (``node_fault``); any other exception is reported as
+``HANDLER_ERROR``, retryable, unless it is an out-of-memory or CUDA error
+(``OUT_OF_MEMORY``, ``CUDA_ERROR``: the node's fault).
 """
 
 from __future__ import annotations
@@ -31,16 +33,25 @@ def sleep(job: dict[str, Any], ctx: JobContext) -> Any:
     return {"slept_seconds": seconds, "payload": job["payload"]}
 
 
+def asr(job: dict[str, Any], ctx: JobContext) -> Any:
+    """A stand-in for speech recognition (the README's example job): no model runs, the
+    transcript says so."""
+    ctx.progress(1.0, "transcribed")
+    return {"text": f"(demo transcript of {job['payload'].get('audio_url', 'no audio_url')})",
+            "model": (job.get("required_models") or ["none"])[0]}
+
+
 def fail(job: dict[str, Any], ctx: JobContext) -> Any:
-    """Fails with ``payload.code`` (default MODEL_CRASHED), retryable unless ``payload.retryable`` is false."""
+    """Fails with ``payload.code`` (default MODEL_CRASHED), retryable unless ``payload.retryable`` is false,
+    the node's fault when ``payload.node_fault`` says so (by default, as the code says: ``NODE_FAULT_CODES``)."""
     payload = job["payload"]
     raise JobFailed(payload.get("code", "MODEL_CRASHED"), payload.get("message", "the model crashed"),
-                    retryable=payload.get("retryable", True))
+                    retryable=payload.get("retryable", True), node_fault=payload.get("node_fault"))
 
 
 def demo(job: dict[str, Any], ctx: JobContext) -> Any:
-    """The demo node's handler: chooses by ``job_type`` (echo, sleep, fail)."""
-    handlers = {"echo": echo, "sleep": sleep, "fail": fail}
+    """The demo node's handler: chooses by ``job_type`` (echo, sleep, asr, fail)."""
+    handlers = {"echo": echo, "sleep": sleep, "asr": asr, "fail": fail}
     handler = handlers.get(job["job_type"])
     if handler is None:
         raise JobFailed("UNSUPPORTED_JOB_TYPE", f"this demo node runs {', '.join(handlers)}", retryable=False)

@@ -92,7 +92,11 @@ class NodeAgent:
             except Fatal:
                 raise
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, _Reconnect) as exc:
-                log.warning("session ended", extra={"event": "session_ended", "error": f"{type(exc).__name__}: {exc}"})
+                # An undrain of a drained node closes its session on purpose: it registers again.
+                asked = isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 4002 \
+                    and exc.rcvd.reason.startswith("drain ended")
+                log.log(logging.INFO if asked else logging.WARNING, "session ended",
+                        extra={"event": "session_ended", "error": f"{type(exc).__name__}: {exc}"})
             except InvalidURI as exc:
                 raise Fatal(str(exc)) from exc
             if self._stopping.is_set():

@@ -25,18 +25,35 @@ log = logging.getLogger("dispatcher.agent.runner")
 
 #: Finished jobs remembered for deduplication.
 _REMEMBERED = 1000
+#: Error codes that say the node itself is failing, not the job: sent with ``node_fault``, they
+#: count towards the node's health on the server (enough of them and it gets no more jobs).
+NODE_FAULT_CODES = frozenset({"CUDA_ERROR", "OUT_OF_MEMORY", "MODEL_CRASHED"})
 
 Handler = Callable[[dict[str, Any], "JobContext"], Any]
 Send = Callable[[dict[str, Any]], None]
 
 
 class JobFailed(Exception):
-    """Raised by a handler to fail the job with a code; ``retryable`` lets the server try elsewhere."""
+    """Raised by a handler to fail the job with a code; ``retryable`` lets the server try elsewhere;
+    ``node_fault`` says the node is to blame (by default: a code of ``NODE_FAULT_CODES``)."""
 
-    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+    def __init__(self, code: str, message: str, retryable: bool = False, node_fault: bool | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.retryable = retryable
+        self.node_fault = code in NODE_FAULT_CODES if node_fault is None else node_fault
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """The error code of an exception a handler raised, and whether it is the node's fault: out
+    of memory (``MemoryError``, torch's ``OutOfMemoryError``) and CUDA errors are; anything else is
+    the handler's (``HANDLER_ERROR``)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__ or "out of memory" in text.lower():
+        return "OUT_OF_MEMORY", True
+    if "CUDA" in text or "cuDNN" in text or "NCCL" in text:
+        return "CUDA_ERROR", True
+    return "HANDLER_ERROR", False
 
 
 @dataclass
@@ -97,7 +114,8 @@ class JobRunner:
                 return
             if len(self._running) >= self.max_concurrent_jobs:
                 self._send(_failure(msg.job_id, msg.attempt, "NODE_AT_CAPACITY",
-                                    f"node already runs {self.max_concurrent_jobs} jobs", retryable=True))
+                                    f"node already runs {self.max_concurrent_jobs} "
+                                    f"job{'' if self.max_concurrent_jobs == 1 else 's'}", retryable=True))
                 return
             ctx = JobContext(msg.job_id, msg.attempt, _send=self._send)
             self._running[key] = ctx
@@ -143,10 +161,11 @@ class JobRunner:
             frame = {"type": "job_result", "job_id": msg.job_id, "attempt": msg.attempt, "success": True,
                      "output": output, "duration_ms": int((time.monotonic() - started) * 1000)}
         except JobFailed as exc:
-            frame = _failure(msg.job_id, msg.attempt, exc.code, str(exc), exc.retryable)
+            frame = _failure(msg.job_id, msg.attempt, exc.code, str(exc), exc.retryable, exc.node_fault)
         except Exception as exc:  # noqa: BLE001 - the handler is the operator's code; report, don't die
             log.exception("handler failed", extra={"event": "handler_failed", "job_id": msg.job_id})
-            frame = _failure(msg.job_id, msg.attempt, "HANDLER_ERROR", f"{type(exc).__name__}: {exc}", True)
+            code, node_fault = classify(exc)
+            frame = _failure(msg.job_id, msg.attempt, code, f"{type(exc).__name__}: {exc}", True, node_fault)
         key = (msg.job_id, msg.attempt)
         if self._journal is not None:
             self._journal.ended(msg.job_id, msg.attempt, frame)  # on disk before the result leaves
@@ -171,6 +190,9 @@ class JobRunner:
         return False
 
 
-def _failure(job_id: str, attempt: int, code: str, message: str, retryable: bool) -> dict[str, Any]:
-    return {"type": "job_result", "job_id": job_id, "attempt": attempt, "success": False,
-            "error": {"code": code, "message": message, "retryable": retryable}}
+def _failure(job_id: str, attempt: int, code: str, message: str, retryable: bool,
+             node_fault: bool = False) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message, "retryable": retryable}
+    if node_fault:
+        error["node_fault"] = True
+    return {"type": "job_result", "job_id": job_id, "attempt": attempt, "success": False, "error": error}
