@@ -21,7 +21,7 @@ from typing import Any
 
 from dispatcher.errors import DispatcherError
 from dispatcher.joblist import LIST_STATES
-from dispatcher.keys import STATUSES
+from dispatcher.vocabulary import NodeStatus
 from dispatcher.wording import ago, duration, plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
@@ -338,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the whole system locally (private Redis, Procfile processes, demo nodes)")
     up.add_argument("--nodes", type=int, default=2, help="demo node agents to start (default 2)")
     nodes = commands.add_parser("nodes", help="list the nodes (like kubectl get nodes)")
-    nodes.add_argument("--status", choices=STATUSES)
+    nodes.add_argument("--status", choices=tuple(NodeStatus))
     jobs = commands.add_parser("jobs", help="list the jobs, newest first")
     jobs.add_argument("--state", choices=LIST_STATES)
     jobs.add_argument("--node", help="only the jobs of this node (running, or ended there)")

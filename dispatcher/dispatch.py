@@ -21,7 +21,8 @@ from typing import Any
 import redis
 
 from dispatcher.clock import Clock
-from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, explanation, first_failure, summarize
+from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, explanation, first_failure, summarize
+from dispatcher.vocabulary import Exclusion
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
@@ -216,8 +217,8 @@ class Dispatcher:
         examples = self.client.hgetall(self.keys.stats_examples())
         return {
             "decisions": {k.split(":", 1)[1]: int(v) for k, v in raw.items() if k.startswith("decisions:")},
-            "excluded": {r: int(raw.get(f"excluded:{r}", 0)) for r in REASONS},
-            "examples": {r: json.loads(examples[r]) for r in REASONS if r in examples},
+            "excluded": {r: int(raw.get(f"excluded:{r}", 0)) for r in Exclusion},
+            "examples": {r: json.loads(examples[r]) for r in Exclusion if r in examples},
             "waiting_jobs": self.client.zcard(self.keys.waiting()),
         }
 

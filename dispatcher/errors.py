@@ -5,6 +5,8 @@ Errors that a node sees carry the wire ``code`` of the contract.
 
 from __future__ import annotations
 
+from dispatcher.vocabulary import CloseCode, ErrorCode
+
 
 class DispatcherError(Exception):
     """Raised for any failure the dispatcher anticipates."""
@@ -33,40 +35,40 @@ class ScriptRetry(StoreError):
 class ProtocolError(DispatcherError):
     """Raised when a node's frame cannot be accepted; ``code`` is the wire error code."""
 
-    code = "INTERNAL_ERROR"
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
     #: Close the session after answering (with this WebSocket close code).
-    close_code: int | None = None
+    close_code: CloseCode | None = None
 
 
 class InvalidMessage(ProtocolError):
     """Raised when a frame is not JSON, has an unknown type or fails validation."""
 
-    code = "INVALID_MESSAGE"
+    code = ErrorCode.INVALID_MESSAGE
 
 
 class MessageTooLarge(ProtocolError):
     """Raised when a frame exceeds ``max_message_bytes``."""
 
-    code = "MESSAGE_TOO_LARGE"
-    close_code = 1009
+    code = ErrorCode.MESSAGE_TOO_LARGE
+    close_code = CloseCode.TOO_LARGE
 
 
 class NotRegistered(ProtocolError):
     """Raised when a session sends anything but ``node_register`` before registering."""
 
-    code = "NOT_REGISTERED"
+    code = ErrorCode.NOT_REGISTERED
 
 
 class NodeIdMismatch(ProtocolError):
     """Raised when a registered session names a node other than its own."""
 
-    code = "NODE_ID_MISMATCH"
+    code = ErrorCode.NODE_ID_MISMATCH
 
 
 class NodeIdConflict(ProtocolError):
     """Raised when a known ``node_id`` registers without its secret."""
 
-    code = "NODE_ID_CONFLICT"
+    code = ErrorCode.NODE_ID_CONFLICT
 
     def __init__(self) -> None:
         super().__init__("node_id conflict: clear the local node_id and register again")
@@ -75,28 +77,28 @@ class NodeIdConflict(ProtocolError):
 class Unauthorized(ProtocolError):
     """Raised when registration tokens are configured and the frame has no valid one."""
 
-    code = "UNAUTHORIZED"
-    close_code = 1008
+    code = ErrorCode.UNAUTHORIZED
+    close_code = CloseCode.POLICY
 
 
 class RateLimited(ProtocolError):
     """Raised when a session sends frames faster than ``max_messages_per_second``."""
 
-    code = "RATE_LIMITED"
+    code = ErrorCode.RATE_LIMITED
 
 
 class SessionSuperseded(ProtocolError):
     """Raised when a newer session of the same node took over; this one must close."""
 
-    code = "NODE_ID_CONFLICT"
-    close_code = 4001
+    code = ErrorCode.NODE_ID_CONFLICT
+    close_code = CloseCode.SUPERSEDED
 
 
 class NodeOffline(ProtocolError):
     """Raised when the node was taken offline while its session stayed open; it must register again."""
 
-    code = "NOT_REGISTERED"
-    close_code = 4002
+    code = ErrorCode.NOT_REGISTERED
+    close_code = CloseCode.NODE_OFFLINE
 
 
 # --- errors of jobs and operations -----------------------------------------

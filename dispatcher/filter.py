@@ -13,18 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.records import as_float, as_json
-
-#: Exclusion reasons, in the order of the filter's steps.
-REASONS = (
-    "StatusNotReady",
-    "NotInPublicPool",
-    "NodeSelectorMismatch",
-    "GpuUnavailable",
-    "ModelNotAvailable",
-    "NodeCordoned",
-    "CapacityExceeded",
-    "ResourceThresholdExceeded",
-)
+from dispatcher.vocabulary import Exclusion
 
 #: The node hash fields the filter reads.
 NODE_FIELDS = ("status", "last_seen_ms", "accept_public", "labels", "gpu_available", "models",
@@ -130,12 +119,12 @@ def first_failure(steps: list[Step]) -> Step | None:
 
 def summarize(eligible: int, total: int, counts: Mapping[str, int], examples: Mapping[str, list[str]]) -> str:
     """``0/12 nodes eligible: 5 StatusNotReady, 4 ModelNotAvailable (StatusNotReady: n-1, n-2; ...)``."""
-    parts = [f"{counts[r]} {r}" for r in REASONS if counts.get(r)]
+    parts = [f"{counts[r]} {r}" for r in Exclusion if counts.get(r)]
     text = f"{eligible}/{total} nodes eligible" + (f": {', '.join(parts)}" if parts else "")
-    shown = [f"{r}: {', '.join(examples[r])}" for r in REASONS if examples.get(r)]
+    shown = [f"{r}: {', '.join(examples[r])}" for r in Exclusion if examples.get(r)]
     return text + (f" (e.g. {'; '.join(shown)})" if shown else "")
 
 
 def explanation(counts: Mapping[str, int], examples: Mapping[str, list[str]]) -> dict[str, Any]:
-    return {"counts": {r: counts[r] for r in REASONS if counts.get(r)},
-            "examples": {r: examples[r] for r in REASONS if examples.get(r)}}
+    return {"counts": {r: counts[r] for r in Exclusion if counts.get(r)},
+            "examples": {r: examples[r] for r in Exclusion if examples.get(r)}}

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from dispatcher.clock import Clock, now_ms
 from dispatcher.filter import JobNeeds, evaluate
-from dispatcher.keys import STATUSES, Keys
+from dispatcher.keys import Keys
+from dispatcher.vocabulary import NodeStatus
 from dispatcher.messages import NodeStatusMessage
 from dispatcher.records import as_float, as_int, as_json
 from dispatcher.settings import Settings
@@ -185,9 +186,9 @@ class Fleet:
 
     def counts_by_status(self) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)
-        for status in STATUSES:
+        for status in NodeStatus:
             pipe.scard(self.keys.status_set(status))
-        return dict(zip(STATUSES, pipe.execute()))
+        return dict(zip(NodeStatus, pipe.execute()))
 
     def recent_transitions(self, limit: int = 50) -> list[dict[str, Any]]:
         return [as_json(e, {}) for e in self.client.lrange(self.keys.transitions(), 0, limit - 1)]

@@ -25,12 +25,13 @@ from typing import Any
 import redis
 
 from dispatcher.jobspec import MAX_PRIORITY, QUEUE_BAND
-from dispatcher.keys import FINAL_STATES, Keys
+from dispatcher.keys import Keys
+from dispatcher.vocabulary import FINAL_STATES, JobState
 from dispatcher.messages import valid_job_id
 from dispatcher.records import as_float, as_int, as_json
 
 #: The states a listing takes, in a job's lifecycle order.
-LIST_STATES = ("waiting", "running", *FINAL_STATES)
+LIST_STATES = (JobState.WAITING, JobState.RUNNING, *FINAL_STATES)
 #: Finished jobs looked at per listed one when listing one node's.
 FILTER_FACTOR = 10
 #: Ids read per call from a sorted set or a pipeline.

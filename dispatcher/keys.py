@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-#: Node statuses, in the order the status sets appear in a node bundle.
-STATUSES = ("registering", "ready", "degraded", "draining", "offline")
-
-#: A job's final states, each with its index of finished jobs (``Keys.finished``).
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+from dispatcher.vocabulary import FINAL_STATES, NodeStatus
 
 #: The keys every node script receives first, in this order. The script loader
 #: turns this list into the Lua table ``K`` (``K.node``, ``K.ready`` ...), so
@@ -23,7 +19,7 @@ NODE_BUNDLE = (
     "nodes",
     "liveness",
     "warmup",
-    *STATUSES,
+    *NodeStatus,  # the status sets, in the statuses' order
     "queue",
     "node_transitions",
     "transitions",
@@ -228,7 +224,7 @@ class Keys:
             "nodes": self.nodes(),
             "liveness": self.liveness(),
             "warmup": self.warmup(),
-            **{status: self.status_set(status) for status in STATUSES},
+            **{status: self.status_set(status) for status in NodeStatus},
             "queue": self.queue(node_id),
             "node_transitions": self.node_transitions(node_id),
             "transitions": self.transitions(),

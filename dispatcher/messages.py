@@ -1,14 +1,13 @@
 """The wire messages of the node protocol (contract section 1), as pydantic models.
 
 Shared by the server and the node agent, so this module imports nothing else
-of the dispatcher. Models are frozen; unknown fields are ignored so that a
+of the dispatcher but its vocabulary. Models are frozen; unknown fields are ignored so that a
 newer peer's optional fields never break an older one; every field but
 ``type`` has a default unless the contract makes it required.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import re
@@ -26,6 +25,8 @@ from pydantic import (
     field_validator,
     model_serializer,
 )
+
+from dispatcher.vocabulary import ErrorCode, ModelState, NodeStatus
 
 #: A node id the server accepts from a node: letters, digits, '-', '_', '.' (use ``fullmatch``).
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -96,32 +97,6 @@ def valid_node_id(node_id: str) -> bool:
 
 def valid_job_id(job_id: str) -> bool:
     return JOB_ID_PATTERN.fullmatch(job_id) is not None
-
-
-class NodeStatus(str, enum.Enum):
-    REGISTERING = "registering"
-    READY = "ready"
-    DEGRADED = "degraded"
-    DRAINING = "draining"
-    OFFLINE = "offline"
-
-
-class ModelState(str, enum.Enum):
-    READY = "ready"
-    LOADING = "loading"
-    DOWNLOADING = "downloading"
-    ERROR = "error"
-
-
-class ErrorCode(str, enum.Enum):
-    NODE_ID_CONFLICT = "NODE_ID_CONFLICT"
-    UNAUTHORIZED = "UNAUTHORIZED"
-    INVALID_MESSAGE = "INVALID_MESSAGE"
-    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
-    NOT_REGISTERED = "NOT_REGISTERED"
-    NODE_ID_MISMATCH = "NODE_ID_MISMATCH"
-    RATE_LIMITED = "RATE_LIMITED"
-    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 class _Wire(BaseModel):

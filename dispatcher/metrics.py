@@ -27,8 +27,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from dispatcher.filter import REASONS
-from dispatcher.keys import FINAL_STATES
+from dispatcher.vocabulary import Exclusion, FINAL_STATES
 from dispatcher.tally import TALLY
 
 #: The fleet's counters and histograms, in the order /metrics shows them.
@@ -124,7 +123,7 @@ RUNNING_JOBS_MISMATCHES = FleetCounter("dispatcher_running_jobs_mismatches_total
 DECISIONS = FleetCounter("dispatcher_dispatch_decisions_total", "Dispatch decisions, by outcome.", ["outcome"],
                          field="decisions", known=[["assigned"], ["waiting"], ["failed"]])
 EXCLUSIONS = FleetCounter("dispatcher_exclusions_total", "Nodes excluded by dispatch decisions, by reason.",
-                          ["reason"], field="excluded", known=[[reason] for reason in REASONS])
+                          ["reason"], field="excluded", known=[[reason] for reason in Exclusion])
 JOBS_FINISHED = FleetCounter("dispatcher_jobs_finished_total", "Jobs that ended, by final state.", ["state"],
                              field="finished", known=[[state] for state in FINAL_STATES])
 SUBMIT_TO_ASSIGN = FleetHistogram("dispatcher_job_submit_to_assign_seconds",

@@ -22,12 +22,13 @@ from celery import Celery, states
 from dispatcher.logs import log_event
 from dispatcher.metrics import ASSIGN_TO_RESULT, JOBS_FINISHED
 from dispatcher.tally import TALLY
+from dispatcher.vocabulary import CeleryState
 
 log = logging.getLogger("dispatcher.publish")
 
 
 #: A waiting job's Celery state (its meta says why it waits).
-WAITING = "WAITING"
+WAITING = CeleryState.WAITING
 # Celery's event state (Flower's view, which loads this app) keeps the state of the highest
 # rank a task has reached, whatever order events arrive in, and ranks a state it does not
 # know above STARTED: a job that waited would be shown waiting while it runs. A job waits

@@ -13,6 +13,7 @@ from dispatcher.filter import JobNeeds
 from dispatcher.joblist import JobList
 from dispatcher.jobs import RETENTION_MS, Jobs
 from dispatcher.logs import log_event
+from dispatcher.vocabulary import FailureCode
 
 log = logging.getLogger("dispatcher.recovery")
 
@@ -82,7 +83,7 @@ class Recovery:
             message = (f"node {node_id} did not finish attempt {attempt} within "
                        f"{int(timeout_ms or 0) / 1000:g} s")
             # A timeout counts against the node, as its own failures do.
-            reply = self.scripts.release_job(job_id, kind or "", node_id, now, "TIMEOUT", message,
+            reply = self.scripts.release_job(job_id, kind or "", node_id, now, FailureCode.TIMEOUT, message,
                                              cancel_on_node=True, only_if_due=True, retention_ms=RETENTION_MS,
                                              job_health=self.jobs.job_health)
             if reply[0] in ("retry", "failed"):
@@ -101,9 +102,9 @@ class Recovery:
             return
         grace_s = self.jobs.settings.reassign_grace_seconds
         if (reason or "").startswith("drain deadline passed"):
-            code, message = "DRAIN_DEADLINE", f"node {node_id} was drained: {reason}"
+            code, message = FailureCode.DRAIN_DEADLINE, f"node {node_id} was drained: {reason}"
         else:
-            code = "NODE_LOST"
+            code = FailureCode.NODE_LOST
             message = f"node {node_id} went offline ({reason}) and did not come back within {grace_s:g} s"
         job_ids = self.client.hkeys(self.keys.assigned(node_id))
         pipe = self.client.pipeline(transaction=False)

@@ -29,6 +29,7 @@ from dispatcher.batching import ScriptBatcher
 from dispatcher.errors import ScriptRetry, StoreError
 from dispatcher.keys import CELERY_RESULT_EXPIRES_S, JOB_BUNDLE, NODE_BUNDLE, Keys
 from dispatcher.metrics import SCRIPT_SECONDS
+from dispatcher.vocabulary import lua_constants
 
 _INCLUDE = "--#include "
 #: Key bundles a script may include, in the order their keys come in KEYS.
@@ -49,11 +50,12 @@ def _expand(text: str, read: Any) -> str:
             bindings = ", ".join(f"{n} = KEYS[{position + i}]" for i, n in enumerate(names))
             lines.append(f"local {table} = {{{bindings}}}")
             position += len(names)
-    lines += [f"local NEXT = {position}", "local P = cjson.decode(ARGV[1])", read("_common.lua")]
-    lines += [read(f"_{name}.lua") for name in _BUNDLES if name in included]
+    lines += [f"local NEXT = {position}", "local P = cjson.decode(ARGV[1])"]
+    preludes = [read("_common.lua"), *(read(f"_{name}.lua") for name in _BUNDLES if name in included)]
     if len(included) > 1:
-        lines.append(read("_" + "".join(n for n in _BUNDLES if n in included) + ".lua"))
-    return "\n".join(lines) + "\n" + body
+        preludes.append(read("_" + "".join(n for n in _BUNDLES if n in included) + ".lua"))
+    constants = lua_constants("\n".join([*preludes, body]))
+    return "\n".join([*lines, *([constants] if constants else []), *preludes]) + "\n" + body
 
 
 def _lua_folder() -> Any:

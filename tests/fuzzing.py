@@ -12,7 +12,8 @@ from typing import Any
 
 import redis
 
-from dispatcher.keys import STATUSES, Keys
+from dispatcher.keys import Keys
+from dispatcher.vocabulary import NodeStatus
 
 #: The codes the contract lets the server answer with.
 ERROR_CODES = {"NODE_ID_CONFLICT", "UNAUTHORIZED", "INVALID_MESSAGE", "MESSAGE_TOO_LARGE", "NOT_REGISTERED",
@@ -144,7 +145,7 @@ def check_records(client: redis.Redis, keys: Keys) -> list[str]:
     """Every node and job record agrees with the indexes that name it."""
     problems: list[str] = []
     nodes = set(client.zrange(keys.nodes(), 0, -1))
-    in_sets = {status: client.smembers(keys.status_set(status)) for status in STATUSES}
+    in_sets = {status: client.smembers(keys.status_set(status)) for status in NodeStatus}
     for node_id in nodes:
         status = client.hget(keys.node(node_id), "status")
         holders = [s for s, members in in_sets.items() if node_id in members]

@@ -17,7 +17,8 @@ import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from dispatcher.keys import STATUSES, Keys
+from dispatcher.keys import Keys
+from dispatcher.vocabulary import NodeStatus
 from dispatcher.localredis import free_port
 
 PYTHON = sys.executable
@@ -252,7 +253,7 @@ class NodeClient:
 def assert_consistent(client: redis.Redis, keys: Keys) -> None:
     """Every node is in exactly the status set its record names; the indexes agree."""
     nodes = set(client.zrange(keys.nodes(), 0, -1))
-    in_sets = {status: client.smembers(keys.status_set(status)) for status in STATUSES}
+    in_sets = {status: client.smembers(keys.status_set(status)) for status in NodeStatus}
     live = set(client.zrange(keys.liveness(), 0, -1))
     warming = set(client.zrange(keys.warmup(), 0, -1))
     offline = set(client.zrange(keys.offline_since(), 0, -1))

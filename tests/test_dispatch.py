@@ -13,12 +13,13 @@ import pytest
 import redis
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
-from dispatcher.filter import NODE_FIELDS, REASONS, JobNeeds, evaluate, first_failure
+from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, first_failure
 from dispatcher.jobs import Jobs
 from dispatcher.jobviews import JobViews
 from dispatcher.keys import Keys
 from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message
 from dispatcher.registry import Registry
+from dispatcher.vocabulary import Exclusion
 from tests.conftest import client_app, forget_everything
 from tests.support import apply_result
 
@@ -107,7 +108,7 @@ def test_the_indexes_and_the_walk_count_alike(core: tuple[Registry, Jobs], r: re
     noted = jobs.dispatcher.note_waiting("j-1", needs)
     assert noted is not None and (noted.eligible, noted.total) == (1, 9)
     assert noted.exclusions == walked, "the same counts, and each reason's one node as its example"
-    assert walked["counts"] == {reason: 1 for reason in REASONS}, "one node fails each step"
+    assert walked["counts"] == {reason: 1 for reason in tuple(Exclusion)}, "one node fails each step"
     meta = json.loads(r.get(jobs.keys.celery_result("j-1")))
     assert meta["status"] == "WAITING"
     assert {k: meta["result"][k] for k in ("eligible", "total", "exclusions", "examples")} == {
@@ -251,7 +252,7 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
         assert reply[0] == "assigned", (stored, job, reply)
         return
     assert reply[0] == "waiting", (stored, job, expected, reply)
-    assert expected.reason in REASONS
+    assert expected.reason in tuple(Exclusion)
     # The script names the reason of a node it looked at (one the indexes let through); the
     # indexes, which count a waiting job's exclusions, name it too (silence aside: the scan's).
     assert json.loads(reply[1])["counts"] in ({}, {expected.reason: 1}), (stored, job, expected)

@@ -12,7 +12,7 @@ import redis
 from dispatcher import joblist
 from dispatcher.jobs import RETENTION_MS, Jobs
 from dispatcher.joblist import JobList
-from dispatcher.keys import FINAL_STATES
+from dispatcher.vocabulary import FINAL_STATES
 from dispatcher.messages import decode_node_message
 from dispatcher.registry import Registry
 from tests.conftest import client_app

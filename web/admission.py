@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from dispatcher.settings import Settings
+from dispatcher.vocabulary import CloseCode
 
 
 class Closable(Protocol):
-    def close(self, code: int = 1000, reason: str = "", why: str | None = None) -> None: ...
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", why: str | None = None) -> None: ...
 
 
 class WaitingRoom:
@@ -49,7 +50,7 @@ class WaitingRoom:
             return "too many sessions waiting to register; try again later"
         victim = next(iter(self._by_address[fullest]))
         self.leave(victim, fullest)
-        victim.close(1008, "too many sessions waiting to register", why="made room for another address")
+        victim.close(CloseCode.POLICY, "too many sessions waiting to register", why="made room for another address")
         return None
 
     def enter(self, session: Closable, address: str) -> None:

@@ -18,7 +18,7 @@ from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
 from dispatcher.joblist import LIST_STATES, JobList
 from dispatcher.jobviews import JobViews
-from dispatcher.keys import STATUSES
+from dispatcher.vocabulary import NodeStatus
 from dispatcher.messages import describe_validation_error, valid_job_id, valid_node_id
 from dispatcher.metrics import exposition
 from dispatcher.registry import undrained_message
@@ -167,7 +167,7 @@ def api_blueprint(hub: Hub) -> Blueprint:
     def nodes() -> Any:
         """One page of nodes in id order: ``?status=&limit=&cursor=``; ``next_cursor`` is
         the ``cursor`` of the next page (null on the last)."""
-        status = query_choice("status", STATUSES)
+        status = query_choice("status", tuple(NodeStatus))
         limit = query_int("limit", 100, 1, 1000)
         try:
             cursor = query_node_id("cursor")

@@ -32,6 +32,7 @@ from dispatcher.metrics import SESSIONS
 from dispatcher.registry import Registry, SessionNode
 from dispatcher.settings import Settings
 from web.admission import WaitingRoom
+from dispatcher.vocabulary import CloseCode
 
 if TYPE_CHECKING:
     from web.session import NodeSession
@@ -109,13 +110,13 @@ class Hub:
             self.sessions[session.node_id] = session
             SESSIONS.set(len(self.sessions))
         if older is not None and older is not session:
-            older.close(4001, "superseded by a newer session", why="superseded")
+            older.close(CloseCode.SUPERSEDED, "superseded by a newer session", why="superseded")
 
     def session_count(self) -> int:
         return len(self.sessions)
 
     def stop_when(self, stopping: Callable[[], bool]) -> None:
-        """When ``stopping()`` turns true, close every session (1012) so that nodes
+        """When ``stopping()`` turns true, close every session (CloseCode.RESTARTING) so that nodes
         reconnect elsewhere at once instead of waiting out the server's shutdown."""
         self._stopping = stopping
 
@@ -203,7 +204,7 @@ class Hub:
             if transport.overdue(now_s):
                 transport.abort()
             elif session.node is None and now_s > session.registration_deadline_s:
-                session.close(1008, "registration timeout: send node_register first",
+                session.close(CloseCode.POLICY, "registration timeout: send node_register first",
                               why="registration timeout")
             elif ping_s is not None and now_s - transport.last_received_s > ping_s:
                 if not transport.ping_sent:
@@ -219,7 +220,7 @@ class Hub:
         while True:
             time.sleep(tick_s)
             if self._stopping():
-                self.close_all(1012, "server restarting: reconnect")
+                self.close_all(CloseCode.RESTARTING, "server restarting: reconnect")
                 return
             try:
                 self.keep_time()

@@ -18,9 +18,8 @@ from urllib.parse import urlencode
 import redis
 from flask import Blueprint, Response, jsonify, render_template, request
 
-from dispatcher.filter import REASONS
 from dispatcher.joblist import LIST_STATES, JobList
-from dispatcher.keys import STATUSES
+from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.wording import ago, duration, plural
 from web.api import BadQuery, listed_jobs
 from web.hub import Hub
@@ -68,8 +67,8 @@ def page_blueprint(hub: Hub) -> Blueprint:
             views += chunk
             time.sleep(0)  # a large fleet never holds up the sessions this process serves
         counts = fleet.counts_by_status()
-        return {"nodes": views, "more_nodes": more is not None, "counts": [(s, counts.get(s, 0)) for s in STATUSES],
-                "stats": jobs.dispatcher.stats(), "scan": fleet.last_scan(), "reasons": REASONS,
+        return {"nodes": views, "more_nodes": more is not None, "counts": [(s, counts.get(s, 0)) for s in NodeStatus],
+                "stats": jobs.dispatcher.stats(), "scan": fleet.last_scan(), "reasons": Exclusion,
                 "transitions": fleet.recent_transitions(25), "admin": admin, "now_ms": time.time() * 1000,
                 "threshold": hub.settings.resource_threshold_percent}
 
@@ -104,7 +103,7 @@ def page_blueprint(hub: Hub) -> Blueprint:
         """What a client needs to know about this deployment."""
         return jsonify(admin_token_required=admin_required, web_id=hub.web_id,
                        resource_threshold_percent=hub.settings.resource_threshold_percent,
-                       reasons=list(REASONS),
+                       reasons=list(Exclusion),
                        # Which Redis this is (not where, nor how to get in): a client can check it uses the same.
                        redis_run_id=hub.registry.client.info("server").get("run_id"),
                        redis_db=hub.registry.client.connection_pool.connection_kwargs.get("db", 0))

@@ -46,6 +46,7 @@ from dispatcher.messages import (
 )
 from dispatcher.registry import SessionNode
 from web.transport import FrameTooLarge, Transport
+from dispatcher.vocabulary import CloseCode
 
 if TYPE_CHECKING:
     from web.hub import Hub
@@ -143,7 +144,7 @@ class NodeSession:
             # The heartbeat timeout takes the node offline instead.
             log_event(log, "session_close_failed", logging.WARNING, node_id=self.node.node_id, error=str(exc))
 
-    def close(self, code: int = 1000, reason: str = "", why: str | None = None) -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", why: str | None = None) -> None:
         """Close from any greenlet, without waiting: what is queued goes first."""
         if why:
             self._close_reason = why
@@ -170,7 +171,7 @@ class NodeSession:
             log_event(log, "delivery_failed", logging.WARNING, node_id=self.node_id, error=str(exc))
             return  # the sweep wakes us again
         if frames is None:
-            self.close(4001, "superseded by a newer session", why="superseded")
+            self.close(CloseCode.SUPERSEDED, "superseded by a newer session", why="superseded")
             return
         for frame in frames:
             if frame.startswith(CONTROL_PREFIX):
@@ -211,7 +212,7 @@ class NodeSession:
                 # A lost heartbeat or progress frame is replaced by the next one; a
                 # lost result is not. Ending the session makes the node resume, which
                 # sends its job again, and a node sends a finished job's result again.
-                self.close(1011, "job result not recorded: reconnect and resume", why="result not recorded")
+                self.close(CloseCode.INTERNAL, "job result not recorded: reconnect and resume", why="result not recorded")
         except Exception:  # noqa: BLE001 - one bad frame must not end the session
             log.exception("frame_failed", extra={"event": "frame_failed", "node_id": self.node_id, "ref_type": ref_type})
             self._error("INTERNAL_ERROR", "internal error while handling the frame", ref_type)
@@ -222,7 +223,7 @@ class NodeSession:
         if self.node is None:
             # Nothing legitimate sends a burst before its node_register is answered.
             self._refuse(RateLimited(f"more than {2 * rate:g} frames before registering"), None)
-            self.close(1008, "too many frames before registration", why="flood before registration")
+            self.close(CloseCode.POLICY, "too many frames before registration", why="flood before registration")
             return
         if self._rate_limited % _RATE_LIMIT_ANSWER_EVERY == 1:  # the first, then every hundredth
             log_event(log, "frames_rate_limited", logging.WARNING, node_id=self.node_id, dropped=self._rate_limited)

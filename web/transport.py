@@ -31,6 +31,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import ProtocolError as WsProtocolError
 
+from dispatcher.vocabulary import CloseCode
+
 #: Bytes read from the socket at a time.
 RECV_BYTES = 64 * 1024
 #: Seconds a closing session waits for the peer's close frame before the socket is cut.
@@ -231,7 +233,7 @@ class Transport:
 
     def _queue(self, data: bytes, bounded: bool) -> bool:
         if bounded and self._out_bytes + len(data) > self.max_buffered_bytes:
-            self.close_code = 1008
+            self.close_code = CloseCode.POLICY
             self.abort()
             return False
         self._out.append(data)
@@ -263,7 +265,7 @@ class Transport:
                 # receive loop ends when the peer closes too (or ``overdue`` cuts it).
                 self._sock.shutdown(socket.SHUT_WR)
         except (_SendTimedOut, OSError):
-            self.close_code = self.close_code or 1008
+            self.close_code = self.close_code or CloseCode.POLICY
             self.abort()
         finally:
             self._writer = None

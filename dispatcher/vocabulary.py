@@ -1,0 +1,133 @@
+"""The dispatcher's words, each defined once: node statuses, job states, exclusion reasons,
+failure codes, wire error codes and WebSocket close codes.
+
+Python uses these enums; the Lua scripts get the same values as constant tables in the
+preamble ``dispatcher.scripts`` generates (``lua_constants``), so the two cannot drift. Code
+decides on these values, never on human text.
+
+Shared by the server and the node agent: this module imports nothing of the dispatcher.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class NodeStatus(enum.StrEnum):
+    """A node's status (contract section 3), in the order views list them."""
+
+    REGISTERING = "registering"
+    READY = "ready"
+    DEGRADED = "degraded"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+class ModelState(enum.StrEnum):
+    """A model's status as a node reports it."""
+
+    READY = "ready"
+    LOADING = "loading"
+    DOWNLOADING = "downloading"
+    ERROR = "error"
+
+
+class JobState(enum.StrEnum):
+    """A job's state in its record (the Celery state a client sees is ``CELERY_STATE``'s)."""
+
+    WAITING = "waiting"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+#: States a job never leaves; each has a sorted set of finished jobs (``Keys.finished``).
+FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class CeleryState(enum.StrEnum):
+    """The Celery states the scripts write. ``WAITING`` is the dispatcher's own: the job is
+    recorded and waits for a node (``celery.states`` has no word for it)."""
+
+    WAITING = "WAITING"
+    STARTED = "STARTED"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+
+
+class Exclusion(enum.StrEnum):
+    """Why the dispatch filter left a node out (contract section 4), in the order of its steps."""
+
+    STATUS_NOT_READY = "StatusNotReady"
+    NOT_IN_PUBLIC_POOL = "NotInPublicPool"
+    NODE_SELECTOR_MISMATCH = "NodeSelectorMismatch"
+    GPU_UNAVAILABLE = "GpuUnavailable"
+    MODEL_NOT_AVAILABLE = "ModelNotAvailable"
+    NODE_CORDONED = "NodeCordoned"
+    CAPACITY_EXCEEDED = "CapacityExceeded"
+    RESOURCE_THRESHOLD_EXCEEDED = "ResourceThresholdExceeded"
+
+
+class FailureCode(enum.StrEnum):
+    """Why the dispatcher ended an attempt or a job without the node's result."""
+
+    TIMEOUT = "TIMEOUT"
+    NODE_LOST = "NODE_LOST"
+    DRAIN_DEADLINE = "DRAIN_DEADLINE"
+    NO_ELIGIBLE_NODE = "NO_ELIGIBLE_NODE"
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of an ``error`` frame (contract section 1)."""
+
+    NODE_ID_CONFLICT = "NODE_ID_CONFLICT"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    NOT_REGISTERED = "NOT_REGISTERED"
+    NODE_ID_MISMATCH = "NODE_ID_MISMATCH"
+    RATE_LIMITED = "RATE_LIMITED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server sends (RFC 6455, and the contract's own 4xxx)."""
+
+    NORMAL = 1000
+    POLICY = 1008  # unauthorized, registration timeout, a flood, too many waiting sessions
+    TOO_LARGE = 1009
+    INTERNAL = 1011  # a result could not be recorded: reconnect and resume
+    RESTARTING = 1012
+    SUPERSEDED = 4001  # a newer session of the same node took over
+    NODE_OFFLINE = 4002  # the node was taken offline (drained, expired): register again
+
+
+#: Every enum the Lua preamble carries, by the name Lua knows it under.
+LUA_ENUMS: dict[str, type[enum.Enum]] = {
+    "NodeStatus": NodeStatus, "JobState": JobState, "CeleryState": CeleryState, "Exclusion": Exclusion,
+    "FailureCode": FailureCode, "CloseCode": CloseCode,
+}
+
+
+def lua_constants(used_in: str) -> str:
+    """Lua text defining each of ``LUA_ENUMS`` that the script text ``used_in`` names as a table
+    from member name to value, e.g. ``local NodeStatus = {REGISTERING = 'registering', ...}``,
+    and ``NODE_STATUSES``, the statuses as a list in their order. Only what the script uses:
+    the preamble runs on every call."""
+    lines = []
+    for lua_name, members in LUA_ENUMS.items():
+        if lua_name + "." not in used_in:
+            continue
+        fields = ", ".join(f"{m.name} = {m.value!r}" if isinstance(m.value, str) else f"{m.name} = {m.value}"
+                           for m in members)
+        lines.append(f"local {lua_name} = {{{fields}}}")
+    if "NODE_STATUSES" in used_in:
+        lines.append("local NODE_STATUSES = {" + ", ".join(repr(s.value) for s in NodeStatus) + "}")
+    return "\n".join(lines)
