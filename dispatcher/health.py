@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from dispatcher.settings import Settings
+from dispatcher.vocabulary import ModelState
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def check_health(
         state = model_states.get(model_id)
         if state is None:
             problems.append(f"model {model_id} is not installed")
-        elif state != "ready":
+        elif state != ModelState.READY:
             problems.append(f"model {model_id} is {state}")
     if require_gpu:
         if gpu_count == 0:

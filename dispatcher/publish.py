@@ -22,7 +22,7 @@ from celery import Celery, states
 from dispatcher.logs import log_event
 from dispatcher.metrics import ASSIGN_TO_RESULT, JOBS_FINISHED
 from dispatcher.tally import TALLY
-from dispatcher.vocabulary import CeleryState
+from dispatcher.vocabulary import CeleryState, JobState
 
 log = logging.getLogger("dispatcher.publish")
 
@@ -145,10 +145,10 @@ class Publisher:
         state = outcome.get("state", "")
         worker = str(outcome.get("worker") or "")
         node = {"routing_key": outcome["node_id"]} if outcome.get("node_id") else {}
-        if state == "succeeded":
+        if state == JobState.SUCCEEDED:
             self._event("task-succeeded", job_id, worker, result=(output or "null")[:1000],
                         runtime=(outcome.get("duration_ms") or 0) / 1000, **node)
-        elif state == "failed":
+        elif state == JobState.FAILED:
             text = outcome.get("text", "")
             self._event("task-failed", job_id, worker, exception=text, traceback=_traceback(job_id, text, outcome),
                         **node)
@@ -157,7 +157,7 @@ class Publisher:
         JOBS_FINISHED.labels(state).inc()
         if self.count_per_node and outcome.get("node_id"):
             TALLY.count_node(str(outcome["node_id"]), f"finished_{state}")
-        if state in ("succeeded", "failed") and assigned_ms and result_ms:
+        if state in (JobState.SUCCEEDED, JobState.FAILED) and assigned_ms and result_ms:
             ASSIGN_TO_RESULT.observe((result_ms - assigned_ms) / 1000)
         log_event(log, "job_finished", job_id=job_id, state=state, code=outcome.get("code"),
                   node_id=outcome.get("node_id"), attempt=outcome.get("attempt"))
