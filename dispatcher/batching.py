@@ -98,7 +98,7 @@ class ScriptBatcher:
             pipe.execute_command(*call.command)
         replies = pipe.execute(raise_on_error=False)
         unloaded = []
-        for call, reply in zip(batch, replies):
+        for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 # A reply, not a failure here: its traceback (the parser's frames, which refer
                 # back to it) would only make a cycle that web/gcpolicy.py may freeze.

@@ -18,7 +18,6 @@ from dispatcher.messages import (
     valid_job_id,
 )
 
-
 #: The waiting queue's scores: (MAX_PRIORITY - priority) * QUEUE_BAND + submission time (ms).
 MAX_PRIORITY = 9
 QUEUE_BAND = 10**13

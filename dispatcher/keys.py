@@ -219,7 +219,7 @@ class Keys:
     # --- bundles -----------------------------------------------------------
     def node_bundle(self, node_id: str) -> list[str]:
         """The keys of ``NODE_BUNDLE`` for one node, in order."""
-        by_name = {
+        by_name: dict[str, str] = {
             "node": self.node(node_id),
             "nodes": self.nodes(),
             "liveness": self.liveness(),

@@ -104,7 +104,8 @@ def watch_gc_pauses(threshold_ms: float = 100.0) -> None:
         if pause_ms >= threshold_ms:
             # The CPU time too: on a busy machine the wall time includes the slices other processes took.
             cpu_ms = (time.thread_time() - started_cpu_s) * 1000
-            _gc_pauses.append((time.time(), info["generation"], round(pause_ms, 1), round(cpu_ms, 1), info["collected"]))
+            _gc_pauses.append((time.time(), info["generation"], round(pause_ms, 1), round(cpu_ms, 1),
+                               info["collected"]))
 
     gc.callbacks.append(on_gc)
 

@@ -171,6 +171,7 @@ def _traceback(job_id: str, text: str, outcome: dict[str, Any] | None = None) ->
         lines.append(f"  on node {outcome['node_id']}, attempt {outcome.get('attempt')} of "
                      f"{outcome.get('max_attempts')}")
     if outcome and outcome.get("code"):
-        lines.append(f"  error code {outcome['code']}" + (" (the node's own fault)" if outcome.get("node_fault") else ""))
+        fault = " (the node's own fault)" if outcome.get("node_fault") else ""
+        lines.append(f"  error code {outcome['code']}{fault}")
     lines.append(text)
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import json
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import redis
@@ -46,7 +46,7 @@ class Tally:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._buckets: Counter[str] = Counter()
-        self._seconds: Counter[str] = Counter()
+        self._seconds: dict[str, float] = defaultdict(float)
         self._examples: dict[str, list[str]] = {}
         self._nodes: dict[str, Counter[str]] = {}
         #: The Redis client, and the scripts (with their keys), the sums go to.
@@ -99,7 +99,7 @@ class Tally:
             self.flush()
 
     def _clear(self) -> None:
-        self._counts, self._buckets, self._seconds = Counter(), Counter(), Counter()
+        self._counts, self._buckets, self._seconds = Counter(), Counter(), defaultdict(float)
         self._examples, self._nodes = {}, {}
 
     def flush(self) -> None:
@@ -135,7 +135,7 @@ class Tally:
                 self._restore(scripts, Counter(), Counter(), Counter(), {}, {n: nodes[n] for n in node_ids[start:]})
                 return
 
-    def _restore(self, scripts: Any, counts: Counter[str], buckets: Counter[str], seconds: Counter[str],
+    def _restore(self, scripts: Any, counts: Counter[str], buckets: Counter[str], seconds: dict[str, float],
                  examples: dict[str, list[str]], nodes: dict[str, Counter[str]]) -> None:
         """Put back sums a flush could not write (unless the process switched Redis meanwhile)."""
         with self._lock:

@@ -55,10 +55,11 @@ def on_starting(server: object) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = _settings.web_worker_connections + 256
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted, hard))
+        lifted = min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lifted, hard))
 
 
-def post_worker_init(worker: object) -> None:
+def post_worker_init(worker: Any) -> None:
     # What exists now (imported modules, the app) lives for ever: keep it out of
     # every later full collection, whose pause grows with the objects it walks.
     gc.freeze()
@@ -82,7 +83,7 @@ def post_worker_init(worker: object) -> None:
         gevent.signal_handler(signal.SIGUSR2, gcpolicy.reclaim)
         # On SIGTERM gunicorn only stops accepting and waits for open connections;
         # node sessions never end by themselves, so the hub closes them.
-        hub.stop_when(lambda: not worker.alive)  # type: ignore[attr-defined]
+        hub.stop_when(lambda: not worker.alive)
         hub.start()
 
 

@@ -20,6 +20,7 @@ Permessage-deflate is never negotiated (web/admission.py drops the offer).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections import deque
@@ -86,7 +87,8 @@ class Transport:
             conn, ws.ws = conn.connection, None
         self._conn = conn
         self._events: Any = iter(())
-        self._partial: list[str | bytes] = []
+        #: The pieces of a frame in arrival: all str (a text frame) or all bytes (a binary one).
+        self._partial: list[str | bytes | bytearray] = []
         self._partial_chars = 0
         self._out: deque[bytes] = deque()
         self._out_bytes = 0
@@ -152,9 +154,13 @@ class Transport:
             if not event.message_finished:
                 return None
             parts, self._partial, self._partial_chars = self._partial, [], 0
-            frame = parts[0] if len(parts) == 1 else type(parts[0])().join(parts)  # type: ignore[attr-defined]
-            if isinstance(frame, bytearray):
-                frame = bytes(frame)
+            frame: str | bytes
+            if len(parts) == 1:
+                frame = parts[0] if not isinstance(parts[0], bytearray) else bytes(parts[0])
+            elif isinstance(parts[0], str):
+                frame = "".join(part for part in parts if isinstance(part, str))
+            else:
+                frame = b"".join(part for part in parts if not isinstance(part, str))
             if isinstance(frame, str) and 4 * len(frame) > self.max_frame_bytes:
                 size = len(frame.encode())
                 if size > self.max_frame_bytes:
@@ -212,10 +218,8 @@ class Transport:
     def abort(self) -> None:
         """Cut the connection now: the receive and any blocked send return at once."""
         self._finish()
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def overdue(self, now_s: float) -> bool:
         """Closing for longer than the grace: the peer never answered our close."""
