@@ -11,6 +11,7 @@ import dispatcher.brokerfix  # noqa: F401 - patches kombu's Redis transport on i
 import dispatcher.revoke  # noqa: F401 - Celery's revoke cancels the job (registers the worker's handler)
 from dispatcher.completions import CompletionStep
 from dispatcher.connection import say_if_unreachable
+from dispatcher.core import Core, process_core
 from dispatcher.logs import configure_logging
 from dispatcher.settings import get_settings
 
@@ -18,6 +19,12 @@ app = Celery("dispatcher", include=["dispatcher.tasks"])
 app.config_from_object("celeryconfig")
 # Every worker applies the nodes' results as they come (dispatcher/completions.py).
 app.steps["worker"].add(CompletionStep)
+
+
+def core() -> Core:
+    """This process's core (dispatcher/core.py): the tasks, the completion loop and the
+    revoke handler of a process share it. Built on first use (after a prefork worker forks)."""
+    return process_core(get_settings(), app)
 
 
 @setup_logging.connect

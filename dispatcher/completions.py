@@ -165,12 +165,12 @@ class CompletionStep(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        from dispatcher.connection import shared_client
+        from dispatcher.core import process_core
         from dispatcher.settings import get_settings
 
-        settings = get_settings()
         app: Celery = worker.app
-        jobs = Jobs(shared_client(settings), settings, app)
+        # The process's core: the revoke handler uses the same jobs (dispatcher/revoke.py).
+        jobs = process_core(get_settings(), app).jobs
         consumer = f"{worker.hostname or socket.gethostname()}:{os.getpid()}"
         completions = Completions(jobs, consumer)
         self._thread = threading.Thread(target=completions.run, args=(self._stop,), name="completions", daemon=True)

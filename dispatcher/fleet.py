@@ -117,10 +117,11 @@ def _drain_view(raw: dict[str, str], jobs_left: int) -> dict[str, Any] | None:
 class Fleet:
     """Reads of node records; never writes."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms, *,
+                 keys: Keys | None = None) -> None:
         self.client = client
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = keys or Keys(settings.key_prefix)  # (shared when dispatcher/core.py builds it)
         self.clock = clock
 
     def node(self, node_id: str, transitions: int = 20) -> dict[str, Any] | None:

@@ -47,13 +47,15 @@ _ATTEMPTS = 5
 class Jobs:
     """Jobs in Redis, changed only through the scripts (which keep Celery's view of them)."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, app: Celery, clock: Clock = now_ms) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, app: Celery, clock: Clock = now_ms, *,
+                 keys: Keys | None = None, scripts: Scripts | None = None) -> None:
         self.client = client
         self.settings = settings
         self.app = app
         self.clock = clock
-        self.keys = Keys(settings.key_prefix)
-        self.scripts = Scripts(client, self.keys)
+        # (given by dispatcher/core.py, which shares one of each among a process's parts)
+        self.keys = keys or Keys(settings.key_prefix)
+        self.scripts = scripts or Scripts(client, self.keys)
         self.dispatcher = Dispatcher(client, settings, self.scripts, clock)
         self.publisher = Publisher(app, count_per_node=settings.metrics_node_series > 0)
         #: How results and timeouts count against their node (the job scripts' ``job_health``).
@@ -140,6 +142,10 @@ class Jobs:
         if decision.outcome != "not_waiting":
             self.dispatcher.record(decision)
         return decision
+
+    def stats(self) -> dict[str, Any]:
+        """Dispatch statistics: decisions, exclusions by reason and their examples, waiting jobs."""
+        return self.dispatcher.stats()
 
     # --- waiting jobs --------------------------------------------------------------
 

@@ -128,11 +128,13 @@ class Registry:
     """Node records in Redis, changed only through the scripts."""
 
     def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms,
-                 batcher: ScriptBatcher | None = None) -> None:
+                 batcher: ScriptBatcher | None = None, *, keys: Keys | None = None,
+                 scripts: Scripts | None = None) -> None:
         self.client = client
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
-        self.scripts = Scripts(client, self.keys, batcher)
+        # (given by dispatcher/core.py, which shares one of each among a process's parts)
+        self.keys = keys or Keys(settings.key_prefix)
+        self.scripts = scripts or Scripts(client, self.keys, batcher)
         self._batcher = batcher
         self.clock = clock
 

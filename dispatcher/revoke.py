@@ -15,7 +15,6 @@ mark; ``submit_job.lua`` then refuses the submission when it arrives.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -32,16 +31,12 @@ log = logging.getLogger("dispatcher.revoke")
 _celery_revoke = control.Panel.data["revoke"]
 
 
-@functools.cache
 def _jobs() -> Any:
-    # Built on first use in the worker's main process, where control commands run.
-    from dispatcher.celery_app import app
-    from dispatcher.connection import shared_client
-    from dispatcher.jobs import Jobs
-    from dispatcher.settings import get_settings
+    # The worker's main process runs control commands: its core's jobs, which the
+    # completion loop uses too (one publisher, one job events connection).
+    from dispatcher.celery_app import core
 
-    settings = get_settings()
-    return Jobs(shared_client(settings), settings, app)
+    return core().jobs
 
 
 @control.control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")

@@ -5,32 +5,27 @@ contract; the others are internal.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict
 from typing import Any
 
 from celery import Task
 from celery.worker.request import Request
 
-from dispatcher.celery_app import app
-from dispatcher.connection import shared_client
+from dispatcher.celery_app import app, core
 from dispatcher.errors import InvalidJob
 from dispatcher.jobs import Jobs
 from dispatcher.jobspec import describe_submission
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry
-from dispatcher.settings import get_settings
 
 
-@functools.cache
 def registry() -> Registry:
-    """The process's registry, built on first use (after a prefork worker forks)."""
-    return Registry(shared_client(get_settings()), get_settings())
+    """The process's registry (its core's, built on first use: after a prefork worker forks)."""
+    return core().registry
 
 
-@functools.cache
 def jobs() -> Jobs:
-    return Jobs(registry().client, get_settings(), app)
+    return core().jobs
 
 
 class SubmissionRequest(Request):
@@ -115,5 +110,5 @@ def dispatch_waiting() -> int:
 def scan_nodes(now_ms: int | None = None) -> dict[str, Any]:
     """The periodic scan: node timeouts, then the jobs' deadlines and anything left half-way."""
     nodes = registry().scan(now_ms)
-    budget = get_settings().partition_offline_per_scan if nodes.suspected_partition else None
+    budget = core().settings.partition_offline_per_scan if nodes.suspected_partition else None
     return {"nodes": asdict(nodes), "jobs": asdict(Recovery(jobs()).scan(now_ms, lost_budget=budget))}

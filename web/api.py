@@ -9,18 +9,16 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import redis
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.errors import InvalidTransition, UnknownJob, UnknownNode
+from dispatcher.core import STORE_ERRORS, Core
+from dispatcher.errors import InvalidTransition, StoreError, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
 from dispatcher.joblist import LIST_STATES, JobList
-from dispatcher.jobviews import JobViews
 from dispatcher.vocabulary import NodeStatus
 from dispatcher.messages import describe_validation_error, valid_job_id, valid_node_id
-from dispatcher.metrics import exposition
 from dispatcher.registry import undrained_message
 from web.hub import Hub
 
@@ -130,173 +128,220 @@ def query_node_id(name: str) -> str | None:
     return value
 
 
-def api_blueprint(hub: Hub) -> Blueprint:
-    api = Blueprint("api", __name__)
-    fleet, jobs, registry = hub.fleet, hub.jobs, hub.registry
-    job_views = JobViews(jobs)
-    job_list_reader = JobList(jobs.client, jobs.keys)
-    admin_token = hub.settings.admin_token
+#: Where ``create_app`` keeps the process's core and hub: ``app.extensions``, Flask's place for
+#: what an app holds for its whole life (``flask.g`` lasts one request).
+CORE = "dispatcher.core"
+HUB = "dispatcher.hub"
 
-    def admin(view: Callable[..., Any]) -> Callable[..., Any]:
-        """Mutating endpoints need ``Authorization: Bearer <admin_token>`` when one is set."""
-        @functools.wraps(view)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            if admin_token is not None:
-                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), admin_token.get_secret_value().encode()):
-                    response = jsonify(error="this endpoint needs Authorization: Bearer <admin_token>")
-                    response.status_code = 401
-                    response.headers["WWW-Authenticate"] = 'Bearer realm="dispatcher"'
-                    return response
-            return view(*args, **kwargs)
-        return guarded
 
-    @api.get("/healthz")
-    def healthz() -> Any:
-        return jsonify(status="ok", web_id=hub.web_id, sessions=hub.session_count())
+def current_core() -> Core:
+    """The core of the app handling this request (dispatcher/core.py)."""
+    core: Core = current_app.extensions[CORE]
+    return core
 
-    @api.get("/readyz")
-    def readyz() -> Any:
-        try:
-            registry.client.ping()
-        except redis.RedisError as exc:
-            return jsonify(status="unavailable", error=f"redis: {exc}"), 503
-        return jsonify(status="ok")
 
-    @api.get("/api/nodes")
-    def nodes() -> Any:
-        """One page of nodes in id order: ``?status=&limit=&cursor=``; ``next_cursor`` is
-        the ``cursor`` of the next page (null on the last)."""
-        status = query_choice("status", tuple(NodeStatus))
-        limit = query_int("limit", 100, 1, 1000)
-        try:
-            cursor = query_node_id("cursor")
-        except BadQuery:
-            raise BadQuery("cursor: the next_cursor of an earlier page") from None
-        ids, next_cursor = fleet.page(status, limit, cursor)
-        parts, next_cursor = encoded_views(fleet, ids, next_cursor)
-        body = (f'{{"nodes":[{",".join(parts)}],"next_cursor":{json.dumps(next_cursor)},'
-                f'"counts":{json.dumps(fleet.counts_by_status())}}}')
-        return Response(body, mimetype="application/json")
+def current_hub() -> Hub:
+    """The hub of the app handling this request: its sessions and web id."""
+    hub: Hub = current_app.extensions[HUB]
+    return hub
 
-    def found(view: dict[str, Any] | None, missing: Exception) -> Any:
-        """The view as JSON, or the 404 the error handlers give an unknown node or job."""
-        if view is None:
-            raise missing
-        return jsonify(view)
 
-    @api.get("/api/nodes/<node_id>")
-    def node(node_id: str) -> Any:
-        return found(fleet.node(node_id_in_path(node_id)), UnknownNode(f"no node {node_id}"))
+api = Blueprint("api", __name__)
 
-    @api.post("/api/nodes/<node_id>/drain")
-    @admin
-    def drain(node_id: str) -> Any:
-        node_id_in_path(node_id)
-        body = body_of(DrainRequest)
-        outcome = registry.drain(node_id, requester(body.requested_by), body.reason, body.deadline_seconds)
-        return jsonify(node_id=node_id, status=outcome.status, jobs_left=outcome.jobs_left,
-                       drain=(fleet.node(node_id) or {}).get("drain"))
 
-    def reopened(node_id: str, status: str, **fields: Any) -> Any:
-        """After an undrain or an uncordon: the node may take waiting jobs."""
-        jobs.request_kick()
-        return jsonify(node_id=node_id, status=status, **fields)
+def admin(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Mutating endpoints need ``Authorization: Bearer <admin_token>`` when one is set."""
+    @functools.wraps(view)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        admin_token = current_core().settings.admin_token
+        if admin_token is not None:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), admin_token.get_secret_value().encode()):
+                response = jsonify(error="this endpoint needs Authorization: Bearer <admin_token>")
+                response.status_code = 401
+                response.headers["WWW-Authenticate"] = 'Bearer realm="dispatcher"'
+                return response
+        return view(*args, **kwargs)
+    return guarded
 
-    @api.delete("/api/nodes/<node_id>/drain")
-    @admin
-    def undrain(node_id: str) -> Any:
-        status = registry.undrain(node_id_in_path(node_id), requester())
-        return reopened(node_id, status, message=undrained_message(node_id, status))
 
-    @api.post("/api/nodes/<node_id>/cordon")
-    @admin
-    def cordon(node_id: str) -> Any:
-        """No new jobs for the node; it keeps its status, session and jobs (JSON body optional:
-        ``reason``, ``requested_by``)."""
-        node_id_in_path(node_id)
-        body = body_of(CordonRequest)
-        status = registry.cordon(node_id, requester(body.requested_by), body.reason)
-        return jsonify(node_id=node_id, status=status, cordon=(fleet.node(node_id) or {}).get("cordon"))
+@api.get("/healthz")
+def healthz() -> Any:
+    hub = current_hub()
+    return jsonify(status="ok", web_id=hub.web_id, sessions=hub.session_count())
 
-    @api.delete("/api/nodes/<node_id>/cordon")
-    @admin
-    def uncordon(node_id: str) -> Any:
-        return reopened(node_id, registry.uncordon(node_id_in_path(node_id), requester()), cordon=None)
 
-    @api.delete("/api/nodes/<node_id>")
-    @admin
-    def forget(node_id: str) -> Any:
-        """Delete an offline node, its secret and its history (409 for any other node)."""
-        registry.forget(node_id_in_path(node_id), requester())
-        return jsonify(node_id=node_id, forgotten=True)
+@api.get("/readyz")
+def readyz() -> Any:
+    try:
+        current_core().ping()
+    except StoreError as exc:
+        return jsonify(status="unavailable", error=f"redis: {exc}"), 503
+    return jsonify(status="ok")
 
-    @api.get("/api/nodes/<node_id>/eligibility")
-    def eligibility(node_id: str) -> Any:
-        """Why not this node: each filter step for one job (``?job=<id>``, or its needs
-        as ``required_models=a,b&require_gpu=true&public=true&node_selector=k=v,k2=v2``)."""
-        node_id_in_path(node_id)
-        args = request.args
-        if "job" in args:
-            needs = jobs.needs_of(job_id_in_path(args["job"]))
-        else:
-            def flag(name: str) -> bool:
-                value = args.get(name, "false").lower()
-                if value not in ("1", "true", "yes", "0", "false", "no"):
-                    raise BadQuery(f"{name}: true or false, not {value[:40]!r}")
-                return value in ("1", "true", "yes")
-            models = tuple(m for m in args.get("required_models", "").split(",") if m)
-            pairs = [p.split("=", 1) for p in args.get("node_selector", "").split(",") if p]
-            if any(len(p) != 2 for p in pairs):
-                raise BadQuery("node_selector: write key=value pairs separated by commas")
-            needs = JobNeeds(models, flag("require_gpu"), flag("public"), tuple(sorted((k, v) for k, v in pairs)))
-        return found(job_views.eligibility(node_id, needs), UnknownNode(f"no node {node_id}"))
 
-    @api.get("/api/jobs")
-    def job_list() -> Any:
-        """One page of jobs, newest submitted first: ``?state=&node=&limit=&cursor=``;
-        ``next_cursor`` is the ``cursor`` of the next page (null on the last)."""
-        listed = listed_jobs(job_list_reader, 50)
-        return jsonify(jobs=listed["jobs"], next_cursor=listed["next_cursor"])
+@api.get("/api/nodes")
+def nodes() -> Any:
+    """One page of nodes in id order: ``?status=&limit=&cursor=``; ``next_cursor`` is
+    the ``cursor`` of the next page (null on the last)."""
+    fleet = current_core().fleet
+    status = query_choice("status", tuple(NodeStatus))
+    limit = query_int("limit", 100, 1, 1000)
+    try:
+        cursor = query_node_id("cursor")
+    except BadQuery:
+        raise BadQuery("cursor: the next_cursor of an earlier page") from None
+    ids, next_cursor = fleet.page(status, limit, cursor)
+    parts, next_cursor = encoded_views(fleet, ids, next_cursor)
+    body = (f'{{"nodes":[{",".join(parts)}],"next_cursor":{json.dumps(next_cursor)},'
+            f'"counts":{json.dumps(fleet.counts_by_status())}}}')
+    return Response(body, mimetype="application/json")
 
-    @api.get("/api/jobs/<job_id>")
-    def job(job_id: str) -> Any:
-        return found(job_views.view(job_id_in_path(job_id)),
-                     UnknownJob(f"no job {job_id} (unknown, or finished longer ago than the retention)"))
 
-    @api.get("/api/stats")
-    def stats() -> Any:
-        """Dispatch statistics (decisions, exclusions by reason, examples) and the last scan."""
-        return jsonify({**jobs.dispatcher.stats(), "scan": fleet.last_scan()})
+def found(view: dict[str, Any] | None, missing: Exception) -> Any:
+    """The view as JSON, or the 404 the error handlers give an unknown node or job."""
+    if view is None:
+        raise missing
+    return jsonify(view)
 
-    @api.get("/metrics")
-    def metrics() -> Any:
-        return Response(exposition(fleet, jobs), mimetype="text/plain; version=0.0.4")
 
-    @api.get("/api/transitions")
-    def transitions() -> Any:
-        return jsonify(transitions=fleet.recent_transitions(query_int("limit", 50, 1, 500)))
+@api.get("/api/nodes/<node_id>")
+def node(node_id: str) -> Any:
+    return found(current_core().fleet.node(node_id_in_path(node_id)), UnknownNode(f"no node {node_id}"))
 
-    @api.errorhandler(UnknownNode)
-    @api.errorhandler(UnknownJob)
-    def unknown(exc: Exception) -> Any:
-        return jsonify(error=str(exc)), 404
 
-    @api.errorhandler(BadQuery)
-    def bad_query(exc: BadQuery) -> Any:
-        return jsonify(error=str(exc)), 400
+@api.post("/api/nodes/<node_id>/drain")
+@admin
+def drain(node_id: str) -> Any:
+    core = current_core()
+    node_id_in_path(node_id)
+    body = body_of(DrainRequest)
+    outcome = core.registry.drain(node_id, requester(body.requested_by), body.reason, body.deadline_seconds)
+    return jsonify(node_id=node_id, status=outcome.status, jobs_left=outcome.jobs_left,
+                   drain=(core.fleet.node(node_id) or {}).get("drain"))
 
-    @api.errorhandler(InvalidTransition)
-    def conflict(exc: InvalidTransition) -> Any:
-        return jsonify(error=str(exc)), 409
 
-    @api.errorhandler(redis.RedisError)
-    def store_down(exc: redis.RedisError) -> Any:
-        return jsonify(error=f"the dispatcher's store is unavailable: {exc}"), 503
+def reopened(node_id: str, status: str, **fields: Any) -> Any:
+    """After an undrain or an uncordon: the node may take waiting jobs."""
+    current_core().jobs.request_kick()
+    return jsonify(node_id=node_id, status=status, **fields)
 
-    @api.after_request
-    def no_store(response: Response) -> Response:
-        response.headers.setdefault("Cache-Control", "no-store")
-        return response
 
-    return api
+@api.delete("/api/nodes/<node_id>/drain")
+@admin
+def undrain(node_id: str) -> Any:
+    status = current_core().registry.undrain(node_id_in_path(node_id), requester())
+    return reopened(node_id, status, message=undrained_message(node_id, status))
+
+
+@api.post("/api/nodes/<node_id>/cordon")
+@admin
+def cordon(node_id: str) -> Any:
+    """No new jobs for the node; it keeps its status, session and jobs (JSON body optional:
+    ``reason``, ``requested_by``)."""
+    core = current_core()
+    node_id_in_path(node_id)
+    body = body_of(CordonRequest)
+    status = core.registry.cordon(node_id, requester(body.requested_by), body.reason)
+    return jsonify(node_id=node_id, status=status, cordon=(core.fleet.node(node_id) or {}).get("cordon"))
+
+
+@api.delete("/api/nodes/<node_id>/cordon")
+@admin
+def uncordon(node_id: str) -> Any:
+    return reopened(node_id, current_core().registry.uncordon(node_id_in_path(node_id), requester()), cordon=None)
+
+
+@api.delete("/api/nodes/<node_id>")
+@admin
+def forget(node_id: str) -> Any:
+    """Delete an offline node, its secret and its history (409 for any other node)."""
+    current_core().registry.forget(node_id_in_path(node_id), requester())
+    return jsonify(node_id=node_id, forgotten=True)
+
+
+def flag(name: str) -> bool:
+    """A true-or-false query parameter (false when absent)."""
+    value = request.args.get(name, "false").lower()
+    if value not in ("1", "true", "yes", "0", "false", "no"):
+        raise BadQuery(f"{name}: true or false, not {value[:40]!r}")
+    return value in ("1", "true", "yes")
+
+
+@api.get("/api/nodes/<node_id>/eligibility")
+def eligibility(node_id: str) -> Any:
+    """Why not this node: each filter step for one job (``?job=<id>``, or its needs
+    as ``required_models=a,b&require_gpu=true&public=true&node_selector=k=v,k2=v2``)."""
+    core = current_core()
+    node_id_in_path(node_id)
+    args = request.args
+    if "job" in args:
+        needs = core.jobs.needs_of(job_id_in_path(args["job"]))
+    else:
+        models = tuple(m for m in args.get("required_models", "").split(",") if m)
+        pairs = [p.split("=", 1) for p in args.get("node_selector", "").split(",") if p]
+        if any(len(p) != 2 for p in pairs):
+            raise BadQuery("node_selector: write key=value pairs separated by commas")
+        needs = JobNeeds(models, flag("require_gpu"), flag("public"), tuple(sorted((k, v) for k, v in pairs)))
+    return found(core.job_views.eligibility(node_id, needs), UnknownNode(f"no node {node_id}"))
+
+
+@api.get("/api/jobs")
+def job_list() -> Any:
+    """One page of jobs, newest submitted first: ``?state=&node=&limit=&cursor=``;
+    ``next_cursor`` is the ``cursor`` of the next page (null on the last)."""
+    listed = listed_jobs(current_core().job_list, 50)
+    return jsonify(jobs=listed["jobs"], next_cursor=listed["next_cursor"])
+
+
+@api.get("/api/jobs/<job_id>")
+def job(job_id: str) -> Any:
+    return found(current_core().job_views.view(job_id_in_path(job_id)),
+                 UnknownJob(f"no job {job_id} (unknown, or finished longer ago than the retention)"))
+
+
+@api.get("/api/stats")
+def stats() -> Any:
+    """Dispatch statistics (decisions, exclusions by reason, examples) and the last scan."""
+    core = current_core()
+    return jsonify({**core.stats(), "scan": core.fleet.last_scan()})
+
+
+@api.get("/metrics")
+def metrics() -> Any:
+    return Response(current_core().metrics(), mimetype="text/plain; version=0.0.4")
+
+
+@api.get("/api/transitions")
+def transitions() -> Any:
+    return jsonify(transitions=current_core().fleet.recent_transitions(query_int("limit", 50, 1, 500)))
+
+
+@api.errorhandler(UnknownNode)
+@api.errorhandler(UnknownJob)
+def unknown(exc: Exception) -> Any:
+    return jsonify(error=str(exc)), 404
+
+
+@api.errorhandler(BadQuery)
+def bad_query(exc: BadQuery) -> Any:
+    return jsonify(error=str(exc)), 400
+
+
+@api.errorhandler(InvalidTransition)
+def conflict(exc: InvalidTransition) -> Any:
+    return jsonify(error=str(exc)), 409
+
+
+def store_down(exc: Exception) -> Any:
+    return jsonify(error=f"the dispatcher's store is unavailable: {exc}"), 503
+
+
+for _error in STORE_ERRORS:  # StoreError (and, until the core translates them, redis-py's)
+    api.register_error_handler(_error, store_down)
+
+
+@api.after_request
+def no_store(response: Response) -> Response:
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response

@@ -9,17 +9,14 @@ from flask import Flask, Response, jsonify, request
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
-from dispatcher.batching import ScriptBatcher
 from dispatcher.celery_app import app as celery_app
-from dispatcher.connection import shared_client
-from dispatcher.jobs import Jobs
+from dispatcher.core import build_core
 from dispatcher.logs import configure_logging, log_event
-from dispatcher.registry import Registry
 from dispatcher.settings import Settings, get_settings
 from web.admission import Admission
-from web.api import api_blueprint
+from web.api import CORE, HUB, api
 from web.hub import Hub
-from web.page import page_blueprint
+from web.page import page
 from web.session import NodeSession
 from web.transport import server_options
 
@@ -32,14 +29,15 @@ NODE_PATH = "/ws/node"
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    client = shared_client(settings)
-    # Thousands of sessions' script calls (heartbeats, pops) go to Redis grouped in pipelines.
-    registry = Registry(client, settings, batcher=ScriptBatcher(client))
-    hub = Hub(registry, Jobs(client, settings, celery_app), settings)
+    # Thousands of sessions' script calls (heartbeats, pops, acks) go to Redis grouped in pipelines.
+    core = build_core(settings, celery_app, batch_scripts=True)
+    hub = Hub(core.registry, core.jobs, settings, fleet=core.fleet, outbox=core.outbox)
 
     app = Flask(__name__)
     app.config["SOCK_SERVER_OPTIONS"] = server_options()
-    app.extensions["dispatcher.hub"] = hub
+    # The views find both here (web/api.py, current_core and current_hub); gunicorn_conf the hub.
+    app.extensions[CORE] = core
+    app.extensions[HUB] = hub
     sock = Sock(app)
 
     # Before Flask and before the handshake: a refused client costs one short HTTP answer.
@@ -50,8 +48,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         hub.start()
         NodeSession(ws, hub, request.environ["dispatcher.client_address"]).run()
 
-    app.register_blueprint(api_blueprint(hub))
-    app.register_blueprint(page_blueprint(hub))
+    app.register_blueprint(api)
+    app.register_blueprint(page)
 
     @app.errorhandler(404)
     @app.errorhandler(405)

@@ -51,13 +51,15 @@ class Hub:
     """The sessions one web process holds, and the shared work that serves them:
     admission, the wake listener, the ticker. Nothing here waits on one peer."""
 
-    def __init__(self, registry: Registry, jobs: Jobs, settings: Settings) -> None:
+    def __init__(self, registry: Registry, jobs: Jobs, settings: Settings, *, fleet: Fleet | None = None,
+                 outbox: Outbox | None = None) -> None:
         self.registry = registry
         self.jobs = jobs
         self.settings = settings
         self.keys = registry.keys
-        self.fleet = Fleet(registry.client, settings, registry.clock)
-        self.outbox = Outbox(registry.client, registry.scripts, registry.keys)
+        # (web/app.py gives the core's: dispatcher/core.py)
+        self.fleet = fleet or Fleet(registry.client, settings, registry.clock)
+        self.outbox = outbox or Outbox(registry.client, registry.scripts, registry.keys)
         self.web_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         #: Registered sessions, by node id.
         self.sessions: dict[str, NodeSession] = {}

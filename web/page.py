@@ -15,14 +15,13 @@ import time
 from typing import Any
 from urllib.parse import urlencode
 
-import redis
 from flask import Blueprint, Response, jsonify, render_template, request
 
-from dispatcher.joblist import LIST_STATES, JobList
+from dispatcher.core import STORE_ERRORS
+from dispatcher.joblist import LIST_STATES
 from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.wording import ago, duration, plural
-from web.api import BadQuery, listed_jobs
-from web.hub import Hub
+from web.api import BadQuery, current_core, current_hub, listed_jobs
 
 #: Nodes the page shows (the API pages through the rest).
 PAGE_NODES = 500
@@ -49,63 +48,73 @@ def html_response(html: str, status: int = 200) -> Response:
                     headers={"Cache-Control": "no-store", "Content-Security-Policy": content_security_policy(html)})
 
 
-def page_blueprint(hub: Hub) -> Blueprint:
-    page = Blueprint("page", __name__)
-    fleet, jobs = hub.fleet, hub.jobs
-    job_list = JobList(jobs.client, jobs.keys)
-    admin_required = hub.settings.admin_token is not None
+page = Blueprint("page", __name__)
 
-    for name, helper in (("ago", ago), ("duration", duration), ("plural", plural)):
-        page.add_app_template_filter(helper, name)
-    page.add_app_template_global(jobs_url)
+for _name, _helper in (("ago", ago), ("duration", duration), ("plural", plural)):
+    page.add_app_template_filter(_helper, _name)
+page.add_app_template_global(jobs_url)
 
-    def live(admin: bool) -> dict[str, Any]:
-        """What the fleet page shows, as the templates read it."""
-        ids, more = fleet.page(None, PAGE_NODES, None)
-        views = []
-        for chunk in fleet.views_in_chunks(ids):
-            views += chunk
-            time.sleep(0)  # a large fleet never holds up the sessions this process serves
-        counts = fleet.counts_by_status()
-        return {"nodes": views, "more_nodes": more is not None, "counts": [(s, counts.get(s, 0)) for s in NodeStatus],
-                "stats": jobs.dispatcher.stats(), "scan": fleet.last_scan(), "reasons": Exclusion,
-                "transitions": fleet.recent_transitions(25), "admin": admin, "now_ms": time.time() * 1000,
-                "threshold": hub.settings.resource_threshold_percent}
 
-    @page.get("/")
-    def index() -> Any:
-        # The first paint shows the admin buttons only when no token is asked for.
-        return html_response(render_template("index.html", admin_required=admin_required,
-                                              **live(not admin_required)))
+def admin_required() -> bool:
+    return current_core().settings.admin_token is not None
 
-    @page.get("/live")
-    def live_fragment() -> Any:
-        """The fleet page's changing part, for its script (``?admin=1``: with the buttons)."""
-        return html_response(render_template("live.html", **live(request.args.get("admin") == "1")))
 
-    @page.get("/jobs")
-    def job_page() -> Any:
-        """The jobs, newest first: ``?state=&node=&cursor=`` as ``/api/jobs`` takes them."""
-        return html_response(render_template("jobs.html", **listed_jobs(job_list, 100), states=LIST_STATES,
-                                              now_ms=time.time() * 1000))
+def live(admin: bool) -> dict[str, Any]:
+    """What the fleet page shows, as the templates read it."""
+    core = current_core()
+    fleet = core.fleet
+    ids, more = fleet.page(None, PAGE_NODES, None)
+    views = []
+    for chunk in fleet.views_in_chunks(ids):
+        views += chunk
+        time.sleep(0)  # a large fleet never holds up the sessions this process serves
+    counts = fleet.counts_by_status()
+    return {"nodes": views, "more_nodes": more is not None, "counts": [(s, counts.get(s, 0)) for s in NodeStatus],
+            "stats": core.stats(), "scan": fleet.last_scan(), "reasons": Exclusion,
+            "transitions": fleet.recent_transitions(25), "admin": admin, "now_ms": time.time() * 1000,
+            "threshold": core.settings.resource_threshold_percent}
 
-    @page.errorhandler(BadQuery)
-    def bad_query(exc: BadQuery) -> Any:
-        return Response(f"Bad request: {exc}\n", status=400, mimetype="text/plain")
 
-    @page.errorhandler(redis.RedisError)
-    def store_down(exc: redis.RedisError) -> Any:
-        # (the page's script shows it, and keeps trying)
-        return Response(f"The dispatcher's store is unavailable: {exc}\n", status=503, mimetype="text/plain")
+@page.get("/")
+def index() -> Any:
+    # The first paint shows the admin buttons only when no token is asked for.
+    required = admin_required()
+    return html_response(render_template("index.html", admin_required=required, **live(not required)))
 
-    @page.get("/api/info")
-    def info() -> Any:
-        """What a client needs to know about this deployment."""
-        return jsonify(admin_token_required=admin_required, web_id=hub.web_id,
-                       resource_threshold_percent=hub.settings.resource_threshold_percent,
-                       reasons=list(Exclusion),
-                       # Which Redis this is (not where, nor how to get in): a client can check it uses the same.
-                       redis_run_id=hub.registry.client.info("server").get("run_id"),
-                       redis_db=hub.registry.client.connection_pool.connection_kwargs.get("db", 0))
 
-    return page
+@page.get("/live")
+def live_fragment() -> Any:
+    """The fleet page's changing part, for its script (``?admin=1``: with the buttons)."""
+    return html_response(render_template("live.html", **live(request.args.get("admin") == "1")))
+
+
+@page.get("/jobs")
+def job_page() -> Any:
+    """The jobs, newest first: ``?state=&node=&cursor=`` as ``/api/jobs`` takes them."""
+    return html_response(render_template("jobs.html", **listed_jobs(current_core().job_list, 100),
+                                          states=LIST_STATES, now_ms=time.time() * 1000))
+
+
+@page.errorhandler(BadQuery)
+def bad_query(exc: BadQuery) -> Any:
+    return Response(f"Bad request: {exc}\n", status=400, mimetype="text/plain")
+
+
+def store_down(exc: Exception) -> Any:
+    # (the page's script shows it, and keeps trying)
+    return Response(f"The dispatcher's store is unavailable: {exc}\n", status=503, mimetype="text/plain")
+
+
+for _error in STORE_ERRORS:  # StoreError (and, until the core translates them, redis-py's)
+    page.register_error_handler(_error, store_down)
+
+
+@page.get("/api/info")
+def info() -> Any:
+    """What a client needs to know about this deployment."""
+    core = current_core()
+    return jsonify(admin_token_required=admin_required(), web_id=current_hub().web_id,
+                   resource_threshold_percent=core.settings.resource_threshold_percent,
+                   reasons=list(Exclusion),
+                   # Which Redis this is (not where, nor how to get in): a client can check it uses the same.
+                   **core.store_identity())
