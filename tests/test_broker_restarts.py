@@ -18,7 +18,7 @@ import redis
 from celery import Celery
 
 from dispatcher.localredis import LocalRedis
-from tests.support import Process, clean_env, start_procfile, wait_for
+from tests.support import Process, clean_env, start_procfile, unacked_ids, wait_for
 
 RESTARTS = 5
 #: Tasks the worker holds unacknowledged at each restart.
@@ -36,11 +36,6 @@ def restart(server: LocalRedis) -> LocalRedis:
     """SIGKILL, as a crash would, and start again on the same port with the same data."""
     server.kill()
     return LocalRedis(server.data_dir, port=server.port, append_only=True, appendfsync="always").start()
-
-
-def unacked_ids(client: redis.Redis) -> set[str]:
-    """The task ids in kombu's unacked hash: delivered to a worker, not acknowledged."""
-    return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
 
 
 def hold_tasks(app: Celery, client: redis.Redis) -> set[str]:

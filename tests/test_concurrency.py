@@ -11,9 +11,7 @@ import redis
 
 from dispatcher.keys import Keys
 from dispatcher.registry import Registry
-from tests.conftest import forget_everything
-from tests.support import assert_consistent
-from tests.test_status_machine import T0, beat, make_ready, register
+from tests.support import T0, assert_consistent, beat, forget_everything, make_ready, register
 
 
 def _history(r: redis.Redis, keys: Keys, node_id: str) -> list[dict[str, Any]]:

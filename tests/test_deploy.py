@@ -16,8 +16,7 @@ import redis
 import trustme
 
 from dispatcher.localredis import free_port, redis_server_binary
-from tests.conftest import client_app
-from tests.support import PYTHON, ROOT, Process, clean_env, start_procfile, wait_for
+from tests.support import PYTHON, ROOT, Process, clean_env, client_app, start_procfile, wait_for
 
 FAST = {"require_gpu": False, "resource_threshold_percent": 100, "heartbeat_interval_seconds": 0.3,
         "heartbeat_timeout_seconds": 3, "periodic_scan_interval_seconds": 0.5}

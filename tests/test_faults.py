@@ -14,8 +14,7 @@ import redis
 
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
-from tests.conftest import client_app
-from tests.support import Process, WebServer, clean_env, job_attempts, start_procfile, wait_for
+from tests.support import Process, WebServer, clean_env, client_app, job_attempts, start_procfile, wait_for
 
 FAST = {"require_gpu": False, "resource_threshold_percent": 100, "heartbeat_interval_seconds": 0.3,
         "heartbeat_timeout_seconds": 3, "periodic_scan_interval_seconds": 0.5,

@@ -17,9 +17,8 @@ from websockets.exceptions import ConnectionClosed
 
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
-from tests.conftest import client_app
 from tests.fuzzing import Targets, check_answer, check_log, check_records, random_frame
-from tests.support import NodeClient, WebServer, wait_for
+from tests.support import NodeClient, WebServer, client_app, wait_for
 
 
 def answers(session: NodeClient, quiet_s: float = 0.3) -> tuple[list[dict[str, Any]], int | None]:

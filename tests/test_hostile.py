@@ -16,8 +16,7 @@ import redis
 
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
-from tests.conftest import client_app
-from tests.support import RawSocket, WebServer, wait_for, web_worker_rss
+from tests.support import RawSocket, WebServer, client_app, wait_for, web_worker_rss
 
 
 def flood_without_reading(port: int, seconds: float, frame: bytes) -> tuple[int, bool]:

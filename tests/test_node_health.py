@@ -18,13 +18,10 @@ from dispatcher.keys import Keys
 from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registration, Registry
-from tests.conftest import client_app
-from tests.support import apply_result, wait_for
-from tests.test_cli import run
-from tests.test_metrics import scrape
+from tests.support import T0, apply_result, client_app, run_cli, scrape, wait_for
 
+#: The key prefix of these tests' own (the session's running system never touches it).
 PREFIX = "{healthtest}"
-T0 = 1_800_000_000_000
 
 
 class Clock:
@@ -292,7 +289,7 @@ def test_a_black_hole_session_node_stops_getting_jobs(system: Any, client: Any, 
     assert status == 200 and view["status"] == "degraded"
     assert view["job_health"]["window"] == "" and view["job_health"]["last_failure"]["code"] == "CUDA_ERROR"
     assert view["job_health"]["cooldown_until_ms"] > time.time() * 1000
-    described = run(system, "node", black_hole.node_id)
+    described = run_cli(system, "node", black_hole.node_id)
     assert described.returncode == 0, described.stderr
     assert "Job outcomes:  window (empty); last failure CUDA_ERROR (job bh-4); JobFailures cool-down, " \
         in described.stdout
@@ -309,7 +306,7 @@ def test_a_session_node_whose_running_jobs_disagree_is_shown_and_counted(system:
     shown = wait_for(lambda: system.web.get(f"/api/nodes/{node.node_id}")[1]["running_jobs_mismatch"],
                      what="the mismatch on the node's view")
     assert (shown["running_jobs"], shown["assigned_jobs"]) == (2, 0) and shown["heartbeats"] >= 3
-    described = run(system, "node", node.node_id)
+    described = run_cli(system, "node", node.node_id)
     assert "Running jobs:  MISMATCH: the node reports 2, 0 assigned, for " in described.stdout
     wait_for(lambda: counted() >= before + 1, what="the episode counted")
     time.sleep(2)  # more heartbeats that disagree: still one episode

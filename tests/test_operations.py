@@ -11,8 +11,7 @@ import redis
 
 from dispatcher.keys import Keys
 from dispatcher.registry import Registry
-from tests.support import LiveNode, job_attempts, wait_for
-from tests.test_status_machine import T0, make_ready, register
+from tests.support import T0, LiveNode, job_attempts, make_ready, register, wait_for
 
 
 def submit(client: Any, **fields: Any) -> Any:

@@ -13,16 +13,7 @@ import redis
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
 from dispatcher.registry import Registry
-from tests.support import NodeClient, WebServer, assert_consistent, integral_floats, wait_for
-
-
-def ready_node(nodes: Any, web: WebServer, **fields: Any) -> NodeClient:
-    node = nodes(web)
-    node.register(**fields)
-    for _ in range(3):
-        node.heartbeat({"whisper": "ready"})
-    node.expect("node_status", status="ready")
-    return node
+from tests.support import WebServer, assert_consistent, integral_floats, ready_node, wait_for
 
 
 def test_register_ack_and_first_status(web: WebServer, nodes: Any) -> None:
