@@ -18,6 +18,19 @@ from tests.support import log_events, wait_for
 FAST = {"heartbeat_interval_seconds": 0.2, "heartbeat_timeout_seconds": 3, "required_models": ["whisper"]}
 
 
+def journal_end(path: Path, job_id: str, attempt: int) -> dict[str, Any] | None:
+    """The result an agent's journal recorded for the attempt once it ended (read only: the
+    journal's own class rewrites the file it opens)."""
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if (entry["event"], entry["job_id"], entry["attempt"]) == ("finished", job_id, attempt):
+            return entry["result"]
+    return None
+
+
 def status_of(r: redis.Redis, node_id: str) -> str | None:
     return r.hget(Keys().node(node_id), "status")
 
@@ -152,7 +165,11 @@ def test_agent_stops_a_cancelled_job(system: Any, client: Any, agents: Any, tmp_
     wait_for(lambda: log_events(agent, "job_cancelled"), what="the agent told")
     wait_for(lambda: r.hlen(Keys().assigned(json.loads((tmp_path / "a.json").read_text())["node_id"])) == 0,
              what="slot free")
-    assert not [e for e in log_events(agent, "job_finished") if e["job_id"] == job.id and e["success"]]
+    # The handler stopped, 30 s early: the attempt's end is in the agent's journal, as cancelled.
+    ended = wait_for(lambda: journal_end(tmp_path / "a.json.jobs", job.id, 1), 10, 0.1,
+                     what="the attempt ended on the node")
+    assert ended["error"]["code"] == "CANCELLED"
+    assert not log_events(agent, "job_finished", job_id=job.id), "no result sent for a cancelled job"
 
 
 def test_runner_dedups_redelivered_jobs_and_enforces_its_capacity() -> None:

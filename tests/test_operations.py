@@ -202,7 +202,9 @@ def test_periodic_status_says_why_a_ready_node_gets_nothing(system: Any, start_w
     report = wait_for(lambda: next((f for f in reversed(node.all_frames) if f.get("type") == "node_status"
                                     and f.get("not_eligible")), None), what="a report with reasons")
     assert report["status"] == "ready" and report["not_eligible"] == ["ResourceThresholdExceeded: gpu 90% >= 90%"]
-    assert report["health"]["consecutive_ok"] >= 0 and report["assigned_jobs"] == []
+    assert report["health"]["last_healthy"] is True and report["health"]["consecutive_ok"] >= 1, \
+        "the heartbeat of 90% GPU was a healthy one, since the node became ready"
+    assert report["assigned_jobs"] == []
 
 
 def test_partition_breaker_expires_a_mass_silence_at_a_bounded_rate(make_settings: Any, r: redis.Redis,

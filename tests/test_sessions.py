@@ -162,7 +162,9 @@ def test_status_is_reported_periodically(web: WebServer, nodes: Any) -> None:
     reports = [node.expect("node_status", timeout_s=3) for _ in range(2)]
     for report in reports:
         assert report["status"] == "ready" and report["previous_status"] == "registering"
-        assert report["health"]["consecutive_ok"] >= 0 and report["assigned_jobs"] == []
+        # No heartbeat since the transition, which started a fresh count: the last check passed.
+        assert (report["health"]["consecutive_ok"], report["health"]["last_healthy"]) == (0, True)
+        assert report["assigned_jobs"] == []
 
 
 def test_periodic_reports_say_so(web: WebServer, nodes: Any) -> None:
