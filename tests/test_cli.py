@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from dispatcher.keys import Keys
-from tests.support import PYTHON, clean_env, run_cli, wait_for
+from tests.support import PYTHON, clean_env, cli_env, run_cli, wait_for
 
 
 def test_nodes_and_node(system: Any, live_nodes: Any) -> None:
@@ -73,22 +74,24 @@ def test_cordon_uncordon_and_the_jobs_list(system: Any, live_nodes: Any, client:
     assert refused.returncode == 1 and "only an offline node can be forgotten" in refused.stderr
 
 
-def test_submit_follows_the_job_and_prints_its_output(system: Any, live_nodes: Any) -> None:
-    import threading
-
+def test_submit_follows_the_job_and_prints_its_output(system: Any, live_nodes: Any, tmp_path: Path) -> None:
     node = live_nodes(system.web, {"m": "ready"}).wait_ready()
-
-    def work() -> None:
+    said = tmp_path / "stderr"
+    with said.open("w") as stderr:
+        cli = subprocess.Popen([PYTHON, "-m", "dispatcher.cli", "submit", "--type", "asr", "--model", "m",
+                                "--payload", '{"a": [1, 2]}'], env=cli_env(system), stdout=subprocess.PIPE,
+                               stderr=stderr, text=True)
+    try:
         job = node.take_job(timeout_s=20)
         node.send({"type": "job_progress", "job_id": job["job_id"], "attempt": 1, "progress": 0.5, "message": "half"})
-        import time
-        time.sleep(0.6)
+        wait_for(lambda: "50% half" in said.read_text(), 20, what="the progress followed")
         node.succeed(job, {"echo": job["payload"]})
-    threading.Thread(target=work, daemon=True).start()
-    done = run_cli(system, "submit", "--type", "asr", "--model", "m", "--payload", '{"a": [1, 2]}')
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"echo": {"a": [1, 2]}}
-    assert f"running on {node.node_id} (attempt 1)" in done.stderr and "50% half" in done.stderr
+        out, _ = cli.communicate(timeout=30)
+    finally:
+        cli.kill()
+    assert cli.returncode == 0, said.read_text()
+    assert json.loads(out) == {"echo": {"a": [1, 2]}}
+    assert f"running on {node.node_id} (attempt 1)" in said.read_text()
 
 
 def test_submit_of_a_failing_job_exits_1_with_the_reason(system: Any, live_nodes: Any) -> None:
