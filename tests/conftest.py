@@ -213,6 +213,17 @@ def make_settings(db_url: str) -> Any:
 
 
 @pytest.fixture
+def plain_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Settings from the defaults and the overrides given, whatever this process's environment
+    and working folder hold (no Redis: for the unit tests of pure functions)."""
+    for name in list(os.environ):
+        if name.upper().startswith("DISPATCHER_") or name in ("REDIS_URL", "PORT"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return load_settings
+
+
+@pytest.fixture
 def settings(make_settings: Any) -> Settings:
     return make_settings()
 
