@@ -23,10 +23,22 @@ from celery import Celery
 from celery.worker import WorkController
 
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis
+from dispatcher.localredis import LocalRedis, free_port
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings, get_settings, load_settings
-from tests.support import NodeClient, RawSocket, WebServer, clean_env
+from tests.support import (
+    PYTHON,
+    LiveNode,
+    NodeClient,
+    Process,
+    RawSocket,
+    WebServer,
+    clean_env,
+    client_app,
+    forget_everything,
+    start_procfile,
+    wait_for,
+)
 
 #: Settings every test process starts from (unless a test says otherwise).
 BASE_SETTINGS: dict[str, Any] = {"require_gpu": False, "resource_threshold_percent": 90}
@@ -87,15 +99,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
 @pytest.fixture(scope="session")
 def redis_url(redis_server: LocalRedis) -> str:
     return redis_server.url
-
-
-def forget_everything(client: redis.Redis) -> None:
-    """Delete the dispatcher's keys and Celery's results, but not kombu's
-    bindings and queues: a running worker would stop hearing its queues."""
-    for pattern in ("{*", "celery-task-meta-*"):  # every key prefix the tests use starts with "{"
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start:start + 1000])
 
 
 #: The session's shared web + worker + beat run on this database; its beat scans
@@ -210,6 +213,17 @@ def make_settings(db_url: str) -> Any:
 
 
 @pytest.fixture
+def plain_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Settings from the defaults and the overrides given, whatever this process's environment
+    and working folder hold (no Redis: for the unit tests of pure functions)."""
+    for name in list(os.environ):
+        if name.upper().startswith("DISPATCHER_") or name in ("REDIS_URL", "PORT"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return load_settings
+
+
+@pytest.fixture
 def settings(make_settings: Any) -> Settings:
     return make_settings()
 
@@ -280,8 +294,6 @@ class System:
     """web + worker + beat from the Procfile, sharing one Redis and one set of settings."""
 
     def __init__(self, redis_url: str, logs_dir: Path, **settings: Any) -> None:
-        from tests.support import clean_env, start_procfile
-
         merged = {**BASE_SETTINGS, "periodic_scan_interval_seconds": 0.5, "heartbeat_timeout_seconds": 3,
                   "heartbeat_interval_seconds": 0.3,
                   "status_report_interval_seconds": 60, "delivery_sweep_interval_seconds": 0.5, **settings}
@@ -294,8 +306,6 @@ class System:
         self._wait_for_worker()
 
     def _wait_for_worker(self) -> None:
-        from tests.support import wait_for
-
         wait_for(lambda: "ready." in self.worker.log() or not self.worker.alive(), 30, 0.1, what="worker ready")
         assert self.worker.alive(), self.worker.log()[-3000:]
 
@@ -306,13 +316,6 @@ class System:
         for process in (self.beat, self.worker):
             process.stop()
         self.web.stop()
-
-
-def client_app(redis_url: str) -> Any:
-    """A client as the contract writes it: nothing of the project, only celery."""
-    from celery import Celery
-
-    return Celery(broker=redis_url, backend=redis_url)
 
 
 @pytest.fixture(scope="session")
@@ -329,8 +332,6 @@ def client(system_url: str) -> Any:
 
 @pytest.fixture
 def live_nodes(r: redis.Redis) -> Iterator[Any]:
-    from tests.support import LiveNode
-
     opened: list[LiveNode] = []
 
     def open_node(server: WebServer, models: dict[str, str] | None = None, **fields: Any) -> LiveNode:
@@ -348,8 +349,6 @@ def live_nodes(r: redis.Redis) -> Iterator[Any]:
 @pytest.fixture
 def agents(db_url: str, logs_dir: Path) -> Iterator[Any]:
     """Start reference node agents (real processes); all killed after the test."""
-    from tests.support import PYTHON, Process, clean_env
-
     started: list[Process] = []
 
     def start(server: WebServer | str, state: Path, *extra: str) -> Process:
@@ -368,9 +367,6 @@ class Flower:
     """The Procfile's flower process on the shared system, its API open."""
 
     def __init__(self, system: System, logs_dir: Path) -> None:
-        from dispatcher.localredis import free_port
-        from tests.support import clean_env, start_procfile, wait_for
-
         self.port = free_port()
         env = clean_env(system.redis_url, **system.settings, FLOWER_PORT=self.port, FLOWER_UNAUTHENTICATED_API="true")
         self.process = start_procfile("flower", env, logs_dir)
@@ -395,8 +391,6 @@ class Flower:
 
     def task_in_state(self, task_id: str, state: str) -> dict[str, Any]:
         """Flower's view of a task, once it shows ``state``."""
-        from tests.support import wait_for
-
         return wait_for(lambda: (t := self.call(f"/api/task/info/{task_id}")) and t.get("state") == state and t,
                         20, 0.3, what=f"flower shows {task_id} {state}")
 

@@ -13,21 +13,22 @@ import pytest
 import redis
 
 from dispatcher.keys import Keys
-from tests.support import Process, wait_for
+from tests.support import log_events, wait_for
 
 FAST = {"heartbeat_interval_seconds": 0.2, "heartbeat_timeout_seconds": 3, "required_models": ["whisper"]}
 
 
-def events(process: Process, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in process.log().splitlines():
+def journal_end(path: Path, job_id: str, attempt: int) -> dict[str, Any] | None:
+    """The result an agent's journal recorded for the attempt once it ended (read only: the
+    journal's own class rewrites the file it opens)."""
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            record = json.loads(line)
+            entry = json.loads(line)
         except ValueError:
-            continue
-        if record.get("event") == name:
-            found.append(record)
-    return found
+            continue  # a line being written
+        if (entry["event"], entry["job_id"], entry["attempt"]) == ("finished", job_id, attempt):
+            return entry["result"]
+    return None
 
 
 def status_of(r: redis.Redis, node_id: str) -> str | None:
@@ -47,13 +48,13 @@ def test_agent_registers_reports_real_usage_and_keeps_its_identity(start_web: An
     assert float(node["mem_percent"]) > 0, "memory usage comes from psutil"
     assert json.loads(node["hardware"])["cpu_cores"] == os.cpu_count()
     assert (json.loads(node["labels"]), node["max_concurrent_jobs"]) == ({"region": "eu"}, "2")
-    wait_for(lambda: any(e["status"] == "ready" for e in events(agent, "node_status")), what="status logged")
+    wait_for(lambda: any(e["status"] == "ready" for e in log_events(agent, "node_status")), what="status logged")
 
     agent.kill()
     wait_for(lambda: status_of(r, node_id) == "offline", what="offline after the agent died")
     again = agents(server, state)
     wait_for(lambda: status_of(r, node_id) == "ready", what="resumed agent ready")
-    assert [e["node_id"] for e in events(again, "registered")] == [node_id]
+    assert [e["node_id"] for e in log_events(again, "registered")] == [node_id]
     assert r.zcard(Keys().nodes()) == 1
 
 
@@ -76,9 +77,9 @@ def test_agent_reconnects_after_the_web_process_dies(start_web: Any, agents: Any
 def test_agent_logs_transitions_apart_from_the_periodic_reports(start_web: Any, agents: Any, tmp_path: Path) -> None:
     server = start_web(**FAST, status_report_interval_seconds=0.3)
     agent = agents(server, tmp_path / "agent.json", "--log-level", "debug")
-    wait_for(lambda: [e["status"] for e in events(agent, "node_status_report")][-3:] == ["ready"] * 3,
+    wait_for(lambda: [e["status"] for e in log_events(agent, "node_status_report")][-3:] == ["ready"] * 3,
              what="periodic reports of a ready node")
-    transitions = [(e["previous_status"], e["status"]) for e in events(agent, "node_status")]
+    transitions = [(e["previous_status"], e["status"]) for e in log_events(agent, "node_status")]
     assert transitions == [(None, "registering"), ("registering", "ready")], "a report is no transition"
 
 
@@ -92,9 +93,9 @@ def test_agent_takes_an_undrain_calmly(start_web: Any, agents: Any, tmp_path: Pa
     wait_for(lambda: status_of(r, node_id) == "ready", what="ready")
     assert server.request("POST", f"/api/nodes/{node_id}/drain", {"reason": "swap"})[1]["status"] == "offline"
     assert server.request("DELETE", f"/api/nodes/{node_id}/drain")[1]["status"] == "offline"
-    wait_for(lambda: len(events(agent, "registered")) == 2 and status_of(r, node_id) == "ready",
+    wait_for(lambda: len(log_events(agent, "registered")) == 2 and status_of(r, node_id) == "ready",
              what="registered again and ready")
-    ended = events(agent, "session_ended")
+    ended = log_events(agent, "session_ended")
     assert [e["level"] for e in ended] == ["INFO"] and "drain ended" in ended[0]["error"]
     assert not [line for line in agent.log().splitlines() if '"level": "WARNING"' in line]
 
@@ -109,7 +110,7 @@ def test_agent_with_a_refused_id_registers_anew(start_web: Any, agents: Any, tmp
     agent = agents(server, stolen)
     new_id = wait_for(lambda: (json.loads(stolen.read_text())["node_id"] or "") not in ("", taken)
                       and json.loads(stolen.read_text())["node_id"], what="a new id")
-    assert new_id != taken and events(agent, "identity_cleared")
+    assert new_id != taken and log_events(agent, "identity_cleared")
     wait_for(lambda: status_of(r, new_id) == "ready", what="new node ready")
     assert status_of(r, taken) == "ready", "the real owner was untouched"
 
@@ -126,7 +127,7 @@ def test_agent_drains_itself_on_sigterm(start_web: Any, agents: Any, tmp_path: P
     state = tmp_path / "agent.json"
     agent = agents(server, state)
     node_id = wait_for(lambda: state.exists() and json.loads(state.read_text())["node_id"], what="registered")
-    wait_for(lambda: any(e["status"] == "ready" for e in events(agent, "node_status")), what="agent knows it is ready")
+    wait_for(lambda: any(e["status"] == "ready" for e in log_events(agent, "node_status")), what="agent knows it is ready")
     agent.signal(signal.SIGTERM)
     assert agent.popen.wait(20) == 0
     node = r.hgetall(Keys().node(node_id))
@@ -148,7 +149,7 @@ def test_agent_runs_jobs_through_its_handler(system: Any, client: Any, agents: A
                                                                "payload": {"code": "OOM", "message": "no memory"}})
     with pytest.raises(Exception, match="OOM: no memory"):
         broken.get(timeout=15)
-    assert [e["attempt"] for e in events(agent, "job_started") if e["job_id"] == broken.id] == [1, 2]
+    assert [e["attempt"] for e in log_events(agent, "job_started") if e["job_id"] == broken.id] == [1, 2]
 
 
 def test_agent_stops_a_cancelled_job(system: Any, client: Any, agents: Any, tmp_path: Path, r: redis.Redis) -> None:
@@ -161,10 +162,14 @@ def test_agent_stops_a_cancelled_job(system: Any, client: Any, agents: Any, tmp_
     client.send_task("dispatcher.cancel_job", kwargs={"job_id": job.id}).get(timeout=10)
     with pytest.raises(TaskRevokedError):
         job.get(timeout=10)
-    wait_for(lambda: events(agent, "job_cancelled"), what="the agent told")
+    wait_for(lambda: log_events(agent, "job_cancelled"), what="the agent told")
     wait_for(lambda: r.hlen(Keys().assigned(json.loads((tmp_path / "a.json").read_text())["node_id"])) == 0,
              what="slot free")
-    assert not [e for e in events(agent, "job_finished") if e["job_id"] == job.id and e["success"]]
+    # The handler stopped, 30 s early: the attempt's end is in the agent's journal, as cancelled.
+    ended = wait_for(lambda: journal_end(tmp_path / "a.json.jobs", job.id, 1), 10, 0.1,
+                     what="the attempt ended on the node")
+    assert ended["error"]["code"] == "CANCELLED"
+    assert not log_events(agent, "job_finished", job_id=job.id), "no result sent for a cancelled job"
 
 
 def test_runner_dedups_redelivered_jobs_and_enforces_its_capacity() -> None:

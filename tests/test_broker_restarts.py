@@ -9,7 +9,6 @@ restore them through a connection it has already closed.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import redis
 from celery import Celery
 
 from dispatcher.localredis import LocalRedis
-from tests.support import Process, clean_env, start_procfile, wait_for
+from tests.support import Process, clean_env, start_procfile, unacked_ids, wait_for
 
 RESTARTS = 5
 #: Tasks the worker holds unacknowledged at each restart.
@@ -38,18 +37,18 @@ def restart(server: LocalRedis) -> LocalRedis:
     return LocalRedis(server.data_dir, port=server.port, append_only=True, appendfsync="always").start()
 
 
-def unacked_ids(client: redis.Redis) -> set[str]:
-    """The task ids in kombu's unacked hash: delivered to a worker, not acknowledged."""
-    return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
-
-
 def hold_tasks(app: Celery, client: redis.Redis) -> set[str]:
     """Tasks due in an hour: the worker holds them unacked (acks_late) and, its
     prefetch not used up, keeps a BRPOP outstanding for more: the failing path."""
     sent = {app.send_task("dispatcher.scan_nodes", countdown=3600).id for _ in range(IN_FLIGHT)}
     wait_for(lambda: sent <= unacked_ids(client), 20, 0.05, what="tasks held by the worker")
-    time.sleep(0.2)  # the worker is back in its BRPOP
+    wait_for(lambda: blocked_in_brpop(client), 20, 0.05, what="the worker back in its BRPOP")
     return sent
+
+
+def blocked_in_brpop(client: redis.Redis) -> bool:
+    """A connection of the worker is blocked in a BRPOP (Redis's own list of its clients says so)."""
+    return any(c.get("cmd") == "brpop" and "b" in c.get("flags", "") for c in client.client_list())
 
 
 def last_words(worker: Process) -> str:

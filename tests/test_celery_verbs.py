@@ -14,7 +14,7 @@ import redis
 from celery.exceptions import TaskRevokedError
 
 from dispatcher.keys import Keys
-from tests.support import wait_for
+from tests.support import PYTHON, clean_env, log_events, wait_for, wait_for_scans
 
 
 def submit(client: Any, **fields: Any) -> Any:
@@ -22,14 +22,10 @@ def submit(client: Any, **fields: Any) -> Any:
     return client.send_task("dispatcher.submit_job", kwargs=spec, task_id=f"job-{uuid.uuid4()}")
 
 
-def stays(check: Any, seconds: float) -> bool:
-    """Whether ``check()`` holds all along ``seconds`` (polled)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not check():
-            return False
-        time.sleep(0.1)
-    return True
+def ignored_result(system: Any, job_id: str) -> list[dict[str, Any]]:
+    """The log lines of the web process or the worker saying it set a node's result of this job aside."""
+    return [line for process in (system.web.process, system.worker)
+            for line in log_events(process, "job_frame_ignored", job_id=job_id, ref_type="job_result")]
 
 
 def test_revoking_a_running_job_cancels_it_on_its_node(system: Any, client: Any, live_nodes: Any) -> None:
@@ -44,7 +40,8 @@ def test_revoking_a_running_job_cancels_it_on_its_node(system: Any, client: Any,
     with pytest.raises(TaskRevokedError, match="revoked through Celery"):
         result.get(timeout=10)
     node.succeed(job, "too late")
-    assert stays(lambda: result.state == "REVOKED", 1.0), "a final state is never overwritten"
+    wait_for(lambda: ignored_result(system, job["job_id"]), what="the late result set aside")
+    assert result.state == "REVOKED", "a final state is never overwritten"
     second = submit(client)
     node.succeed(node.take_job(), "the slot was freed")
     assert second.get(timeout=10) == "the slot was freed"
@@ -65,7 +62,11 @@ def test_a_revoked_waiting_job_never_runs(system: Any, client: Any, live_nodes: 
     client.control.revoke(result.id)
     wait_for(lambda: result.state == "REVOKED", what="revoked")
     node = live_nodes(system.web, {"later": "ready"}).wait_ready()
-    assert stays(lambda: not node.assigned(), 1.5), "the revoked job is not given to the node that can take it"
+    # Had the revoked job still waited, the older one, it would go first, to the node's one slot.
+    newer = submit(client, required_models=["later"])
+    node.succeed(node.take_job(), "the newer job")
+    assert newer.get(timeout=10) == "the newer job"
+    assert [job["job_id"] for job in node.assigned()] == [newer.id], "the revoked job is never given to a node"
     assert result.state == "REVOKED" and r.hget(Keys().job(result.id), "state") == "cancelled"
 
 
@@ -74,8 +75,10 @@ def test_revoking_a_finished_job_changes_nothing(system: Any, client: Any, live_
     result = submit(client)
     node.succeed(node.take_job(), "done")
     assert result.get(timeout=10) == "done"
-    result.revoke(terminate=True)
-    assert stays(lambda: result.state == "SUCCESS", 1.0)
+    # AsyncResult.revoke's broadcast, waiting for the worker's answer: its revoke handler has run.
+    answers = client.control.revoke(result.id, terminate=True, reply=True, limit=1, timeout=10)
+    assert answers, "the worker answered the revoke"
+    assert result.state == "SUCCESS"
     assert result.get(timeout=1) == "done"
 
 
@@ -86,7 +89,8 @@ def test_a_submission_revoked_before_any_worker_had_it_is_never_recorded(system:
     job_id = f"job-{uuid.uuid4()}"
     r.set(Keys().celery_result(job_id), json.dumps({"status": "REVOKED", "result": None, "task_id": job_id}))
     result = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr"}, task_id=job_id)
-    assert stays(lambda: not r.exists(Keys().job(job_id)), 1.5)
+    wait_for(lambda: log_events(system.worker, "job_refused", job_id=job_id), what="the worker refusing it")
+    assert not r.exists(Keys().job(job_id))
     assert result.state == "REVOKED"
 
 
@@ -135,7 +139,7 @@ def test_flowers_revoke_cancels_the_job(system: Any, client: Any, live_nodes: An
 
 
 def test_flower_shows_waiting_then_started_and_lists_no_internal_task(system: Any, client: Any, live_nodes: Any,
-                                                                      flower: Any) -> None:
+                                                                      flower: Any, r: redis.Redis) -> None:
     node = live_nodes(system.web, {"m": "ready"}).wait_ready()
     busy = submit(client)
     node.take_job()
@@ -148,7 +152,11 @@ def test_flower_shows_waiting_then_started_and_lists_no_internal_task(system: An
     node.succeed(second, 2)
     assert waiting.get(timeout=10) == 2
     client.send_task("dispatcher.cancel_job", kwargs={"job_id": waiting.id}).get(timeout=10)
-    time.sleep(2.0)  # several periodic scans (every 0.5 s here)
+    # Two periodic scans while Flower watches, then a task sent after them: once Flower shows
+    # that one, it has had the events sent before it (one worker sends them, in order).
+    wait_for_scans(r, Keys(), int(time.time() * 1000), count=2)
+    marker = client.send_task("dispatcher.cancel_job", kwargs={"job_id": waiting.id})
+    flower.task_in_state(marker.id, "SUCCESS")
     names = {task["name"] for task in (flower.call("/api/tasks") or {}).values()}
     assert names <= {"dispatcher.submit_job", "dispatcher.cancel_job", "dispatcher.drain_node",
                      "dispatcher.undrain_node", "dispatcher.cordon_node", "dispatcher.uncordon_node"}, names
@@ -158,8 +166,6 @@ def test_flower_shows_waiting_then_started_and_lists_no_internal_task(system: An
 def test_celerys_command_line_revokes_and_shows_where_a_job_failed(system: Any, client: Any,
                                                                     live_nodes: Any) -> None:
     import subprocess
-
-    from tests.support import PYTHON, clean_env
 
     def celery(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PYTHON, "-m", "celery", "-A", "dispatcher.celery_app", *args], capture_output=True,

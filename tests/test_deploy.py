@@ -15,9 +15,9 @@ import pytest
 import redis
 import trustme
 
+from dispatcher.keys import Keys
 from dispatcher.localredis import free_port, redis_server_binary
-from tests.conftest import client_app
-from tests.support import PYTHON, ROOT, Process, clean_env, start_procfile, wait_for
+from tests.support import PYTHON, ROOT, Process, clean_env, client_app, start_procfile, wait_for, wait_for_scans
 
 FAST = {"require_gpu": False, "resource_threshold_percent": 100, "heartbeat_interval_seconds": 0.3,
         "heartbeat_timeout_seconds": 3, "periodic_scan_interval_seconds": 0.5}
@@ -130,7 +130,13 @@ def test_web_worker_and_beat_stay_within_a_small_redis_plans_connections(tmp_pat
         for i in range(2):
             agents(f"ws://127.0.0.1:{web_port}/ws/node", tmp_path / f"agent-{i}.json", "--model", "m",
                    "--max-concurrent-jobs", "2")
-        time.sleep(3)  # idle: nodes heartbeating, beat scanning
+        # Idle: both nodes ready and heartbeating, and the beat's scans run by the worker.
+        watch = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            wait_for(lambda: watch.scard(Keys().status_set("ready")) == 2, 20, 0.1, what="both nodes ready")
+            wait_for_scans(watch, Keys(), int(time.time() * 1000), count=2)
+        finally:
+            watch.close()
         idle = redis_clients(server, processes)
         client = client_app(server.url)
         # More jobs than the 4 slots: some wait, and freed slots kick passes over them.
@@ -246,6 +252,18 @@ def procfile_commands(procfile: Path) -> dict[str, str]:
     return commands
 
 
+#: What each process logs each time it tries Redis again.
+RETRYING = {"web": '"wake_listener_reconnect"', "worker": "consumer: Cannot connect to redis",
+            "beat": "beat: Connection error"}
+
+
+def retries_after_saying(process: Process, retrying: str) -> list[str]:
+    """The process's lines about trying Redis again after its redis_unreachable line."""
+    lines = process.log().splitlines()
+    said = next(i for i, line in enumerate(lines) if '"redis_unreachable"' in line)
+    return [line for line in lines[said + 1:] if retrying in line]
+
+
 @pytest.mark.slow
 def test_each_process_says_once_that_redis_does_not_answer_naming_redis_url(logs_dir: Path) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
@@ -259,7 +277,9 @@ def test_each_process_says_once_that_redis_does_not_answer_naming_redis_url(logs
                             20, 0.2, what=f"{name} saying Redis does not answer")
             assert line["level"] == "ERROR" and line["process_type"] == name
             assert line["redis_url"] == dead and "REDIS_URL" in line["hint"], line
-        time.sleep(2)
+        for name, process in processes.items():  # each tries again, twice, after saying it
+            wait_for(lambda p=process, n=name: len(retries_after_saying(p, RETRYING[n])) >= 2, 20, 0.2,
+                     what=f"{name} trying Redis again")
         for name, process in processes.items():
             assert process.alive(), f"{name} keeps trying (a managed Redis restarts)"
             said = [line for line in process.log().splitlines() if '"redis_unreachable"' in line]

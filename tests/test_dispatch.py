@@ -17,39 +17,17 @@ from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, first_failure
 from dispatcher.jobs import Jobs
 from dispatcher.jobviews import JobViews
 from dispatcher.keys import Keys
-from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message
+from dispatcher.messages import decode_node_message
 from dispatcher.registry import Registry
 from dispatcher.vocabulary import Exclusion
-from tests.conftest import client_app, forget_everything
-from tests.support import apply_result
-
-PREFIX = "{coretest}"
-T0 = 1_800_000_000_000
-
+from tests.support import CORE_PREFIX, T0, add_node, apply_result, client_app, forget_everything
 
 @pytest.fixture
 def core(make_settings: Any, r: redis.Redis, db_url: str) -> tuple[Registry, Jobs]:
-    settings = make_settings(key_prefix=PREFIX, resource_threshold_percent=80, exclusion_examples=3,
+    settings = make_settings(key_prefix=CORE_PREFIX, resource_threshold_percent=80, exclusion_examples=3,
                              dispatch_candidates=50)
     clock = lambda: T0 + 10_000  # noqa: E731
     return Registry(r, settings, clock=clock), Jobs(r, settings, client_app(db_url), clock=clock)
-
-
-def add_node(registry: Registry, *, beats: int = 3, last_beat_ms: int = T0 + 9_000, models: dict[str, str] | None = None,
-             labels: dict[str, str] | None = None, public: bool = False, gpu: bool = False, gpu_available: bool = True,
-             max_jobs: int = 1, usage: tuple[float, float, float] = (5, 5, 5)) -> str:
-    models = models or {}
-    msg = NodeRegister.model_validate_json(json.dumps({
-        "type": "node_register", "accept_public_jobs": public, "max_concurrent_jobs": max_jobs, "labels": labels or {},
-        "installed_models": [{"model_id": m, "status": s} for m, s in models.items()],
-        "hardware": {"gpus": [{"name": "L4", "memory_gb": 24}] if gpu else []}}))
-    reg = registry.register(msg, "s", "w", now=T0)
-    for i in range(beats):
-        beat = NodeHeartbeat.model_validate_json(json.dumps({
-            "type": "node_heartbeat", "gpu_available": gpu_available,
-            "resource_usage": {"cpu_percent": usage[0], "gpu_percent": usage[1], "mem_percent": usage[2]}}))
-        registry.heartbeat(reg.node, beat, now=last_beat_ms - (beats - 1 - i) * 100)
-    return reg.node.node_id
 
 
 def fill(r: redis.Redis, keys: Keys, node_id: str, jobs: int) -> None:

@@ -4,7 +4,6 @@ and every job still ends exactly once, with the node's real output."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -14,8 +13,7 @@ import redis
 
 from dispatcher.keys import Keys
 from dispatcher.localredis import LocalRedis
-from tests.conftest import client_app
-from tests.support import Process, WebServer, clean_env, job_attempts, start_procfile, wait_for
+from tests.support import Process, WebServer, clean_env, client_app, job_attempts, start_procfile, wait_for
 
 FAST = {"require_gpu": False, "resource_threshold_percent": 100, "heartbeat_interval_seconds": 0.3,
         "heartbeat_timeout_seconds": 3, "periodic_scan_interval_seconds": 0.5,
@@ -201,7 +199,9 @@ def test_redis_killed_and_restarted_mid_flight(logs_dir: Path, tmp_path: Path, a
         results = [submit(client, "sleep", ignore_result=True, seconds=1.5, i=i) for i in range(10)]
         wait_for(lambda: all(res.state == "STARTED" for res in results), what="every job running")
         store.kill()
-        time.sleep(3)  # the jobs end while it is down: their results cannot be recorded
+        # The jobs end while it is down (the nodes say so): their results cannot be recorded.
+        wait_for(lambda: set(finished_per_job(*nodes)) >= {res.id for res in results}, 20, 0.1,
+                 what="every job ended on its node while Redis was down")
         store.start()
         after = client_app(store.url)
         outputs = [after.AsyncResult(res.id).get(timeout=60) for res in results]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Any
 
 import redis
@@ -17,9 +16,8 @@ from websockets.exceptions import ConnectionClosed
 
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
-from tests.conftest import client_app
 from tests.fuzzing import Targets, check_answer, check_log, check_records, random_frame
-from tests.support import NodeClient, WebServer, wait_for
+from tests.support import NodeClient, WebServer, client_app, wait_for
 
 
 def answers(session: NodeClient, quiet_s: float = 0.3) -> tuple[list[dict[str, Any]], int | None]:
@@ -76,6 +74,10 @@ def test_fuzzed_frames_get_errors_only_and_hurt_nobody(web: WebServer, nodes: An
     honest.heartbeat({"whisper": "ready"})
     wait_for(lambda: int(r.hget(keys.node(honest.node_id), "consecutive_ok") or 0) > before,
              what="the honest node's session still served")
-    time.sleep(0.5)  # let closed fuzz sessions finish going offline
+    # Every node a fuzz session registered went offline with its session (the honest one aside):
+    # no close is still being handled while the records are read.
+    wait_for(lambda: all(r.hget(keys.node(node_id), "connected") == "0"
+                         for node_id in r.zrange(keys.nodes(), 0, -1) if node_id != honest.node_id),
+             what="the fuzz sessions' closes handled")
     assert check_records(r, keys) == []
     assert web.process is not None and check_log(web.process.log()) == []

@@ -16,8 +16,7 @@ import redis
 
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
-from tests.conftest import client_app
-from tests.support import RawSocket, WebServer, wait_for, web_worker_rss
+from tests.support import RawSocket, WebServer, client_app, ready_node, wait_for, web_worker_rss
 
 
 def flood_without_reading(port: int, seconds: float, frame: bytes) -> tuple[int, bool]:
@@ -73,9 +72,11 @@ def test_one_stuck_session_stalls_nobody(start_web: Any, nodes: Any, make_settin
     jobs = Jobs(r, make_settings(**settings), client_app(db_url))
     for i in range(12):  # 12 x 900 KB: far more than the sockets hold
         jobs.submit(f"big-{i}", {"job_type": "t", "payload": {"blob": "x" * 900_000}})
+    # The stuck session's writer took a 900 KB frame off the node's queue: it is in a send
+    # that cannot end, the peer's window (4 KB) closed.
+    wait_for(lambda: r.llen(Keys().queue(ack["node_id"])) < 12, what="the stuck session's writer sending")
     honest = nodes(server)
     honest.register()
-    time.sleep(1.5)  # the stuck session's writer is now blocked in a send
     honest.seen.clear()
     wait_for(lambda: [honest.expect("node_status", 2) for _ in range(3)], 6, what="periodic reports")
 
@@ -178,7 +179,7 @@ def test_every_view_survives_a_corrupt_record(web: WebServer, nodes: Any, r: red
     node = nodes(web)
     node.register()
     node.send({"type": "node_heartbeat", "resource_usage": {"cpu_percent": 1}})
-    time.sleep(0.3)
+    node.sync()  # the heartbeat recorded: it cannot write over what follows
     r.hset(Keys().node(node.node_id), mapping={
         "running_jobs": "1e+17", "cpu_percent": "NaN", "max_concurrent_jobs": "abc", "models": "{not json",
         "labels": "[1, 2]", "status_since_ms": "soon", "status": "sideways", "hardware": "null"})
@@ -187,7 +188,11 @@ def test_every_view_survives_a_corrupt_record(web: WebServer, nodes: Any, r: red
         assert status == 200, (path, body)
     status, body = web.get(f"/api/nodes/{node.node_id}")
     assert body["resource_usage"]["running_jobs"] == 10**17 and body["resource_usage"]["cpu_percent"] is None
-    time.sleep(1.2)  # two ticks of the status reports: the ticker carries on for the others
+    # The ticker carries on for the others: another node gets its periodic reports, three of them,
+    # a second's worth of ticks (a report every 0.5 s here) that each had the corrupt record to read.
+    other = ready_node(nodes, web)
+    for _ in range(3):
+        other.expect("node_status", periodic=True)
     assert '"event": "hub_tick_crashed"' not in web.process.log()
 
 

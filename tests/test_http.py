@@ -7,8 +7,7 @@ from typing import Any
 import redis
 
 from dispatcher.keys import Keys
-from tests.support import WebServer, wait_for
-from tests.test_sessions import ready_node
+from tests.support import WebServer, ready_node, wait_for
 
 
 def test_health_endpoints(web: WebServer) -> None:

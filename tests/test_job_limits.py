@@ -22,9 +22,7 @@ from dispatcher.localredis import LocalRedis
 from dispatcher.messages import MAX_JSON_DEPTH, decode_node_message, decode_server_message
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry
-from tests.conftest import client_app
-from tests.support import apply_result, wait_for
-from tests.test_dispatch import T0, add_node
+from tests.support import T0, add_node, apply_result, client_app, wait_for
 
 
 @pytest.fixture

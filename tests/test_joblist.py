@@ -15,15 +15,13 @@ from dispatcher.joblist import JobList
 from dispatcher.vocabulary import FINAL_STATES
 from dispatcher.messages import decode_node_message
 from dispatcher.registry import Registry
-from tests.conftest import client_app
-from tests.support import apply_result
-from tests.test_dispatch import PREFIX, T0, add_node
+from tests.support import CORE_PREFIX, T0, add_node, apply_result, client_app
 
 
 @pytest.fixture
 def world(make_settings: Any, r: redis.Redis, db_url: str) -> tuple[Registry, Jobs, list[int]]:
     """A registry and jobs whose clock moves when the test says (``now[0]``)."""
-    settings = make_settings(key_prefix=PREFIX)
+    settings = make_settings(key_prefix=CORE_PREFIX)
     now = [T0 + 10_000]
     clock = lambda: now[0]  # noqa: E731
     return Registry(r, settings, clock=clock), Jobs(r, settings, client_app(db_url), clock=clock), now

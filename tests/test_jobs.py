@@ -13,7 +13,7 @@ import redis
 from celery.exceptions import TaskRevokedError
 
 from dispatcher.keys import Keys
-from tests.support import integral_floats, job_attempts, wait_for
+from tests.support import LiveNode, integral_floats, job_attempts, wait_for, wait_for_scans, wait_until_acknowledged
 
 
 def submit(client: Any, **fields: Any) -> Any:
@@ -40,14 +40,14 @@ def test_round_trip_returns_the_nodes_output_exactly(system: Any, client: Any, l
 
 
 def test_a_client_asking_for_the_tasks_own_result_still_gets_the_nodes(system: Any, client: Any,
-                                                                     live_nodes: Any) -> None:
+                                                                     live_nodes: Any, r: redis.Redis) -> None:
     """``ignore_result=False`` in the message must not let Celery store the submit
     task's None as SUCCESS before the node has answered."""
     node = live_nodes(system.web, {"whisper": "ready"}).wait_ready()
     result = client.send_task("dispatcher.submit_job", task_id=f"job-{uuid.uuid4()}", ignore_result=False,
                               kwargs={"job_type": "asr", "payload": {}, "required_models": ["whisper"]})
     job = node.take_job()
-    time.sleep(0.3)  # the worker's task has returned by now
+    wait_until_acknowledged(r, result.id)  # acknowledged once the worker's task returned
     assert result.state in ("PENDING", "STARTED")
     node.succeed(job, {"text": "mine"})
     assert result.get(timeout=10) == {"text": "mine"}
@@ -87,8 +87,8 @@ def test_a_waiting_job_is_dispatched_the_moment_a_slot_frees(system: Any, client
     first = submit(client)
     job = node.take_job()
     second = submit(client)
-    time.sleep(0.5)
-    assert len(node.assigned()) == 1, "capacity is the server's own count: the second job waits"
+    meta = wait_for(lambda: second.state == "WAITING" and second.info, what="the second job's decision")
+    assert meta["exclusions"] == {"CapacityExceeded": 1}, "capacity is the server's own count: the second job waits"
     freed_at = time.monotonic()
     node.succeed(job, 1)
     node.succeed(node.take_job(), 2)
@@ -103,7 +103,7 @@ def test_higher_priority_goes_first_among_waiting_jobs(system: Any, client: Any,
     low = submit(client, priority=1)
     mid = submit(client, priority=5)
     high = submit(client, priority=9)
-    time.sleep(0.5)
+    wait_for(lambda: all(x.state == "WAITING" for x in (low, mid, high)), what="all three waiting")
     node.succeed(held, "b")
     order = []
     for _ in range(3):
@@ -151,8 +151,8 @@ def test_a_stale_result_is_ignored_and_a_duplicate_accepted_once(system: Any, cl
     a.succeed(second, "right")
     a.succeed(second, "right again")  # a duplicate of the current attempt: accepted once
     assert result.get(timeout=10) == "right"
-    time.sleep(0.5)
-    assert not [f for f in a.all_frames if f.get("type") == "error"]
+    a.sync()  # every answer to the results sent has arrived
+    assert a.errors() == []
     attempts = [x["outcome"] for x in _attempts(r, result.id)]
     assert attempts == ["failed: FLAKY", "succeeded"]
 
@@ -198,8 +198,6 @@ def test_job_frames_send_integral_numbers_as_integers(system: Any, client: Any, 
 
 def test_a_node_away_when_its_job_was_cancelled_is_told_when_it_resumes(system: Any, client: Any,
                                                                          live_nodes: Any, r: redis.Redis) -> None:
-    from tests.support import LiveNode
-
     node = live_nodes(system.web, {"m": "ready"}, max_concurrent_jobs=2).wait_ready()
     cancelled, kept = submit(client), submit(client)
     first, second = node.take_job(), node.take_job()
@@ -299,19 +297,20 @@ def test_a_lost_nodes_job_goes_to_another_node_after_the_grace(system: Any, clie
 
 def test_a_node_that_resumes_within_the_grace_keeps_its_job(system: Any, client: Any, live_nodes: Any,
                                                            r: redis.Redis) -> None:
-    from tests.support import LiveNode
-
     node = live_nodes(system.web, {"m": "ready"}).wait_ready()
     result = submit(client)
     job = node.take_job()
     node.close()
     wait_for(lambda: r.hget(Keys().node(node.node_id), "status") == "offline", what="offline")
+    grace_ends_ms = int(r.zscore(Keys().lost(), node.node_id))  # its job is taken back then, unless it is back
     back = LiveNode(system.web.ws_url, {"m": "ready"}, node_id=node.node_id, node_secret=node.secret)
     try:
         again = back.expect("job_assign")
         assert (again["job_id"], again["attempt"]) == (job["job_id"], 1), "the same attempt, sent again"
         back.wait_ready()
-        time.sleep(3.5)  # past the grace: still its job
+        # Past the grace: two scans after it ended (the second begins once the first is done).
+        wait_for_scans(r, Keys(), grace_ends_ms, count=2)
+        assert r.hget(Keys().job(result.id), "node_id") == node.node_id, "still its job"
         back.succeed(again, "kept")
         assert result.get(timeout=10) == "kept"
         assert [a["outcome"] for a in _attempts(r, result.id)] == ["succeeded"]

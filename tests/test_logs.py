@@ -10,7 +10,7 @@ from celery.app import trace
 
 from dispatcher.logs import QuietTasks
 from dispatcher.registry import Registry
-from tests.test_status_machine import make_ready, register
+from tests.support import make_ready, register
 
 
 class Kept(logging.Handler):

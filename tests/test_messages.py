@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import pytest
 
 from dispatcher.messages import (
+    MAX_JSON_DEPTH,
     DecodeError,
     JobAssign,
     JobResult,
@@ -14,8 +17,12 @@ from dispatcher.messages import (
     NodeRegister,
     NodeRegisterAck,
     NodeStatusMessage,
+    check_json_value,
     decode_node_message,
     decode_server_message,
+    integral_numbers,
+    valid_job_id,
+    valid_node_id,
 )
 
 
@@ -84,3 +91,38 @@ def test_server_frames_send_integral_numbers_as_integers_but_payloads_as_given()
 def test_a_status_without_periodic_is_a_transition() -> None:
     frame = '{"type": "node_status", "node_id": "n-1", "status": "ready", "timestamp": 1}'
     assert decode_server_message(frame).periodic is False
+
+
+def test_json_values_a_node_could_not_read_are_refused() -> None:
+    deep: Any = []
+    for _ in range(MAX_JSON_DEPTH - 1):
+        deep = [deep]
+    assert check_json_value(deep) is deep, "as deep as allowed"
+    with pytest.raises(ValueError, match=f"nested deeper than {MAX_JSON_DEPTH} levels"):
+        check_json_value([deep])
+    for number in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="is not a JSON number"):
+            check_json_value({"scores": [1.0, {"x": number}]})
+
+
+def test_integral_floats_become_integers_everywhere_but_others_stay() -> None:
+    assert integral_numbers({"a": 15.0, "b": [2.0, 2.5, {"c": 0.0}], "d": "3.0", "e": True}) == \
+        {"a": 15, "b": [2, 2.5, {"c": 0}], "d": "3.0", "e": True}
+    assert type(integral_numbers(1e3)) is int
+
+
+@pytest.mark.parametrize(("value", "node_ok", "job_ok"), [
+    ("gpu-box_07.eu", True, True), ("x" * 64, True, True), ("x" * 65, False, True), ("x" * 129, False, False),
+    ("", False, False), ("a:b", False, False), ("a b", False, False), ("é", False, False), ("n-1\n", False, False),
+])
+def test_ids_that_could_name_another_key_are_not_valid(value: str, node_ok: bool, job_ok: bool) -> None:
+    assert (valid_node_id(value), valid_job_id(value)) == (node_ok, job_ok)
+
+
+def test_a_refusal_names_each_field_and_never_echoes_much_of_a_key() -> None:
+    with pytest.raises(DecodeError) as raised:
+        decode_node_message(json.dumps({"type": "node_register", "labels": {"k" * 500: "v"}, "max_concurrent_jobs": 0}))
+    assert str(raised.value) == (
+        "max_concurrent_jobs: Input should be greater than or equal to 1; "
+        f"labels.{'k' * 64}.[key]: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._/-]{{0,62}}$'"), \
+        "each field named, and at most 64 characters of a key the peer chose"

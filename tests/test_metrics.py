@@ -3,7 +3,6 @@ host each worker runs on (the counts go through Redis, dispatcher/tally.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import types
@@ -12,43 +11,20 @@ from typing import Any
 
 import psutil
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.fleet import Fleet
 from dispatcher.keys import Keys
-from dispatcher.metrics import DECISIONS, JOBS_FINISHED, SUBMIT_TO_ASSIGN, FleetCollector, exposition
+from dispatcher.metrics import DECISIONS, JOBS_FINISHED, SUBMIT_TO_ASSIGN, exposition
 from dispatcher.registry import Registry
 from dispatcher.scripts import Scripts
 from dispatcher.settings import Settings
 from dispatcher.tally import TALLY
-from tests.conftest import client_app
-from tests.support import WebServer, clean_env, start_procfile, wait_for
-from tests.test_status_machine import register
-
-Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
-
-
-def parse(text: str, keep_pid: bool = False) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if keep_pid or k != "pid"))
-            bucket = samples.setdefault(sample.name, {})
-            bucket[labels] = bucket.get(labels, 0) + sample.value
-    return samples
-
-
-def scrape(system: Any, keep_pid: bool = False) -> Samples:
-    web = system.web if hasattr(system, "web") else system
-    status, text = web.get("/metrics")
-    assert status == 200
-    return parse(text, keep_pid)
-
+from tests.support import Samples, WebServer, clean_env, client_app, parse_metrics, register, scrape, start_procfile, wait_for
 
 def fleet_text(r: redis.Redis, settings: Settings) -> Samples:
     """/metrics as a web process would answer it, read from Redis in this process."""
     jobs = types.SimpleNamespace(client=r, keys=Keys(settings.key_prefix))
-    return parse(exposition(Fleet(r, settings), jobs).decode())
+    return parse_metrics(exposition(Fleet(r, settings), jobs).decode())
 
 
 def test_counts_go_to_redis_in_sums_once_a_second_not_a_command_each(r: redis.Redis, settings: Settings) -> None:

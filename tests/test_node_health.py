@@ -18,13 +18,10 @@ from dispatcher.keys import Keys
 from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registration, Registry
-from tests.conftest import client_app
-from tests.support import apply_result, wait_for
-from tests.test_cli import run
-from tests.test_metrics import scrape
+from tests.support import T0, apply_result, client_app, log_events, run_cli, scrape, wait_for
 
+#: The key prefix of these tests' own (the session's running system never touches it).
 PREFIX = "{healthtest}"
-T0 = 1_800_000_000_000
 
 
 class Clock:
@@ -282,7 +279,8 @@ def test_a_black_hole_session_node_stops_getting_jobs(system: Any, client: Any, 
     assert told["reason"] == "JobFailures: 5 of the last 5 jobs failed (CUDA_ERROR)"
 
     after = client.send_task("dispatcher.submit_job", kwargs={"job_type": "asr"}, task_id="bh-after")
-    time.sleep(0.5)
+    # Its dispatch is over, the black hole free and the healthy node busy: it waits.
+    wait_for(lambda: after.state == "WAITING", what="the job after waiting")
     healthy.succeed(held_job, "held")
     healthy.succeed(healthy.take_job(job_id=after.id), "after")
     assert (held.get(timeout=10), after.get(timeout=10)) == ("held", "after")
@@ -292,7 +290,7 @@ def test_a_black_hole_session_node_stops_getting_jobs(system: Any, client: Any, 
     assert status == 200 and view["status"] == "degraded"
     assert view["job_health"]["window"] == "" and view["job_health"]["last_failure"]["code"] == "CUDA_ERROR"
     assert view["job_health"]["cooldown_until_ms"] > time.time() * 1000
-    described = run(system, "node", black_hole.node_id)
+    described = run_cli(system, "node", black_hole.node_id)
     assert described.returncode == 0, described.stderr
     assert "Job outcomes:  window (empty); last failure CUDA_ERROR (job bh-4); JobFailures cool-down, " \
         in described.stdout
@@ -302,18 +300,36 @@ def test_a_session_node_whose_running_jobs_disagree_is_shown_and_counted(system:
                                                                          r: redis.Redis) -> None:
     def counted() -> float:
         return scrape(system).get("dispatcher_running_jobs_mismatches_total", {}).get((), 0)
+
+    def heartbeats_counted() -> float:
+        return sum(scrape(system).get("dispatcher_heartbeats_total", {}).values())
+
+    def web_counts_flushed() -> None:
+        """Wait for the web process to add its counts to Redis (once a second) after this moment:
+        only it counts heartbeats, and this node sends one every 0.3 s, so the next sum that
+        moves was written later, with whatever was counted before."""
+        seen = heartbeats_counted()
+        wait_for(lambda: heartbeats_counted() > seen, what="the web process's counts added to Redis")
+
+    def mismatched_heartbeats() -> int:
+        return (system.web.get(f"/api/nodes/{node.node_id}")[1]["running_jobs_mismatch"] or {}).get("heartbeats", 0)
     node = live_nodes(system.web, {"m": "ready"}).wait_ready()
-    time.sleep(1.5)  # what earlier tests counted has reached the sums (each process adds its own every second)
+    web_counts_flushed()  # with what earlier tests counted
     before = counted()
     node.usage["running_jobs"] = 2  # nothing was assigned to it
     shown = wait_for(lambda: system.web.get(f"/api/nodes/{node.node_id}")[1]["running_jobs_mismatch"],
                      what="the mismatch on the node's view")
     assert (shown["running_jobs"], shown["assigned_jobs"]) == (2, 0) and shown["heartbeats"] >= 3
-    described = run(system, "node", node.node_id)
+    described = run_cli(system, "node", node.node_id)
     assert "Running jobs:  MISMATCH: the node reports 2, 0 assigned, for " in described.stdout
     wait_for(lambda: counted() >= before + 1, what="the episode counted")
-    time.sleep(2)  # more heartbeats that disagree: still one episode
+    # More heartbeats that disagree, each handled before the next (one session, in order), and
+    # counted: still one episode.
+    more = mismatched_heartbeats() + 4
+    wait_for(lambda: mismatched_heartbeats() >= more, what="four more heartbeats that disagree")
+    web_counts_flushed()
     assert counted() == before + 1
+    assert len(log_events(system.web.process, "running_jobs_mismatch", node_id=node.node_id)) == 1
     node.usage["running_jobs"] = 0
     wait_for(lambda: system.web.get(f"/api/nodes/{node.node_id}")[1]["running_jobs_mismatch"] is None,
              what="reconciled")

@@ -11,8 +11,7 @@ import redis
 
 from dispatcher.keys import Keys
 from dispatcher.registry import Registry
-from tests.support import LiveNode, job_attempts, wait_for
-from tests.test_status_machine import T0, make_ready, register
+from tests.support import T0, LiveNode, job_attempts, make_ready, register, wait_for
 
 
 def submit(client: Any, **fields: Any) -> Any:
@@ -42,11 +41,14 @@ def test_drain_over_http_needs_the_admin_token(system: Any, start_web: Any, live
         "alice", "kernel upgrade", 1, True)
     assert node.expect("node_status", status="draining")["reason"] == "drain requested by alice: kernel upgrade"
     other = submit(client, node_selector={"who": "me"})
-    time.sleep(0.5)
-    assert len(node.assigned()) == 1, "a draining node gets no new job"
+    meta = wait_for(lambda: other.state == "WAITING" and other.info, what="why the next job waits")
+    assert meta["exclusions"] == {"StatusNotReady": 1}, "a draining node gets no new job"
     node.succeed(running, "finished")
     assert job.get(timeout=10) == "finished"
     assert node.expect("node_status", status="offline")["reason"] == "drained: its last job ended"
+    assert [f["job_id"] for f in node.assigned()] == [job.id]
+    assert (r.hget(Keys().job(other.id), "state"), job_attempts(r, other.id)) == ("waiting", []), \
+        "never given to the node while it drained"
     view = api.get(f"/api/nodes/{node.node_id}")[1]
     assert (view["drain"]["outcome"], view["drain"]["jobs_left"], view["drain"]["in_progress"]) == ("drained", 0, False)
     assert api.request("DELETE", "/api/nodes/nope/drain", headers=AUTH)[0] == 404
@@ -73,14 +75,16 @@ def test_cordon_over_http_stops_new_jobs_and_keeps_the_status(system: Any, start
     assert view["status"] == "ready" and view["cordon"]["reason"] == "fan noise" and len(view["assigned_jobs"]) == 1
     node.succeed(running, "kept running")
     assert held.get(timeout=10) == "kept running"
-    time.sleep(0.3)
-    assert len(node.assigned()) == 1, "a freed slot of a cordoned node takes nothing"
     assert api.request("POST", "/api/nodes/nope/cordon", {}, AUTH)[0] == 404
     assert api.request("POST", path, {"reason": 7}, AUTH)[0] == 400
+    uncordoned_ms = time.time() * 1000
     status, body = api.request("DELETE", path, headers=AUTH)
     assert status == 200 and (body["status"], body["cordon"]) == ("ready", None)
     node.succeed(node.take_job(), "after the cordon")
     assert waiting.get(timeout=10) == "after the cordon"
+    assert [f["job_id"] for f in node.assigned()] == [held.id, waiting.id]
+    assert job_attempts(r, waiting.id)[0]["assigned_ms"] >= uncordoned_ms, \
+        "a freed slot of a cordoned node takes nothing: the job went to it once uncordoned"
 
 
 def test_forget_over_http_only_for_an_offline_node(system: Any, start_web: Any, live_nodes: Any,
@@ -125,7 +129,7 @@ def test_undrain_returns_the_node_and_feeds_it_waiting_work(system: Any, live_no
     held = node.take_job()
     system.web.request("POST", f"/api/nodes/{node.node_id}/drain", {"reason": "maybe"})
     waiting = submit(client, node_selector={"who": "u"})
-    time.sleep(0.5)
+    wait_for(lambda: waiting.state == "WAITING", what="the job waiting while the node drains")
     status, body = system.web.request("DELETE", f"/api/nodes/{node.node_id}/drain")
     assert status == 200 and (body["status"], body["message"]) == ("ready", f"node {node.node_id} is ready")
     node.succeed(held, 1)
@@ -203,7 +207,9 @@ def test_periodic_status_says_why_a_ready_node_gets_nothing(system: Any, start_w
     report = wait_for(lambda: next((f for f in reversed(node.all_frames) if f.get("type") == "node_status"
                                     and f.get("not_eligible")), None), what="a report with reasons")
     assert report["status"] == "ready" and report["not_eligible"] == ["ResourceThresholdExceeded: gpu 90% >= 90%"]
-    assert report["health"]["consecutive_ok"] >= 0 and report["assigned_jobs"] == []
+    assert report["health"]["last_healthy"] is True and report["health"]["consecutive_ok"] >= 1, \
+        "the heartbeat of 90% GPU was a healthy one, since the node became ready"
+    assert report["assigned_jobs"] == []
 
 
 def test_partition_breaker_expires_a_mass_silence_at_a_bounded_rate(make_settings: Any, r: redis.Redis,

@@ -21,9 +21,7 @@ from dispatcher.localredis import LocalRedis
 from dispatcher.messages import decode_node_message
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry
-from tests.conftest import client_app
-from tests.support import apply_result, job_attempts
-from tests.test_dispatch import T0, add_node
+from tests.support import T0, add_node, apply_result, client_app, job_attempts
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from dispatcher.errors import NodeIdConflict, Unauthorized
 from dispatcher.keys import Keys
 from dispatcher.messages import DecodeError, NodeRegister, decode_node_message, valid_node_id
 from dispatcher.registry import Registry
-from tests.test_status_machine import T0, beat, make_ready, register
+from tests.support import T0, beat, make_ready, register
 
 
 def test_a_new_node_gets_an_id_and_a_secret_stored_only_as_a_hash(registry: Registry, r: redis.Redis,

@@ -13,26 +13,8 @@ import redis
 
 from dispatcher.errors import InvalidTransition, UnknownNode
 from dispatcher.keys import Keys
-from dispatcher.messages import NodeHeartbeat, NodeRegister
-from dispatcher.registry import Registration, Registry
-from tests.support import assert_consistent
-
-T0 = 1_800_000_000_000
-
-
-def register(registry: Registry, now: int = T0, **fields: Any) -> Registration:
-    msg = NodeRegister.model_validate_json(json.dumps({"type": "node_register", **fields}))
-    return registry.register(msg, session_id=f"s-{now}", web_id="test", now=now)
-
-
-def beat(registry: Registry, reg: Registration, now: int, models: dict[str, str] | None = None,
-         **fields: Any) -> Any:
-    frame: dict[str, Any] = {"type": "node_heartbeat", "resource_usage": {"cpu_percent": 5, "mem_percent": 5}}
-    if models is not None:
-        frame["installed_models"] = [{"model_id": m, "status": s} for m, s in models.items()]
-    frame.update(fields)
-    return registry.heartbeat(reg.node, NodeHeartbeat.model_validate_json(json.dumps(frame)), now=now)
-
+from dispatcher.registry import Registry
+from tests.support import T0, assert_consistent, beat, make_ready, register
 
 def status(r: redis.Redis, keys: Keys, node_id: str) -> str:
     return r.hget(keys.node(node_id), "status")
@@ -42,12 +24,6 @@ def status(r: redis.Redis, keys: Keys, node_id: str) -> str:
 def strict(make_settings: Any, r: redis.Redis) -> Registry:
     """A registry that requires the whisper model, and no GPU."""
     return Registry(r, make_settings(required_models=["whisper"]))
-
-
-def make_ready(registry: Registry, reg: Registration, now: int = T0) -> int:
-    for i in range(1, 4):
-        beat(registry, reg, now + i * 1000, {"whisper": "ready"})
-    return now + 3000
 
 
 def test_registration_starts_registering(strict: Registry, r: redis.Redis, keys: Keys) -> None:

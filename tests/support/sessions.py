@@ -1,184 +1,25 @@
-"""Real processes and real sessions for the tests: web servers, Celery, node clients."""
+"""Node sessions over real WebSockets: a node driven frame by frame (``NodeClient``), one
+that heartbeats on its own (``LiveNode``), and a peer speaking WebSocket by hand that can
+misbehave (``RawSocket``)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import signal
-import subprocess
-import sys
+import queue
+import socket
+import struct
+import threading
 import time
-import urllib.request
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from dispatcher.keys import Keys
-from dispatcher.vocabulary import NodeStatus
-from dispatcher.localredis import free_port
-
-PYTHON = sys.executable
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def clean_env(redis_url: str, **overrides: Any) -> dict[str, str]:
-    """The parent's environment without any DISPATCHER_* setting, plus ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_") and k not in ("REDIS_URL", "PORT")}
-    env["REDIS_URL"] = redis_url
-    env["PYTHONUNBUFFERED"] = "1"
-    # The Procfile's commands (gunicorn, celery) live beside this interpreter.
-    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(ROOT)  # fault hooks live in tests/faults
-    for key, value in overrides.items():
-        name = key if key.isupper() else f"DISPATCHER_{key.upper()}"
-        env[name] = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
-    return env
-
-
-class Process:
-    """A child process whose output goes to a log file, shown when a test fails."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, cwd: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.killpg(self.popen.pid, sig)
-
-    def stop(self, timeout_s: float = 10) -> None:
-        self.signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.popen.wait()
-        self._log.close()
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group, as a crash would."""
-        self.signal(signal.SIGKILL)
-        self.popen.wait()
-        self._log.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10, interval_s: float = 0.02, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def integral_floats(text: str) -> list[str]:
-    """The numbers of a frame's JSON text written as floats though integral (``15.0``, ``3e2``):
-    the protocol sends those as integers."""
-    found: list[str] = []
-    json.loads(text, parse_float=lambda number: found.append(number) if float(number).is_integer() else None)
-    return found
-
-
-def procfile_command(name: str) -> str:
-    """The Procfile's command line for a process type, run through a shell as honcho does."""
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        kind, sep, command = line.partition(":")
-        if sep and kind.strip() == name:
-            return command.strip()
-    raise KeyError(f"no {name!r} process in the Procfile")
-
-
-def start_procfile(name: str, env: dict[str, str], log_dir: Path, celery_app: str | None = None) -> Process:
-    """A Procfile process; ``celery_app`` swaps the app a celery command loads (for fault hooks)."""
-    command = procfile_command(name)
-    if celery_app is not None:
-        command = command.replace("-A dispatcher.celery_app", f"-A {celery_app}")
-    return Process(name, ["bash", "-c", f"exec {command}"], env, log_dir, cwd=log_dir)
-
-
-class WebServer:
-    """``gunicorn -c python:web.gunicorn_conf`` exactly as the Procfile runs it."""
-
-    def __init__(self, redis_url: str, log_dir: Path, config: str = "python:web.gunicorn_conf",
-                 **settings: Any) -> None:
-        self.port = free_port()
-        self.env = clean_env(redis_url, PORT=self.port, **settings)
-        self.log_dir = log_dir
-        self.config = config
-        self.process: Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/node"
-
-    def start(self, config: str | None = None) -> WebServer:
-        """Start (or start again, on the same port); ``config`` replaces the gunicorn config."""
-        self.config = config or self.config
-        if self.process is not None:
-            self.process.kill()  # reap a dead one (or stop a live one) before taking its port
-        self.process = Process("web", [PYTHON, "-m", "gunicorn", "-c", self.config],
-                               self.env, self.log_dir, cwd=self.log_dir)
-        try:
-            wait_for(self._healthy, 20, 0.05, what=f"web server on port {self.port}")
-        except AssertionError:
-            self.process.kill()
-            raise
-        return self
-
-    def _healthy(self) -> bool:
-        assert self.process is not None
-        if not self.process.alive():
-            raise AssertionError(f"web server exited:\n{self.process.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        return self.request("GET", path, headers=headers)
-
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as response:
-                raw = response.read()
-                status = response.status
-                ctype = response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as err:
-            raw, status, ctype = err.read(), err.code, err.headers.get("Content-Type", "")
-        return status, (json.loads(raw) if "json" in ctype else raw.decode())
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
+#: A frame type no server knows: its answer (an INVALID_MESSAGE error) marks a point in the
+#: stream of answers (``LiveNode.sync``).
+SYNC_TYPE = "test_sync_marker"
 
 
 class NodeClient:
@@ -233,6 +74,19 @@ class NodeClient:
         frame.update(fields)
         self.send(frame)
 
+    def sync(self, timeout_s: float = 5) -> list[dict[str, Any]]:
+        """A WebSocket ping, once its pong is back: the server handles a session's frames one at
+        a time, in order, and answers a ping after every frame sent before it, so every answer to
+        those frames has arrived. Returns the frames that came meanwhile (also in ``seen``)."""
+        if not self.ws.ping().wait(timeout_s):
+            raise AssertionError(f"no pong within {timeout_s} s")
+        came = []
+        while True:
+            try:
+                came.append(self.recv(0))
+            except TimeoutError:
+                return came
+
     def closed_with(self, timeout_s: float = 5) -> int | None:
         """Read until the server closes; the close code."""
         deadline = time.monotonic() + timeout_s
@@ -250,37 +104,11 @@ class NodeClient:
         self.ws.close()
 
 
-def assert_consistent(client: redis.Redis, keys: Keys) -> None:
-    """Every node is in exactly the status set its record names; the indexes agree."""
-    nodes = set(client.zrange(keys.nodes(), 0, -1))
-    in_sets = {status: client.smembers(keys.status_set(status)) for status in NodeStatus}
-    live = set(client.zrange(keys.liveness(), 0, -1))
-    warming = set(client.zrange(keys.warmup(), 0, -1))
-    offline = set(client.zrange(keys.offline_since(), 0, -1))
-    for indexed in (*in_sets.values(), live, warming, offline):
-        assert indexed <= nodes, f"indexed but not known: {indexed - nodes}"
-    for node_id in nodes:
-        status = client.hget(keys.node(node_id), "status")
-        holders = [s for s, members in in_sets.items() if node_id in members]
-        assert holders == [status], f"{node_id} is {status} but in sets {holders}"
-        assert (node_id in live) == (status != "offline"), f"{node_id} ({status}) liveness index disagrees"
-        assert (node_id in warming) == (status == "registering"), f"{node_id} ({status}) warmup index disagrees"
-        assert (node_id in offline) == (status == "offline"), f"{node_id} ({status}) offline index disagrees"
-    cordoned = client.smembers(keys.cordoned())
-    assert cordoned <= nodes, f"cordoned but not known: {cordoned - nodes}"
-    for node_id in cordoned:
-        assert client.hget(keys.node(node_id), "cordoned") == "1", f"{node_id} in the cordoned set, not cordoned"
-        assert client.zscore(keys.capacity_index(), node_id) is None, f"{node_id} cordoned and in the capacity index"
-
-
 class LiveNode:
     """A node session that heartbeats on its own and collects what the server sends."""
 
     def __init__(self, ws_url: str, models: dict[str, str] | None = None, heartbeat_s: float = 0.3,
                  **register_fields: Any) -> None:
-        import queue
-        import threading
-
         self.client = NodeClient(ws_url)
         self.models = dict(models or {})
         self.usage = {"cpu_percent": 5.0, "gpu_percent": 1.0, "mem_percent": 10.0, "running_jobs": 0}
@@ -325,8 +153,6 @@ class LiveNode:
         self.client.send(frame)
 
     def expect(self, kind: str, timeout_s: float = 10, **fields: Any) -> dict[str, Any]:
-        import queue
-
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -339,6 +165,19 @@ class LiveNode:
                 continue
             if frame.get("type") == kind and all(frame.get(k) == v for k, v in fields.items()):
                 return frame
+
+    def sync(self, timeout_s: float = 10) -> None:
+        """Send a frame the server answers with an error (an unknown type) and wait for that
+        answer: the session handles frames in order, so every answer to the frames sent before
+        has arrived by then (frames the server sends of its own accord are not answers)."""
+        self.send({"type": SYNC_TYPE})
+        deadline = time.monotonic() + timeout_s
+        while SYNC_TYPE not in self.expect("error", deadline - time.monotonic()).get("message", ""):
+            pass
+
+    def errors(self) -> list[dict[str, Any]]:
+        """The error frames received, but for the answers to ``sync``."""
+        return [f for f in self.all_frames if f.get("type") == "error" and SYNC_TYPE not in f.get("message", "")]
 
     def wait_ready(self, timeout_s: float = 10) -> LiveNode:
         self.expect("node_status", timeout_s, status="ready")
@@ -375,9 +214,6 @@ class RawSocket:
 
     def __init__(self, port: int, source: str = "127.0.0.1", origin: str | None = None,
                  receive_buffer: int | None = None, path: str = "/ws/node") -> None:
-        import base64
-        import socket
-
         self.sock = socket.socket()
         RawSocket.opened.append(self)
         if receive_buffer is not None:
@@ -403,8 +239,6 @@ class RawSocket:
     @staticmethod
     def frame(text: str | bytes, opcode: int = 0x1) -> bytes:
         """One masked client frame."""
-        import struct
-
         payload = text.encode() if isinstance(text, str) else text
         header = bytes([0x80 | opcode])
         size = len(payload)
@@ -422,8 +256,6 @@ class RawSocket:
 
     def recv(self, timeout_s: float = 5) -> tuple[int, bytes] | None:
         """The next server frame as (opcode, payload), or None once the server closed the TCP stream."""
-        import struct
-
         self.sock.settimeout(timeout_s)
 
         def need(n: int) -> bool:
@@ -460,8 +292,6 @@ class RawSocket:
 
     def close_code(self, timeout_s: float = 5) -> int | None:
         """Read until the server's close frame: its code (None if the stream ended without one)."""
-        import struct
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             got = self.recv(max(0.1, deadline - time.monotonic()))
@@ -480,30 +310,22 @@ class RawSocket:
             cls.opened.pop().close()
 
 
-def web_worker_rss(server: WebServer) -> int:
-    """Resident bytes of the web server's worker processes (gunicorn's children)."""
-    import psutil
-
-    assert server.process is not None
-    return sum(child.memory_info().rss for child in psutil.Process(server.process.popen.pid).children(recursive=True))
-
-
-def job_attempts(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    """The job's ended attempts (node, assigned, acked, ended, outcome), oldest first."""
-    return json.loads(client.hget(Keys().job(job_id), "attempts") or "[]")
+def integral_floats(text: str) -> list[str]:
+    """The numbers of a frame's JSON text written as floats though integral (``15.0``, ``3e2``):
+    the protocol sends those as integers."""
+    found: list[str] = []
+    json.loads(text, parse_float=lambda number: found.append(number) if float(number).is_integer() else None)
+    return found
 
 
-def apply_result(jobs: Any, node_id: str, msg: Any, kind: str | None = None) -> str:
-    """A node's result as a web process hands it on and a worker applies it: the outcome
-    ("stale" when the web process already knew it for one)."""
-    from dispatcher.completions import Completions
 
-    if not jobs.report_result(node_id, msg, kind):
-        return "stale"
-    completions = Completions(jobs, "tests")
-    outcomes = []
-    for entry_id, fields in completions.read(None):
-        outcomes.append(jobs.complete(fields)[0])
-        jobs.client.xack(jobs.keys.results(), "completers", entry_id)
-    assert len(outcomes) == 1, outcomes
-    return str(outcomes[0])
+
+def ready_node(nodes: Any, web: Any, **fields: Any) -> NodeClient:
+    """A node session (from the ``nodes`` fixture) registered and made ready by three healthy
+    heartbeats; its ready node_status read."""
+    node = nodes(web)
+    node.register(**fields)
+    for _ in range(3):
+        node.heartbeat({"whisper": "ready"})
+    node.expect("node_status", status="ready")
+    return node
