@@ -26,7 +26,7 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps
 
-from dispatcher.jobs import Jobs
+from dispatcher.jobs import AttemptOutcome, Jobs
 from dispatcher.keys import RESULTS_GROUP
 from dispatcher.logs import log_event
 
@@ -101,7 +101,7 @@ class Completions:
                 log_event(log, "result_dropped", logging.ERROR, entry=entry_id, job_id=fields.get("job_id"),
                           error=str(exc)[:500])
                 continue
-            applied += outcome != "stale"
+            applied += outcome is not AttemptOutcome.STALE
             kick = kick or freed
         if entries:
             self.client.xack(self.stream, RESULTS_GROUP, *(entry_id for entry_id, _ in entries))

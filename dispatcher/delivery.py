@@ -14,12 +14,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import redis
 
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
-from dispatcher.scripts import Scripts
+from dispatcher.scripts import Reply, Scripts
 
 log = logging.getLogger("dispatcher.delivery")
 
@@ -35,9 +36,9 @@ class Outbox:
         self.scripts = scripts
         self.keys = keys
 
-    def pop(self, node_id: str, session_id: str, max_bytes: int) -> list[str] | None:
+    def pop(self, node_id: str, session_id: str, max_bytes: int) -> list[str] | Literal[Reply.SUPERSEDED]:
         """Frames for the node, oldest first, about ``max_bytes`` at most (so that what
-        a session holds in memory stays bounded; the rest waits in Redis); None when
+        a session holds in memory stays bounded; the rest waits in Redis); SUPERSEDED when
         another session holds the node."""
         return self.scripts.pop_frames(node_id, session_id, POP_BATCH, max_bytes)
 

@@ -29,6 +29,24 @@ class ScriptRetry(StoreError):
         self.stored = stored
 
 
+class JobMoved(ScriptRetry):
+    """Raised when the job went to another node since the caller read which one it is on:
+    the caller reads it again and retries."""
+
+    def __init__(self, script: str) -> None:
+        StoreError.__init__(self, f"{script}: the job moved to another node since it was read")
+        self.stored = None
+
+
+class KindNeeded(ScriptRetry):
+    """Raised when a job script would send the job back to wait and was not given its kind of
+    needs (nothing was written): the caller reads the kind and retries with it."""
+
+    def __init__(self, script: str) -> None:
+        StoreError.__init__(self, f"{script}: the job would wait again, and its kind of needs was not given")
+        self.stored = None
+
+
 # --- errors a node session answers with an ``error`` frame -----------------
 
 

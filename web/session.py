@@ -45,8 +45,9 @@ from dispatcher.messages import (
     decode_node_message,
 )
 from dispatcher.registry import SessionNode
+from dispatcher.scripts import Reply
 from web.transport import FrameTooLarge, Transport
-from dispatcher.vocabulary import CloseCode
+from dispatcher.vocabulary import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
     from web.hub import Hub
@@ -170,7 +171,7 @@ class NodeSession:
         except redis.RedisError as exc:
             log_event(log, "delivery_failed", logging.WARNING, node_id=self.node_id, error=str(exc))
             return  # the sweep wakes us again
-        if frames is None:
+        if frames is Reply.SUPERSEDED:
             self.close(CloseCode.SUPERSEDED, "superseded by a newer session", why="superseded")
             return
         for frame in frames:
@@ -207,7 +208,7 @@ class NodeSession:
             self._refuse(exc, ref_type)
         except redis.RedisError as exc:
             log_event(log, "store_unavailable", logging.ERROR, node_id=self.node_id, ref_type=ref_type, error=str(exc))
-            self._error("INTERNAL_ERROR", "the dispatcher's store is unavailable; send it again later", ref_type)
+            self._error(ErrorCode.INTERNAL_ERROR, "the dispatcher's store is unavailable; send it again later", ref_type)
             if ref_type == "job_result":
                 # A lost heartbeat or progress frame is replaced by the next one; a
                 # lost result is not. Ending the session makes the node resume, which
@@ -215,7 +216,7 @@ class NodeSession:
                 self.close(CloseCode.INTERNAL, "job result not recorded: reconnect and resume", why="result not recorded")
         except Exception:  # noqa: BLE001 - one bad frame must not end the session
             log.exception("frame_failed", extra={"event": "frame_failed", "node_id": self.node_id, "ref_type": ref_type})
-            self._error("INTERNAL_ERROR", "internal error while handling the frame", ref_type)
+            self._error(ErrorCode.INTERNAL_ERROR, "internal error while handling the frame", ref_type)
 
     def _flooded(self) -> None:
         self._rate_limited += 1
@@ -283,7 +284,7 @@ class NodeSession:
     def _on_heartbeat(self, msg: NodeHeartbeat) -> None:
         assert self.node is not None
         result = self.hub.registry.heartbeat(self.node, msg)
-        if result.refused == "superseded":
+        if result.refused is Reply.SUPERSEDED:
             raise SessionSuperseded("superseded by a newer session")
         if result.refused is not None:
             raise NodeOffline(f"node {self.node.node_id} is offline: register again (node_register with node_id and node_secret)")
