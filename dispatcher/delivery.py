@@ -18,9 +18,11 @@ from typing import Literal
 
 import redis
 
+from dispatcher.errors import StoreError
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.scripts import Reply, Scripts
+from dispatcher.store import store_client
 
 log = logging.getLogger("dispatcher.delivery")
 
@@ -29,10 +31,11 @@ POP_BATCH = 100
 
 
 class Outbox:
-    """The node queues, seen from the process that holds the sessions."""
+    """The node queues, seen from the process that holds the sessions (its calls raise
+    StoreError, never redis-py's errors)."""
 
     def __init__(self, client: redis.Redis, scripts: Scripts, keys: Keys) -> None:
-        self.client = client
+        self.client = store_client(client)
         self.scripts = scripts
         self.keys = keys
 
@@ -69,7 +72,8 @@ class WakeListener:
 
     ``on_wake(node_id)`` runs on the listener's thread (a greenlet under
     gevent) and must not block; ``on_reconnect()`` runs after every
-    (re)subscription, to sweep for what was published meanwhile.
+    (re)subscription, to sweep for what was published meanwhile (a StoreError
+    it raises makes the listener subscribe again, as a lost subscription does).
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, on_wake: Callable[[str], None],
@@ -101,7 +105,7 @@ class WakeListener:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self.on_wake(message["data"])
-            except redis.RedisError as exc:
+            except (redis.RedisError, StoreError) as exc:  # the subscription's own, or the sweep's
                 log_event(log, "wake_listener_reconnect", logging.WARNING, error=str(exc), backoff_s=backoff_s)
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)

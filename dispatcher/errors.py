@@ -17,7 +17,15 @@ class ConfigError(DispatcherError):
 
 
 class StoreError(DispatcherError):
-    """Raised when Redis answers something the scripts never return."""
+    """Raised when the store fails: Redis refused a command or could not be reached (the
+    redis-py error is the ``__cause__``: ``dispatcher.store`` translates every one), or a
+    script answered something it never returns. Nothing outside the core sees redis-py's
+    own errors."""
+
+
+class StoreUnavailable(StoreError):
+    """Raised when Redis cannot be reached or did not answer in time (a connection error or a
+    timeout): the same call may work later."""
 
 
 class ScriptRetry(StoreError):

@@ -46,6 +46,7 @@ from dispatcher.scripts import (
     Stale,
 )
 from dispatcher.settings import Settings
+from dispatcher.store import store_client, unwrapped
 from dispatcher.vocabulary import JobState, NodeStatus
 
 log = logging.getLogger("dispatcher.jobs")
@@ -76,13 +77,14 @@ class Jobs:
     """Jobs in Redis, changed only through the scripts (which keep Celery's view of them)."""
 
     def __init__(self, client: redis.Redis, settings: Settings, app: Celery, clock: Clock = now_ms) -> None:
-        self.client = client
+        #: Its commands raise StoreError (dispatcher/store.py), as do the scripts'.
+        self.client = store_client(client)
         self.settings = settings
         self.app = app
         self.clock = clock
         self.keys = Keys(settings.key_prefix)
-        self.scripts = Scripts(client, self.keys)
-        self.dispatcher = Dispatcher(client, settings, self.scripts, clock)
+        self.scripts = Scripts(unwrapped(client), self.keys)
+        self.dispatcher = Dispatcher(self.client, settings, self.scripts, clock)
         self.publisher = Publisher(app, count_per_node=settings.metrics_node_series > 0)
         #: How results and timeouts count against their node (the job scripts' ``job_health``).
         self.job_health = job_failure_rules(settings)

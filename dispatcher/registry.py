@@ -48,6 +48,7 @@ from dispatcher.scripts import (
     WentOffline,
 )
 from dispatcher.settings import Settings
+from dispatcher.store import store_client, store_errors, unwrapped
 from dispatcher.vocabulary import ModelState, NodeStatus
 from dispatcher.wording import plural
 
@@ -144,10 +145,11 @@ class Registry:
 
     def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms,
                  batcher: ScriptBatcher | None = None) -> None:
-        self.client = client
+        #: Its commands raise StoreError (dispatcher/store.py), as do the scripts'.
+        self.client = store_client(client)
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.scripts = Scripts(client, self.keys, batcher)
+        self.scripts = Scripts(unwrapped(client), self.keys, batcher)
         self._batcher = batcher
         self.clock = clock
 
@@ -182,8 +184,9 @@ class Registry:
             if generated:
                 node_id = f"n-{secrets.token_hex(8)}"
             read = ("HMGET", self.keys.node(node_id), "secret_hash", "models", "labels")
-            stored_hash, stored_models, stored_labels = (
-                self._batcher.command(*read) if self._batcher else self.client.execute_command(*read))
+            with store_errors():  # (the batcher's client is redis-py's)
+                stored_hash, stored_models, stored_labels = (
+                    self._batcher.command(*read) if self._batcher else self.client.execute_command(*read))
             if stored_hash is not None:
                 if not msg.node_secret or not hmac.compare_digest(stored_hash, hash_secret(msg.node_secret)):
                     if generated:

@@ -33,6 +33,7 @@ from dispatcher.errors import JobMoved, KindNeeded, NodeIdConflict, ScriptRetry,
 from dispatcher.keys import CELERY_RESULT_EXPIRES_S, JOB_BUNDLE, NODE_BUNDLE, Keys
 from dispatcher.metrics import SCRIPT_SECONDS
 from dispatcher.records import as_int
+from dispatcher.store import store_error
 from dispatcher.vocabulary import JobState, NodeStatus, lua_constants
 
 _INCLUDE = "--#include "
@@ -398,7 +399,8 @@ class Scripts:
 
     Every wrapper parses its script's reply (see the reply types above) and raises
     StoreError for a reply its script never gives; ``ScriptRetry`` (``JobMoved``,
-    ``KindNeeded``) when the caller must read again and call again."""
+    ``KindNeeded``) when the caller must read again and call again. A redis-py error
+    is raised as StoreError (``_call``)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, batcher: ScriptBatcher | None = None) -> None:
         self._client = client
@@ -418,6 +420,8 @@ class Scripts:
             if self._batcher is not None:
                 return self._batcher.call(self._scripts[name], keys, args or [])
             return self._scripts[name](keys=keys, args=args or [], client=self._client)
+        except redis.RedisError as exc:  # batched or not: the one translation of a script call's errors
+            raise store_error(exc) from exc
         finally:
             SCRIPT_SECONDS.labels(name).observe(time.perf_counter() - started_s)
 

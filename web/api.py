@@ -13,7 +13,7 @@ import redis
 from flask import Blueprint, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.errors import InvalidTransition, UnknownJob, UnknownNode
+from dispatcher.errors import InvalidTransition, StoreError, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
 from dispatcher.joblist import LIST_STATES, JobList
@@ -159,7 +159,7 @@ def api_blueprint(hub: Hub) -> Blueprint:
     def readyz() -> Any:
         try:
             registry.client.ping()
-        except redis.RedisError as exc:
+        except StoreError as exc:
             return jsonify(status="unavailable", error=f"redis: {exc}"), 503
         return jsonify(status="ok")
 
@@ -290,8 +290,8 @@ def api_blueprint(hub: Hub) -> Blueprint:
     def conflict(exc: InvalidTransition) -> Any:
         return jsonify(error=str(exc)), 409
 
-    @api.errorhandler(redis.RedisError)
-    def store_down(exc: redis.RedisError) -> Any:
+    @api.errorhandler(StoreError)
+    def store_down(exc: StoreError) -> Any:
         return jsonify(error=f"the dispatcher's store is unavailable: {exc}"), 503
 
     @api.after_request

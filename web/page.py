@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import redis
 from flask import Blueprint, Response, jsonify, render_template, request
 
+from dispatcher.errors import StoreError
 from dispatcher.joblist import LIST_STATES, JobList
 from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.wording import ago, duration, plural
@@ -93,8 +94,8 @@ def page_blueprint(hub: Hub) -> Blueprint:
     def bad_query(exc: BadQuery) -> Any:
         return Response(f"Bad request: {exc}\n", status=400, mimetype="text/plain")
 
-    @page.errorhandler(redis.RedisError)
-    def store_down(exc: redis.RedisError) -> Any:
+    @page.errorhandler(StoreError)
+    def store_down(exc: StoreError) -> Any:
         # (the page's script shows it, and keeps trying)
         return Response(f"The dispatcher's store is unavailable: {exc}\n", status=503, mimetype="text/plain")
 

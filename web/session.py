@@ -18,8 +18,6 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis
-
 from dispatcher.delivery import CONTROL_PREFIX, POP_BATCH, parse_control
 from dispatcher.errors import (
     InvalidMessage,
@@ -30,6 +28,7 @@ from dispatcher.errors import (
     ProtocolError,
     RateLimited,
     SessionSuperseded,
+    StoreError,
 )
 from dispatcher.logs import log_event
 from dispatcher.messages import (
@@ -141,7 +140,7 @@ class NodeSession:
             return
         try:
             self.hub.registry.close_session(self.node.node_id, self.session_id, self._close_reason)
-        except redis.RedisError as exc:
+        except StoreError as exc:
             # The heartbeat timeout takes the node offline instead.
             log_event(log, "session_close_failed", logging.WARNING, node_id=self.node.node_id, error=str(exc))
 
@@ -168,7 +167,7 @@ class NodeSession:
         budget = self.hub.settings.max_message_bytes
         try:
             frames = self.hub.outbox.pop(self.node.node_id, self.session_id, budget)
-        except redis.RedisError as exc:
+        except StoreError as exc:
             log_event(log, "delivery_failed", logging.WARNING, node_id=self.node_id, error=str(exc))
             return  # the sweep wakes us again
         if frames is Reply.SUPERSEDED:
@@ -206,7 +205,7 @@ class NodeSession:
             self._dispatch(msg)
         except ProtocolError as exc:
             self._refuse(exc, ref_type)
-        except redis.RedisError as exc:
+        except StoreError as exc:
             log_event(log, "store_unavailable", logging.ERROR, node_id=self.node_id, ref_type=ref_type, error=str(exc))
             self._error(ErrorCode.INTERNAL_ERROR, "the dispatcher's store is unavailable; send it again later", ref_type)
             if ref_type == "job_result":
