@@ -26,9 +26,11 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps
 
-from dispatcher.jobs import Jobs
+from dispatcher.errors import StoreError, StoreUnavailable
+from dispatcher.jobs import AttemptOutcome, Jobs
 from dispatcher.keys import RESULTS_GROUP
 from dispatcher.logs import log_event
+from dispatcher.store import redis_refused
 
 log = logging.getLogger("dispatcher.completions")
 
@@ -68,8 +70,8 @@ class Completions:
         """The group reads from the stream's start: results sent before any worker ran count too."""
         try:
             self.client.xgroup_create(self.stream, RESULTS_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+        except StoreError as exc:
+            if not redis_refused(exc, "BUSYGROUP"):
                 raise
         self._group_made = True
 
@@ -79,10 +81,10 @@ class Completions:
         try:
             reply = self.client.xreadgroup(RESULTS_GROUP, self.consumer, {self.stream: ">"}, count=BATCH,
                                            block=block_ms)
-        except redis.ResponseError as exc:
+        except StoreError as exc:
             # NOGROUP: Redis lost its data (a restart without persistence); UNBLOCKED: the stream
             # was deleted while this read waited on it. Either way: make the group again.
-            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+            if not redis_refused(exc, "NOGROUP", "UNBLOCKED"):
                 raise
             self._group_made = False
             return []
@@ -95,13 +97,15 @@ class Completions:
         for entry_id, fields in entries:
             try:
                 outcome, freed = self.jobs.complete(fields)
-            except redis.ResponseError as exc:
+            except StoreError as exc:
+                if not redis_refused(exc):
+                    raise
                 # A script error is a bug, and would recur: drop the result (the job times out
                 # and is retried) rather than retry it forever.
                 log_event(log, "result_dropped", logging.ERROR, entry=entry_id, job_id=fields.get("job_id"),
                           error=str(exc)[:500])
                 continue
-            applied += outcome != "stale"
+            applied += outcome is not AttemptOutcome.STALE
             kick = kick or freed
         if entries:
             self.client.xack(self.stream, RESULTS_GROUP, *(entry_id for entry_id, _ in entries))
@@ -145,7 +149,7 @@ class Completions:
             try:
                 self.apply(self.read(BLOCK_MS))
                 pause_s = 0.1
-            except redis.ConnectionError as exc:
+            except StoreUnavailable as exc:
                 log_event(log, "results_unreachable", logging.WARNING, error=str(exc)[:200], retry_in_s=pause_s)
                 stop.wait(pause_s)
                 pause_s = min(pause_s * 2, 5.0)

@@ -23,7 +23,6 @@ from dispatcher.batching import ScriptBatcher
 from dispatcher.clock import Clock, now_ms
 from dispatcher.connection import shared_client
 from dispatcher.delivery import Outbox
-from dispatcher.errors import StoreError
 from dispatcher.fleet import Fleet
 from dispatcher.joblist import JobList
 from dispatcher.jobs import Jobs
@@ -33,11 +32,8 @@ from dispatcher.metrics import exposition
 from dispatcher.registry import Registry
 from dispatcher.scripts import Scripts
 from dispatcher.settings import Settings
+from dispatcher.store import store_client, unwrapped
 
-#: What a failure of the dispatcher's store may be raised as. The core is being made to
-#: raise StoreError for every Redis failure; until it does, redis-py's own errors count
-#: too (redis.RedisError goes from here once the core translates them).
-STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, redis.RedisError)
 
 
 @dataclass(frozen=True)
@@ -58,10 +54,7 @@ class Core:
 
     def ping(self) -> None:
         """Whether the store answers: raises StoreError (naming redis-py's error) when not."""
-        try:
-            self.client.ping()
-        except redis.RedisError as exc:
-            raise StoreError(str(exc)) from exc
+        self.client.ping()
 
     def stats(self) -> dict[str, Any]:
         """Dispatch statistics: decisions, exclusions by reason and their examples, waiting jobs."""
@@ -81,10 +74,11 @@ def build_core(settings: Settings, app: Celery, *, batch_scripts: bool = False, 
     """The parts one process uses, on the process's one client. ``batch_scripts``: script calls
     go to Redis grouped in pipelines (the web process: thousands of sessions' heartbeats, pops
     and acks). Builds no connection: each part opens what it needs from the shared pool."""
-    client = shared_client(settings)
+    # Every part's commands raise StoreError (dispatcher/store.py); the scripts translate their own.
+    client = store_client(shared_client(settings))
     keys = Keys(settings.key_prefix)
-    batcher = ScriptBatcher(client) if batch_scripts else None
-    scripts = Scripts(client, keys, batcher)
+    batcher = ScriptBatcher(unwrapped(client)) if batch_scripts else None
+    scripts = Scripts(unwrapped(client), keys, batcher)
     jobs = Jobs(client, settings, app, clock, keys=keys, scripts=scripts)
     return Core(settings=settings, client=client, keys=keys, scripts=scripts,
                 registry=Registry(client, settings, clock, batcher, keys=keys, scripts=scripts),

@@ -14,12 +14,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import redis
 
+from dispatcher.errors import StoreError
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
-from dispatcher.scripts import Scripts
+from dispatcher.scripts import Reply, Scripts
+from dispatcher.store import store_client
 
 log = logging.getLogger("dispatcher.delivery")
 
@@ -28,16 +31,17 @@ POP_BATCH = 100
 
 
 class Outbox:
-    """The node queues, seen from the process that holds the sessions."""
+    """The node queues, seen from the process that holds the sessions (its calls raise
+    StoreError, never redis-py's errors)."""
 
     def __init__(self, client: redis.Redis, scripts: Scripts, keys: Keys) -> None:
-        self.client = client
+        self.client = store_client(client)
         self.scripts = scripts
         self.keys = keys
 
-    def pop(self, node_id: str, session_id: str, max_bytes: int) -> list[str] | None:
+    def pop(self, node_id: str, session_id: str, max_bytes: int) -> list[str] | Literal[Reply.SUPERSEDED]:
         """Frames for the node, oldest first, about ``max_bytes`` at most (so that what
-        a session holds in memory stays bounded; the rest waits in Redis); None when
+        a session holds in memory stays bounded; the rest waits in Redis); SUPERSEDED when
         another session holds the node."""
         return self.scripts.pop_frames(node_id, session_id, POP_BATCH, max_bytes)
 
@@ -68,7 +72,8 @@ class WakeListener:
 
     ``on_wake(node_id)`` runs on the listener's thread (a greenlet under
     gevent) and must not block; ``on_reconnect()`` runs after every
-    (re)subscription, to sweep for what was published meanwhile.
+    (re)subscription, to sweep for what was published meanwhile (a StoreError
+    it raises makes the listener subscribe again, as a lost subscription does).
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, on_wake: Callable[[str], None],
@@ -100,7 +105,7 @@ class WakeListener:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self.on_wake(message["data"])
-            except redis.RedisError as exc:
+            except (redis.RedisError, StoreError) as exc:  # the subscription's own, or the sweep's
                 log_event(log, "wake_listener_reconnect", logging.WARNING, error=str(exc), backoff_s=backoff_s)
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)

@@ -11,6 +11,7 @@ change before it acts, so a job is never parked while capacity goes unused.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -22,12 +23,12 @@ import redis
 
 from dispatcher.clock import Clock
 from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, explanation, first_failure, summarize
-from dispatcher.vocabulary import Exclusion
+from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
 from dispatcher.records import as_int, as_json
-from dispatcher.scripts import Scripts, Search
+from dispatcher.scripts import Assigned, NotWaiting, Scripts, Search
 from dispatcher.settings import Settings
 from dispatcher.tally import TALLY
 
@@ -43,11 +44,21 @@ _EVER_KEEP_S = 1.0
 _WALK_CHUNK = 500
 
 
+class DecisionOutcome(enum.StrEnum):
+    """What one dispatch decision came to (the ``outcome`` of its log line and metric)."""
+
+    ASSIGNED = "assigned"
+    WAITING = "waiting"
+    #: The job no longer waits (placed or ended meanwhile): nothing to record.
+    NOT_WAITING = "not_waiting"
+    #: No node could take it in time (or ever: fail_fast).
+    FAILED = "failed"
+
+
 @dataclass
 class Decision:
     job_id: str
-    #: "assigned", "waiting" or "not_waiting".
-    outcome: str
+    outcome: DecisionOutcome
     node_id: str | None = None
     attempt: int | None = None
     #: {"counts": {reason: n}, "examples": {reason: [node ids]}}
@@ -82,18 +93,19 @@ class Dispatcher:
         its key lists the nodes that fail it). The cordoned nodes are such a key: the capacity
         index, the next step's, holds none of them (lua/note_waiting.lua counts on it)."""
         k = self.keys
-        stages = [("StatusNotReady", [k.status_set("ready")], False)]
+        stages: list[tuple[str, list[str], bool]] = [
+            (Exclusion.STATUS_NOT_READY, [k.status_set(NodeStatus.READY)], False)]
         if needs.public:
-            stages.append(("NotInPublicPool", [k.public_index()], False))
+            stages.append((Exclusion.NOT_IN_PUBLIC_POOL, [k.public_index()], False))
         if needs.node_selector:
-            stages.append(("NodeSelectorMismatch", k.label_indexes(needs.node_selector), False))
+            stages.append((Exclusion.NODE_SELECTOR_MISMATCH, k.label_indexes(needs.node_selector), False))
         if needs.require_gpu:
-            stages.append(("GpuUnavailable", [k.gpu_index()], False))
+            stages.append((Exclusion.GPU_UNAVAILABLE, [k.gpu_index()], False))
         if needs.required_models:
-            stages.append(("ModelNotAvailable", k.model_indexes(needs.required_models), False))
-        stages.append(("NodeCordoned", [k.cordoned()], True))
-        stages.append(("CapacityExceeded", [k.capacity_index()], False))
-        stages.append(("ResourceThresholdExceeded", [k.resources_index()], False))
+            stages.append((Exclusion.MODEL_NOT_AVAILABLE, k.model_indexes(needs.required_models), False))
+        stages.append((Exclusion.NODE_CORDONED, [k.cordoned()], True))
+        stages.append((Exclusion.CAPACITY_EXCEEDED, [k.capacity_index()], False))
+        stages.append((Exclusion.RESOURCE_THRESHOLD_EXCEEDED, [k.resources_index()], False))
         return stages
 
     def note_waiting(self, job_id: str, needs: JobNeeds) -> Decision | None:
@@ -104,11 +116,12 @@ class Dispatcher:
         the job no longer waits."""
         noted = self.scripts.note_waiting(job_id, self.keys.nodes(), self._stages(needs), self.clock(),
                                           self.settings.exclusion_examples, _EXAMPLES_BUDGET)
-        if noted is None:
+        if isinstance(noted, NotWaiting):
             return None
-        meta, worker = noted
-        return Decision(job_id, "waiting", exclusions=explanation(meta["exclusions"], meta.get("examples", {})),
-                        eligible=meta["eligible"], total=meta["total"], meta=meta, worker=worker)
+        meta = noted.meta
+        return Decision(job_id, DecisionOutcome.WAITING,
+                        exclusions=explanation(meta["exclusions"], meta.get("examples", {})),
+                        eligible=meta["eligible"], total=meta["total"], meta=meta, worker=noted.worker)
 
     def search(self, needs: JobNeeds) -> Search:
         """How the dispatch scripts look for a node for these needs."""
@@ -116,7 +129,8 @@ class Dispatcher:
         # The capacity index holds ready, uncordoned nodes only; the job's own needs go before
         # the resources index: the likelier to rule a node out, the sooner it is checked.
         sets = [key for reason, keys, _ in self._stages(needs) if reason not in (
-            "StatusNotReady", "NodeCordoned", "CapacityExceeded", "ResourceThresholdExceeded") for key in keys]
+            Exclusion.STATUS_NOT_READY, Exclusion.NODE_CORDONED, Exclusion.CAPACITY_EXCEEDED,
+            Exclusion.RESOURCE_THRESHOLD_EXCEEDED) for key in keys]
         sets.append(self.keys.resources_index())
         return Search(sets, s.dispatch_candidates, _CANDIDATE_BUDGET, int(s.heartbeat_timeout_seconds * 1000),
                       s.resource_threshold_percent, s.exclusion_examples)
@@ -124,12 +138,12 @@ class Dispatcher:
     def dispatch(self, job_id: str, needs: JobNeeds) -> Decision:
         """Try to place one waiting job now."""
         reply = self.scripts.dispatch_job(job_id, needs.kind, self.clock(), self.search(needs))
-        if reply[0] == "assigned":
-            return Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]),
-                            waited_ms=int(reply[4]))
-        if reply[0] == "not_waiting":
-            return Decision(job_id, "not_waiting")
-        return Decision(job_id, "waiting", exclusions=json.loads(reply[1]))
+        if isinstance(reply, Assigned):
+            return Decision(job_id, DecisionOutcome.ASSIGNED, reply.node_id, reply.attempt, reply.exclusions,
+                            waited_ms=reply.waited_ms)
+        if isinstance(reply, NotWaiting):
+            return Decision(job_id, DecisionOutcome.NOT_WAITING)
+        return Decision(job_id, DecisionOutcome.WAITING, exclusions=reply.exclusions)
 
     def explain(self, needs: JobNeeds) -> tuple[int, int, dict[str, Any]]:
         """Walk every node: (eligible, total, exclusions by reason with examples).
@@ -200,7 +214,7 @@ class Dispatcher:
         for reason, ids in decision.exclusions.get("examples", {}).items():
             if ids:
                 TALLY.examples(reason, ids)
-        if decision.outcome == "assigned" and decision.attempt == 1 and decision.waited_ms is not None:
+        if decision.outcome is DecisionOutcome.ASSIGNED and decision.attempt == 1 and decision.waited_ms is not None:
             SUBMIT_TO_ASSIGN.observe(decision.waited_ms / 1000)
         log_event(log, "dispatch_decision", job_id=decision.job_id, outcome=decision.outcome,
                   node_id=decision.node_id, attempt=decision.attempt, exclusions=counts,

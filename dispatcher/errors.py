@@ -17,7 +17,15 @@ class ConfigError(DispatcherError):
 
 
 class StoreError(DispatcherError):
-    """Raised when Redis answers something the scripts never return."""
+    """Raised when the store fails: Redis refused a command or could not be reached (the
+    redis-py error is the ``__cause__``: ``dispatcher.store`` translates every one), or a
+    script answered something it never returns. Nothing outside the core sees redis-py's
+    own errors."""
+
+
+class StoreUnavailable(StoreError):
+    """Raised when Redis cannot be reached or did not answer in time (a connection error or a
+    timeout): the same call may work later."""
 
 
 class ScriptRetry(StoreError):
@@ -27,6 +35,24 @@ class ScriptRetry(StoreError):
         super().__init__(f"{script}: stored state changed since it was read")
         #: What the script found stored, when that helps the retry.
         self.stored = stored
+
+
+class JobMoved(ScriptRetry):
+    """Raised when the job went to another node since the caller read which one it is on:
+    the caller reads it again and retries."""
+
+    def __init__(self, script: str) -> None:
+        StoreError.__init__(self, f"{script}: the job moved to another node since it was read")
+        self.stored = None
+
+
+class KindNeeded(ScriptRetry):
+    """Raised when a job script would send the job back to wait and was not given its kind of
+    needs (nothing was written): the caller reads the kind and retries with it."""
+
+    def __init__(self, script: str) -> None:
+        StoreError.__init__(self, f"{script}: the job would wait again, and its kind of needs was not given")
+        self.stored = None
 
 
 # --- errors a node session answers with an ``error`` frame -----------------

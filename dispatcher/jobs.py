@@ -12,16 +12,18 @@ and re-drives any step a crashed process left half-way.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
 
 from dispatcher.clock import Clock, now_ms
-from dispatcher.dispatch import Decision, Dispatcher
-from dispatcher.errors import StoreError, UnknownJob
+from dispatcher.dispatch import Decision, DecisionOutcome, Dispatcher
+from dispatcher.errors import JobMoved, KindNeeded, StoreError, UnknownJob
 from dispatcher.filter import JobNeeds
 from dispatcher.health import job_failure_rules
 from dispatcher.jobspec import JobSpec
@@ -29,10 +31,23 @@ from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.messages import JobAck, JobProgress, JobResult
 from dispatcher.publish import Publisher
-from dispatcher.records import as_int, as_json
+from dispatcher.records import as_int
 from dispatcher.registry import transitioned
-from dispatcher.scripts import Scripts
+from dispatcher.scripts import (
+    AlreadyFinished,
+    Assigned,
+    Completed,
+    DispatchExpired,
+    Exists,
+    OutOfAttempts,
+    Reply,
+    Requeued,
+    Scripts,
+    Stale,
+)
 from dispatcher.settings import Settings
+from dispatcher.store import store_client, unwrapped
+from dispatcher.vocabulary import JobState, NodeStatus
 
 log = logging.getLogger("dispatcher.jobs")
 
@@ -43,20 +58,35 @@ _FRAME_OVERHEAD = 4096
 #: Attempts of a script whose job moved to another node meanwhile.
 _ATTEMPTS = 5
 
+_Reply = TypeVar("_Reply")
+
+
+class AttemptOutcome(enum.StrEnum):
+    """What became of a job when an attempt of it ended: a node's result applied
+    (``Jobs.complete``), or an attempt released (the scan's log lines)."""
+
+    SUCCEEDED = JobState.SUCCEEDED.value
+    FAILED = JobState.FAILED.value
+    #: The job waits for another node.
+    RETRY = "retry"
+    #: Not the current attempt of that node: nothing changed.
+    STALE = "stale"
+
 
 class Jobs:
     """Jobs in Redis, changed only through the scripts (which keep Celery's view of them)."""
 
     def __init__(self, client: redis.Redis, settings: Settings, app: Celery, clock: Clock = now_ms, *,
                  keys: Keys | None = None, scripts: Scripts | None = None) -> None:
-        self.client = client
+        #: Its commands raise StoreError (dispatcher/store.py), as do the scripts'.
+        self.client = store_client(client)
         self.settings = settings
         self.app = app
         self.clock = clock
         # (given by dispatcher/core.py, which shares one of each among a process's parts)
         self.keys = keys or Keys(settings.key_prefix)
-        self.scripts = scripts or Scripts(client, self.keys)
-        self.dispatcher = Dispatcher(client, settings, self.scripts, clock)
+        self.scripts = scripts or Scripts(unwrapped(client), self.keys)
+        self.dispatcher = Dispatcher(self.client, settings, self.scripts, clock)
         self.publisher = Publisher(app, count_per_node=settings.metrics_node_series > 0)
         #: How results and timeouts count against their node (the job scripts' ``job_health``).
         self.job_health = job_failure_rules(settings)
@@ -88,23 +118,22 @@ class Jobs:
         now = self.clock()
         reply = self.scripts.submit_job(job_id, needs.kind, now, spec.queue_score(now), record,
                                         self.dispatcher.search(needs))
-        outcome = reply[0]
-        if outcome == "revoked":
+        if reply is Reply.REVOKED:
             # Revoked through Celery before it arrived (a worker that had not heard of the
             # revoke took the message): its final state stands.
             log_event(log, "job_refused", job_id=job_id, why="revoked before it arrived")
             return None
-        if outcome == "exists":
-            if reply[1] == "waiting":
+        if isinstance(reply, Exists):
+            if reply.state is JobState.WAITING:
                 self.dispatch_waiting()  # a redelivered submission: make sure its pass happens
             return None
-        if outcome == "queued":
+        if reply is Reply.QUEUED:
             # Others wait already: go through the queue in its order, so that a new job
             # never takes a slot before an older or more urgent one.
             self.dispatch_waiting()
-        if outcome == "assigned":
-            decision: Decision | None = Decision(job_id, "assigned", reply[1], int(reply[2]), json.loads(reply[3]),
-                                                 waited_ms=0)
+        if isinstance(reply, Assigned):
+            decision: Decision | None = Decision(job_id, DecisionOutcome.ASSIGNED, reply.node_id, reply.attempt,
+                                                 reply.exclusions, waited_ms=reply.waited_ms)
         else:
             decision = self.note_waiting(job_id, needs)
             if decision is not None and spec.fail_fast and not self.dispatcher.could_ever_take(needs):
@@ -125,21 +154,21 @@ class Jobs:
         """Fail a waiting job at once with NoEligibleNode (``fail_fast``): no registered node
         could ever take it. The fleet is walked for the explanation, as at a dispatch deadline."""
         eligible, total, exclusions = self.dispatcher.explain(needs)
-        decision = Decision(job_id, "failed", exclusions=exclusions, eligible=eligible, total=total)
-        outcome = self.scripts.expire_dispatch(job_id, needs.kind, self.clock(),
+        decision = Decision(job_id, DecisionOutcome.FAILED, exclusions=exclusions, eligible=eligible, total=total)
+        expired = self.scripts.expire_dispatch(job_id, needs.kind, self.clock(),
                                                "no registered node could ever take it: " + decision.summary(),
                                                exclusions, RETENTION_MS, at_once=True)
-        if outcome is None:
+        if not isinstance(expired, DispatchExpired):
             return None  # placed or ended meanwhile
-        self.publisher.finished(job_id, outcome)
+        self.publisher.finished(job_id, expired.outcome)
         return decision
 
     def place(self, job_id: str, needs: JobNeeds) -> Decision:
         """Try to dispatch a waiting job; a job that stays waiting has why noted."""
         decision = self.dispatcher.dispatch(job_id, needs)
-        if decision.outcome == "waiting":
-            decision = self.note_waiting(job_id, needs) or Decision(job_id, "not_waiting")
-        if decision.outcome != "not_waiting":
+        if decision.outcome is DecisionOutcome.WAITING:
+            decision = self.note_waiting(job_id, needs) or Decision(job_id, DecisionOutcome.NOT_WAITING)
+        if decision.outcome is not DecisionOutcome.NOT_WAITING:
             self.dispatcher.record(decision)
         return decision
 
@@ -179,7 +208,7 @@ class Jobs:
                 given_up.add(kind)  # emptied meanwhile
                 continue
             decision = self.place(head[0], JobNeeds.from_json(needs_json))
-            if decision.outcome == "assigned":
+            if decision.outcome is DecisionOutcome.ASSIGNED:
                 placed += 1
                 free = self.dispatcher.free_slots_anywhere()
             else:
@@ -193,15 +222,14 @@ class Jobs:
         (what its completion needs should the job wait again), or None for a stale frame."""
         progress = msg.progress if isinstance(msg, JobProgress) else None
         message = msg.message if isinstance(msg, JobProgress) else None
-        outcome, detail, worker = self.scripts.ack_job(msg.job_id, msg.attempt, node_id, self.clock(), progress,
-                                                       message)
-        if outcome == "stale":
+        acked = self.scripts.ack_job(msg.job_id, msg.attempt, node_id, self.clock(), progress, message)
+        if isinstance(acked, Stale):
             log_event(log, "job_frame_ignored", job_id=msg.job_id, node_id=node_id, attempt=msg.attempt,
                       ref_type=msg.type, why="not the current attempt of this node")
             return None
-        if outcome == "started":
-            self.publisher.started(msg.job_id, node_id, msg.attempt, worker)
-        return detail
+        if acked.started:
+            self.publisher.started(msg.job_id, node_id, msg.attempt, acked.worker)
+        return acked.kind
 
     def report_result(self, node_id: str, msg: JobResult, kind: str | None = None) -> bool:
         """Hand the node's result to the workers (dispatcher/completions.py): one XADD.
@@ -212,7 +240,7 @@ class Jobs:
         if kind is None:
             state, holder, attempt, kind = self.client.hmget(self.keys.job(msg.job_id), "state", "node_id",
                                                              "attempt", "needs_class")
-            if state not in ("assigned", "running") or holder != node_id or attempt != str(msg.attempt):
+            if state not in (JobState.ASSIGNED, JobState.RUNNING) or holder != node_id or attempt != str(msg.attempt):
                 log_event(log, "job_frame_ignored", job_id=msg.job_id, node_id=node_id, attempt=msg.attempt,
                           ref_type="job_result", why=f"stale: the job is {state or 'unknown'}")
                 return False
@@ -226,78 +254,74 @@ class Jobs:
             "output": json.dumps(msg.output, separators=(",", ":")), "received_ms": self.clock()})
         return True
 
-    def complete(self, result: dict[str, str]) -> tuple[str, bool]:
+    def complete(self, result: dict[str, str]) -> tuple[AttemptOutcome, bool]:
         """Apply one reported result (a worker): the job ends (its Celery result written with it)
-        or waits for another node. Returns the outcome ("succeeded", "failed", "retry" or
-        "stale") and whether a waiting job could take the freed slot."""
+        or waits for another node. Returns the outcome and whether a waiting job could take
+        the freed slot."""
         job_id, node_id, attempt, kind = result["job_id"], result["node_id"], int(result["attempt"]), result["kind"]
-        for _ in range(2):
+        try:
             reply = self.scripts.complete_job(job_id, kind or None, node_id, attempt, self.clock(), result["meta"],
                                               result["output"], RETENTION_MS, self.job_health)
-            if reply[0] != "need_kind":
-                break
+        except KindNeeded:
             kind = self.client.hget(self.keys.job(job_id), "needs_class") or ""
-        outcome = reply[0]
-        if outcome == "stale":
+            reply = self.scripts.complete_job(job_id, kind or None, node_id, attempt, self.clock(), result["meta"],
+                                              result["output"], RETENTION_MS, self.job_health)
+        if isinstance(reply, Stale):
             log_event(log, "job_frame_ignored", job_id=job_id, node_id=node_id, attempt=attempt,
-                      ref_type="job_result", why=f"stale: the job is {reply[1]}")
-            return outcome, False
-        if outcome in ("succeeded", "failed", "retry"):
-            self.node_degraded(node_id, reply[-1])
-        if outcome in ("succeeded", "failed"):
-            self.publisher.finished(job_id, as_json(reply[2], {}), result["output"], as_int(reply[3]),
+                      ref_type="job_result", why=f"stale: the job is {reply.state or 'unknown'}")
+            return AttemptOutcome.STALE, False
+        self.node_degraded(node_id, reply.degraded)
+        if isinstance(reply, Completed):
+            self.publisher.finished(job_id, reply.outcome, result["output"], reply.assigned_ms,
                                     as_int(result.get("received_ms")))
-        elif outcome == "retry":
-            self.publisher.retried(job_id, json.loads(result["meta"]).get("error", {}).get("message", ""),
-                                   str(reply[2]) if len(reply) > 2 else "")
-            self.note_requeued(job_id)
-        return outcome, reply[1] == "1"
+            return AttemptOutcome(reply.state), reply.kick
+        self.publisher.retried(job_id, json.loads(result["meta"]).get("error", {}).get("message", ""), reply.worker)
+        self.note_requeued(job_id)
+        return AttemptOutcome.RETRY, True
 
     @staticmethod
     def node_degraded(node_id: str, reason: str) -> None:
         """Log and count the JobFailures transition a job script made (``reason`` "" when it made none)."""
         if reason:
-            transitioned(node_id, "ready", "degraded", reason)
+            transitioned(node_id, NodeStatus.READY, NodeStatus.DEGRADED, reason)
 
     # --- cancellation (worker) -------------------------------------------------------
 
-    def with_current_node(self, job_id: str, call: Any) -> Any:
+    def with_current_node(self, job_id: str, call: Callable[[str, str], _Reply]) -> _Reply:
         """Run a job+node script with the node the job is on (and the job's kind of
-        needs), re-reading if it moved meanwhile (the script answers "moved", alone or
-        first in a tuple)."""
+        needs), reading them again while the script raises JobMoved."""
         for _ in range(_ATTEMPTS):
             node_id, kind = self.client.hmget(self.keys.job(job_id), "node_id", "needs_class")
-            outcome = call(node_id or "", kind or "")
-            if (outcome[0] if isinstance(outcome, (tuple, list)) else outcome) != "moved":
-                return outcome
+            try:
+                return call(node_id or "", kind or "")
+            except JobMoved:
+                continue
         raise StoreError(f"job {job_id} kept moving between nodes")
 
-    def cancel(self, job_id: str, reason: str = "cancelled by the client") -> str:
-        """Cancel a waiting or running job. Returns "cancelled", or the state of a job already over."""
+    def cancel(self, job_id: str, reason: str = "cancelled by the client") -> JobState:
+        """Cancel a waiting or running job. Returns CANCELLED, or the state of a job already over."""
         reply = self.with_current_node(job_id, lambda node_id, kind: self.scripts.cancel_job(
             job_id, kind, node_id, self.clock(), reason, RETENTION_MS))
-        if reply[0] == "unknown":
+        if reply is Reply.UNKNOWN:
             raise UnknownJob(f"no job {job_id}")
-        if reply[0] == "finished":
-            return str(reply[1])
-        node_id = reply[1]
-        log_event(log, "job_cancelled", job_id=job_id, node_id=node_id or None, reason=reason)
-        self.publisher.finished(job_id, as_json(reply[2], {}))
-        if node_id:
+        if isinstance(reply, AlreadyFinished):
+            return reply.state
+        log_event(log, "job_cancelled", job_id=job_id, node_id=reply.node_id or None, reason=reason)
+        self.publisher.finished(job_id, reply.outcome)
+        if reply.node_id:
             self.request_kick()
-        return "cancelled"
+        return JobState.CANCELLED
 
-    def after_release(self, job_id: str, reply: list[Any]) -> None:
+    def after_release(self, job_id: str, reply: Requeued | OutOfAttempts) -> None:
         """A job left its node without a result: tell of its end, or of its retry; the
         slot may serve a waiting job."""
-        outcome = reply[0]
-        if outcome == "failed":
-            self.publisher.finished(job_id, as_json(reply[1], {}))
-        elif outcome == "retry":
+        if isinstance(reply, OutOfAttempts):
+            self.publisher.finished(job_id, reply.outcome)
+        else:
             last_error = self.client.hget(self.keys.job(job_id), "last_error") or "{}"
-            self.publisher.retried(job_id, json.loads(last_error).get("message", ""), str(reply[1]))
+            self.publisher.retried(job_id, json.loads(last_error).get("message", ""), reply.worker)
             self.note_requeued(job_id)
-        if outcome in ("failed", "retry") and self.client.exists(self.keys.waiting()):
+        if self.client.exists(self.keys.waiting()):
             self.dispatch_waiting()
 
     def note_requeued(self, job_id: str) -> None:

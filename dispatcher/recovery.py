@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.completions import Completions
-from dispatcher.dispatch import Decision
+from dispatcher.dispatch import Decision, DecisionOutcome
 from dispatcher.filter import JobNeeds
 from dispatcher.joblist import JobList
-from dispatcher.jobs import RETENTION_MS, Jobs
+from dispatcher.errors import JobMoved
+from dispatcher.jobs import RETENTION_MS, AttemptOutcome, Jobs
 from dispatcher.logs import log_event
-from dispatcher.vocabulary import FailureCode
+from dispatcher.scripts import DispatchExpired, OutOfAttempts, Reply, Requeued
+from dispatcher.vocabulary import FailureCode, JobState, NodeStatus
 
 log = logging.getLogger("dispatcher.recovery")
 
@@ -67,37 +69,40 @@ class Recovery:
         of the fleet per kind, however many of its jobs expire together)."""
         state, node_id, attempt, timeout_ms, kind, *needs_fields = self.client.hmget(
             self.keys.job(job_id), "state", "node_id", "attempt", "timeout_ms", "needs_class", *JobNeeds.FIELDS)
-        if state == "waiting":
+        if state == JobState.WAITING:
             needs = JobNeeds.from_values(needs_fields)
             assert needs is not None and kind is not None
             if needs not in explained:
                 explained[needs] = self.jobs.dispatcher.explain(needs)
             eligible, total, exclusions = explained[needs]
-            decision = Decision(job_id, "failed", exclusions=exclusions, eligible=eligible, total=total)
-            outcome = self.scripts.expire_dispatch(job_id, kind, now, decision.summary(), exclusions, RETENTION_MS)
-            if outcome is not None:
+            decision = Decision(job_id, DecisionOutcome.FAILED, exclusions=exclusions, eligible=eligible, total=total)
+            expired = self.scripts.expire_dispatch(job_id, kind, now, decision.summary(), exclusions, RETENTION_MS)
+            if isinstance(expired, DispatchExpired):
                 self.jobs.dispatcher.record(decision)
                 summary.expired_waiting.append(job_id)
-                self.jobs.publisher.finished(job_id, outcome)
-        elif state in ("assigned", "running"):
+                self.jobs.publisher.finished(job_id, expired.outcome)
+        elif state in (JobState.ASSIGNED, JobState.RUNNING):
             message = (f"node {node_id} did not finish attempt {attempt} within "
                        f"{int(timeout_ms or 0) / 1000:g} s")
             # A timeout counts against the node, as its own failures do.
-            reply = self.scripts.release_job(job_id, kind or "", node_id, now, FailureCode.TIMEOUT, message,
-                                             cancel_on_node=True, only_if_due=True, retention_ms=RETENTION_MS,
-                                             job_health=self.jobs.job_health)
-            if reply[0] in ("retry", "failed"):
-                self.jobs.node_degraded(node_id, reply[2])
+            try:
+                reply = self.scripts.release_job(job_id, kind or "", node_id, now, FailureCode.TIMEOUT, message,
+                                                 cancel_on_node=True, only_if_due=True, retention_ms=RETENTION_MS,
+                                                 job_health=self.jobs.job_health)
+            except JobMoved:
+                return  # on another node since it was read: that attempt's own deadline counts
+            if isinstance(reply, (Requeued, OutOfAttempts)):
+                self.jobs.node_degraded(node_id, reply.degraded)
                 summary.timed_out.append(job_id)
                 log_event(log, "job_timed_out", logging.WARNING, job_id=job_id, node_id=node_id, attempt=attempt,
-                          outcome=reply[0])
+                          outcome=_released(reply))
                 self.jobs.after_release(job_id, reply)
         else:
             self.client.zrem(self.keys.deadlines(), job_id)
 
     def _release_lost(self, node_id: str, now: int, summary: JobScanSummary) -> None:
         status, reason = self.client.hmget(self.keys.node(node_id), "status", "status_reason")
-        if status != "offline":
+        if status != NodeStatus.OFFLINE:
             self.client.zrem(self.keys.lost(), node_id)
             return
         grace_s = self.jobs.settings.reassign_grace_seconds
@@ -111,14 +116,22 @@ class Recovery:
         for job_id in job_ids:
             pipe.hget(self.keys.job(job_id), "needs_class")
         for job_id, kind in zip(job_ids, pipe.execute()):
-            reply = self.scripts.release_job(job_id, kind or "", node_id, now, code, message, cancel_on_node=True,
-                                             only_if_offline=True, retention_ms=RETENTION_MS)
-            if reply[0] == "gone":
+            try:
+                reply = self.scripts.release_job(job_id, kind or "", node_id, now, code, message,
+                                                 cancel_on_node=True, only_if_offline=True, retention_ms=RETENTION_MS)
+            except JobMoved:
+                continue  # on another node now
+            if reply is Reply.GONE:
                 self.client.hdel(self.keys.assigned(node_id), job_id)  # a leftover of a job already over
-            elif reply[0] in ("retry", "failed"):
+            elif isinstance(reply, (Requeued, OutOfAttempts)):
                 summary.released_from_lost_nodes.append(job_id)
-                log_event(log, "job_released", logging.WARNING, job_id=job_id, node_id=node_id, outcome=reply[0],
-                          why=message)
+                log_event(log, "job_released", logging.WARNING, job_id=job_id, node_id=node_id,
+                          outcome=_released(reply), why=message)
                 self.jobs.after_release(job_id, reply)
         if not self.client.hlen(self.keys.assigned(node_id)):
             self.client.zrem(self.keys.lost(), node_id)
+
+
+def _released(reply: Requeued | OutOfAttempts) -> AttemptOutcome:
+    """What became of a released job: it waits again, or it failed."""
+    return AttemptOutcome.RETRY if isinstance(reply, Requeued) else AttemptOutcome.FAILED

@@ -32,8 +32,24 @@ from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.messages import InstalledModel, NodeHeartbeat, NodeRegister, valid_node_id
 from dispatcher.metrics import HEARTBEATS, RUNNING_JOBS_MISMATCHES, TRANSITIONS
-from dispatcher.scripts import HeartbeatOutcome, Scripts
+from dispatcher.scripts import (
+    Cordoned,
+    DrainExpired,
+    DrainStarted,
+    HeartbeatOutcome,
+    Kept,
+    Mismatch,
+    NotOffline,
+    Refused,
+    Reply,
+    Scripts,
+    Undrained,
+    WarmupDegraded,
+    WentOffline,
+)
 from dispatcher.settings import Settings
+from dispatcher.store import store_client, store_errors, unwrapped
+from dispatcher.vocabulary import ModelState, NodeStatus
 from dispatcher.wording import plural
 
 log = logging.getLogger("dispatcher.registry")
@@ -83,7 +99,7 @@ class SessionNode:
 class Registration:
     node: SessionNode
     secret: str
-    status: str
+    status: NodeStatus
     resumed: bool
     old_session_id: str
 
@@ -93,23 +109,23 @@ class HeartbeatResult:
     #: None when the session no longer holds the node (see ``refused``).
     outcome: HeartbeatOutcome | None
     verdict: HealthVerdict
-    #: "superseded", "offline" or "unknown" when the heartbeat was refused.
-    refused: str | None = None
+    #: Why the heartbeat was refused: SUPERSEDED, OFFLINE or UNKNOWN (None: it was not).
+    refused: Reply | None = None
 
 
 @dataclass(frozen=True)
 class DrainOutcome:
-    #: "draining" (jobs still assigned) or "offline" (nothing was assigned).
-    status: str
+    #: DRAINING (jobs still assigned) or OFFLINE (nothing was assigned).
+    status: NodeStatus
     jobs_left: int
 
 
 def undrained_message(node_id: str, status: str) -> str:
     """What an undrain leads to, for a person: the node's status and what happens next."""
-    if status == "offline":
+    if status == NodeStatus.OFFLINE:
         return (f"node {node_id} is offline: it will be ready again when it reconnects and passes its "
                 "health checks")
-    if status == "degraded":
+    if status == NodeStatus.DEGRADED:
         return f"node {node_id} is degraded: it takes jobs again once its health checks pass"
     return f"node {node_id} is {status}"
 
@@ -130,11 +146,12 @@ class Registry:
     def __init__(self, client: redis.Redis, settings: Settings, clock: Clock = now_ms,
                  batcher: ScriptBatcher | None = None, *, keys: Keys | None = None,
                  scripts: Scripts | None = None) -> None:
-        self.client = client
+        #: Its commands raise StoreError (dispatcher/store.py), as do the scripts'.
+        self.client = store_client(client)
         self.settings = settings
         # (given by dispatcher/core.py, which shares one of each among a process's parts)
         self.keys = keys or Keys(settings.key_prefix)
-        self.scripts = scripts or Scripts(client, self.keys, batcher)
+        self.scripts = scripts or Scripts(unwrapped(client), self.keys, batcher)
         self._batcher = batcher
         self.clock = clock
 
@@ -162,15 +179,16 @@ class Registry:
             "accept_public": msg.accept_public_jobs,
             "max_concurrent_jobs": msg.max_concurrent_jobs,
         }
-        ready_models = [m.model_id for m in msg.installed_models if m.status == "ready"]
+        ready_models = [m.model_id for m in msg.installed_models if m.status == ModelState.READY]
         labels_flat = [f"{k}={v}" for k, v in sorted(msg.labels.items())]
 
         for _ in range(_SCRIPT_ATTEMPTS):
             if generated:
                 node_id = f"n-{secrets.token_hex(8)}"
             read = ("HMGET", self.keys.node(node_id), "secret_hash", "models", "labels")
-            stored_hash, stored_models, stored_labels = (
-                self._batcher.command(*read) if self._batcher else self.client.execute_command(*read))
+            with store_errors():  # (the batcher's client is redis-py's)
+                stored_hash, stored_models, stored_labels = (
+                    self._batcher.command(*read) if self._batcher else self.client.execute_command(*read))
             if stored_hash is not None:
                 if not msg.node_secret or not hmac.compare_digest(stored_hash, hash_secret(msg.node_secret)):
                     if generated:
@@ -182,7 +200,7 @@ class Registry:
             extra_keys, index_params = self._index_entries(
                 old_models | {m.model_id for m in msg.installed_models}, old_labels | set(msg.labels.items()))
             try:
-                outcome, old_session = self.scripts.register_node(node_id, extra_keys, {
+                registered = self.scripts.register_node(node_id, extra_keys, {
                     "secret_hash": hash_secret(secret),
                     "session_id": session_id,
                     "web_id": web_id,
@@ -196,18 +214,18 @@ class Registry:
                 })
             except ScriptRetry:
                 continue
-            if outcome == "conflict":
+            except NodeIdConflict:
                 if generated:
                     continue
                 log_event(log, "registration_conflict", logging.WARNING, node_id=node_id)
-                raise NodeIdConflict()
-            resumed = outcome == "resumed"
+                raise
+            resumed = registered.resumed
             log_event(log, "registration_ok", node_id=node_id, resumed=resumed, session_id=session_id,
                       web_id=web_id, models=ready_models, max_concurrent_jobs=msg.max_concurrent_jobs)
-            transitioned(node_id, None, "registering", "resumed" if resumed else "registered")
+            transitioned(node_id, None, registered.status, "resumed" if resumed else "registered")
             node = SessionNode(node_id, session_id, {m.model_id: m.status.value for m in msg.installed_models},
                                gpu_count, gpu_count > 0)
-            return Registration(node, secret, "registering", resumed, old_session)
+            return Registration(node, secret, registered.status, resumed, registered.old_session_id)
         raise StoreError(f"registration of {node_id} kept racing with another; try again")
 
     def _check_token(self, msg: NodeRegister) -> None:
@@ -264,7 +282,7 @@ class Registry:
         else:
             raise StoreError(f"heartbeat of {node.node_id}: model list kept changing")
 
-        if isinstance(outcome, str):
+        if isinstance(outcome, Reply):
             return HeartbeatResult(None, verdict, refused=outcome)
         node.models, node.gpu_available = models, gpu_available
         if node.last_verdict != verdict:
@@ -274,12 +292,12 @@ class Registry:
         HEARTBEATS.labels("true" if verdict.healthy else "false").inc()
         if outcome.transitioned:
             transitioned(node.node_id, outcome.previous_status, outcome.status, outcome.reason)
-        if outcome.mismatch == "began":
+        if outcome.mismatch is Mismatch.BEGAN:
             log_event(log, "running_jobs_mismatch", logging.WARNING, node_id=node.node_id,
                       running_jobs=usage.running_jobs, assigned_jobs=outcome.assigned,
                       heartbeats=s.running_jobs_mismatch_heartbeats)
             RUNNING_JOBS_MISMATCHES.inc()
-        elif outcome.mismatch == "ended":
+        elif outcome.mismatch is Mismatch.ENDED:
             log_event(log, "running_jobs_reconciled", node_id=node.node_id, running_jobs=usage.running_jobs)
         return HeartbeatResult(outcome, verdict)
 
@@ -291,56 +309,59 @@ class Registry:
         (or at the deadline, when what is left is dispatched elsewhere)."""
         now = self.clock() if now is None else now
         deadline_ms = None if deadline_s is None else now + int(deadline_s * 1000)
-        outcome, detail, previous = self.scripts.drain_node(node_id, now, requested_by, reason, deadline_ms)
-        if outcome == "unknown":
+        started = self.scripts.drain_node(node_id, now, requested_by, reason, deadline_ms)
+        if started is Reply.UNKNOWN:
             raise UnknownNode(f"no node {node_id}")
-        if outcome == "refused":
-            raise InvalidTransition(f"node {node_id} is {detail}: only a ready or degraded node can be drained")
-        jobs_left = int(detail or 0)
+        if isinstance(started, Refused):
+            raise InvalidTransition(f"node {node_id} is {started.status}: only a ready or degraded node can be "
+                                    "drained")
+        assert isinstance(started, DrainStarted)
         log_event(log, "drain_started", node_id=node_id, requested_by=requested_by, reason=reason,
-                  deadline_ms=deadline_ms, jobs_left=jobs_left)
-        transitioned(node_id, previous, "draining", f"drain requested by {requested_by}: {reason}")
-        if outcome == "drained":
-            transitioned(node_id, "draining", "offline", "drained: no jobs were assigned")
-            return DrainOutcome("offline", 0)
-        return DrainOutcome("draining", jobs_left)
+                  deadline_ms=deadline_ms, jobs_left=started.jobs_left)
+        transitioned(node_id, started.previous, NodeStatus.DRAINING, f"drain requested by {requested_by}: {reason}")
+        if started.drained:
+            transitioned(node_id, NodeStatus.DRAINING, NodeStatus.OFFLINE, "drained: no jobs were assigned")
+            return DrainOutcome(NodeStatus.OFFLINE, 0)
+        return DrainOutcome(NodeStatus.DRAINING, started.jobs_left)
 
-    def undrain(self, node_id: str, requested_by: str, now: int | None = None) -> str:
+    def undrain(self, node_id: str, requested_by: str, now: int | None = None) -> NodeStatus:
         """End a drain. Returns the node's status now (``offline`` while a drained
         node reconnects to warm up again: ``undrained_message`` says so)."""
         now = self.clock() if now is None else now
-        outcome, detail = self.scripts.undrain_node(node_id, now, requested_by)
-        if outcome == "unknown":
+        ended = self.scripts.undrain_node(node_id, now, requested_by)
+        if ended is Reply.UNKNOWN:
             raise UnknownNode(f"no node {node_id}")
-        if outcome == "refused":
-            raise InvalidTransition(f"node {node_id} is {detail} and not drained: nothing to undrain")
-        log_event(log, "drain_ended", node_id=node_id, requested_by=requested_by, outcome=outcome)
-        if outcome == "resumed":
-            transitioned(node_id, "draining", detail, f"drain ended by {requested_by}")
-            return detail
-        return "offline"  # drained (it reconnects to warm up again) or away mid-drain
+        if isinstance(ended, Refused):
+            raise InvalidTransition(f"node {node_id} is {ended.status} and not drained: nothing to undrain")
+        if isinstance(ended, Undrained):
+            log_event(log, "drain_ended", node_id=node_id, requested_by=requested_by, outcome="resumed")
+            transitioned(node_id, NodeStatus.DRAINING, ended.status, f"drain ended by {requested_by}")
+            return ended.status
+        # Drained (it reconnects to warm up again: RECONNECT) or away mid-drain (CANCELLED).
+        log_event(log, "drain_ended", node_id=node_id, requested_by=requested_by, outcome=ended)
+        return NodeStatus.OFFLINE
 
     # --- cordons and forgetting ---------------------------------------------
 
-    def cordon(self, node_id: str, requested_by: str, reason: str, now: int | None = None) -> str:
+    def cordon(self, node_id: str, requested_by: str, reason: str, now: int | None = None) -> NodeStatus:
         """Keep a node from new jobs; it keeps its status, session and jobs. Returns its status."""
         now = self.clock() if now is None else now
-        outcome, status, already = self.scripts.cordon_node(node_id, now, requested_by, reason)
-        if outcome == "unknown":
+        cordoned = self.scripts.cordon_node(node_id, now, requested_by, reason)
+        if not isinstance(cordoned, Cordoned):
             raise UnknownNode(f"no node {node_id}")
-        log_event(log, "node_cordoned", node_id=node_id, requested_by=requested_by, reason=reason, status=status,
-                  already=already)
-        return status
+        log_event(log, "node_cordoned", node_id=node_id, requested_by=requested_by, reason=reason,
+                  status=cordoned.status, already=cordoned.already)
+        return cordoned.status
 
-    def uncordon(self, node_id: str, requested_by: str, now: int | None = None) -> str:
+    def uncordon(self, node_id: str, requested_by: str, now: int | None = None) -> NodeStatus:
         """End a cordon (nothing to do when there is none). Returns the node's status."""
         now = self.clock() if now is None else now
-        outcome, status = self.scripts.uncordon_node(node_id, now)
-        if outcome == "unknown":
+        uncordoned = self.scripts.uncordon_node(node_id, now)
+        if uncordoned is Reply.UNKNOWN:
             raise UnknownNode(f"no node {node_id}")
-        log_event(log, "node_uncordoned", node_id=node_id, requested_by=requested_by, status=status,
-                  was_cordoned=outcome == "uncordoned")
-        return status
+        log_event(log, "node_uncordoned", node_id=node_id, requested_by=requested_by, status=uncordoned.status,
+                  was_cordoned=uncordoned.was_cordoned)
+        return uncordoned.status
 
     def forget(self, node_id: str, requested_by: str, now: int | None = None) -> None:
         """Delete an offline node's record, secret, history and index entries at once (an
@@ -353,23 +374,26 @@ class Registry:
         # it would no longer be offline, and the script would refuse).
         connected = self.client.hget(self.keys.node(node_id), "connected") == "1"
         retention_ms = int(self.settings.heartbeat_timeout_seconds * 1000) if connected else 0
-        outcome, detail = self._forget(node_id, now, retention_ms)
-        if outcome == "gone" and detail == "unknown":
+        outcome = self._forget(node_id, now, retention_ms)
+        if outcome is None:
+            raise StoreError(f"node {node_id} kept changing while being forgotten")
+        if outcome is Reply.UNKNOWN:
             raise UnknownNode(f"no node {node_id}")
-        if outcome == "gone":
-            raise InvalidTransition(f"node {node_id} is {detail}: only an offline node can be forgotten "
+        if isinstance(outcome, NotOffline):
+            raise InvalidTransition(f"node {node_id} is {outcome.status}: only an offline node can be forgotten "
                                     "(drain it first)")
-        if outcome == "kept" and detail == "seen":
+        if outcome is Kept.SEEN:
             raise InvalidTransition(f"node {node_id} is offline but its session is open (a drained node): its "
                                     "agent would register again at once; stop the agent first")
-        if outcome == "kept":
+        if outcome is Kept.JOBS:
             jobs = self.client.hlen(self.keys.assigned(node_id))
             raise InvalidTransition(f"node {node_id} still holds {plural(jobs, 'job')}, sent to other nodes once "
                                     "job_reassign_grace_seconds pass: forget it after that")
         log_event(log, "node_forgotten", node_id=node_id, requested_by=requested_by)
 
-    def _forget(self, node_id: str, now: int, retention_ms: int) -> tuple[str, str]:
-        """Run forget_node with the node's index entries as stored (read again if they change)."""
+    def _forget(self, node_id: str, now: int, retention_ms: int) -> Kept | NotOffline | Reply | None:
+        """Run forget_node with the node's index entries as stored (read again if they change;
+        None when they kept changing)."""
         for _ in range(_SCRIPT_ATTEMPTS):
             stored_models, stored_labels = self.client.hmget(self.keys.node(node_id), "models", "labels")
             extra_keys, index_params = self._index_entries(*_indexed_under(stored_models, stored_labels))
@@ -379,18 +403,20 @@ class Registry:
                     "expected_models": stored_models, "expected_labels": stored_labels, **index_params})
             except ScriptRetry:
                 continue
-        raise StoreError(f"node {node_id} kept changing while being forgotten")
+        return None
 
     # --- session ends and the scan -----------------------------------------
 
     def close_session(self, node_id: str, session_id: str, reason: str = "session closed",
-                      now: int | None = None) -> str | None:
-        """The session ended: the node goes offline unless a newer session holds it."""
+                      now: int | None = None) -> NodeStatus | None:
+        """The session ended: the node goes offline unless a newer session holds it. Returns
+        the node's status before, or None when nothing changed."""
         now = self.clock() if now is None else now
-        previous = self.scripts.close_session(node_id, session_id, reason, now, self._grace_ms())
-        if previous is not None:
-            transitioned(node_id, previous, "offline", reason)
-        return previous
+        closed = self.scripts.close_session(node_id, session_id, reason, now, self._grace_ms())
+        if not isinstance(closed, WentOffline):
+            return None
+        transitioned(node_id, closed.previous, NodeStatus.OFFLINE, reason)
+        return closed.previous
 
     def scan(self, now: int | None = None) -> ScanSummary:
         """Heartbeat and warmup timeouts, read from indexes (never every node)."""
@@ -402,21 +428,21 @@ class Registry:
         budget = self._expiry_budget(len(silent), summary)
         for node_id in silent[:budget]:
             expired = self.scripts.expire_node(node_id, now, timeout_ms, self._grace_ms())
-            if expired is not None:
+            if isinstance(expired, WentOffline):
                 summary.expired.append(node_id)
-                transitioned(node_id, expired[0], "offline", expired[1])
+                transitioned(node_id, expired.previous, NodeStatus.OFFLINE, expired.reason)
         warmup_ms = int(s.warmup_timeout_seconds * 1000)
         for node_id in self.client.zrangebyscore(self.keys.warmup(), "-inf", now - warmup_ms, 0, _SCAN_BATCH):
-            reason = self.scripts.expire_warmup(node_id, now, warmup_ms)
-            if reason is not None:
+            degraded = self.scripts.expire_warmup(node_id, now, warmup_ms)
+            if isinstance(degraded, WarmupDegraded):
                 summary.warmup_degraded.append(node_id)
-                transitioned(node_id, "registering", "degraded", reason)
+                transitioned(node_id, NodeStatus.REGISTERING, NodeStatus.DEGRADED, degraded.reason)
         for node_id in self.client.zrangebyscore(self.keys.drains(), "-inf", now, 0, _SCAN_BATCH):
-            handed_back = self.scripts.expire_drain(node_id, now)
-            if handed_back is not None:
+            ended = self.scripts.expire_drain(node_id, now)
+            if isinstance(ended, DrainExpired):
                 summary.drains_ended.append(node_id)
-                transitioned(node_id, "draining", "offline",
-                             f"drain deadline passed with {plural(handed_back, 'job')} left")
+                transitioned(node_id, NodeStatus.DRAINING, NodeStatus.OFFLINE,
+                             f"drain deadline passed with {plural(ended.jobs_handed_back, 'job')} left")
         if s.offline_node_retention_seconds:
             summary.forgotten = self._forget_long_gone(now, int(s.offline_node_retention_seconds * 1000))
         self.client.hset(self.keys.scan_state(), mapping={
@@ -438,11 +464,7 @@ class Registry:
         forgotten = []
         for node_id in self.client.zrangebyscore(self.keys.offline_since(), "-inf", now - retention_ms,
                                                  0, _SCAN_BATCH):
-            try:
-                outcome, _ = self._forget(node_id, now, retention_ms)
-            except StoreError:
-                continue  # changing all the time: not gone, then
-            if outcome == "forgotten":
+            if self._forget(node_id, now, retention_ms) is Reply.FORGOTTEN:  # (None: changing all the time)
                 forgotten.append(node_id)
                 log_event(log, "node_forgotten", node_id=node_id, retention_s=retention_ms // 1000)
         return forgotten

@@ -33,6 +33,8 @@ from typing import Any
 
 import redis
 
+from dispatcher.errors import StoreError
+
 #: Seconds between two flushes of a process's sums.
 FLUSH_EVERY_S = 1.0
 #: Nodes whose job counts one script call adds at most (a flush after a busy second).
@@ -123,7 +125,7 @@ class Tally:
             pipe.hset(keys.stats_examples(), mapping={r: json.dumps(ids) for r, ids in examples.items()})
         try:
             pipe.execute()
-        except redis.RedisError:
+        except (redis.RedisError, StoreError):
             self._restore(scripts, counts, buckets, seconds, examples, nodes)
             return
         node_ids = list(nodes)
@@ -131,7 +133,7 @@ class Tally:
             chunk = node_ids[start:start + _NODES_PER_CALL]
             try:
                 scripts.count_node_jobs({node_id: dict(nodes[node_id]) for node_id in chunk})
-            except redis.RedisError:
+            except (redis.RedisError, StoreError):
                 self._restore(scripts, Counter(), Counter(), Counter(), {}, {n: nodes[n] for n in node_ids[start:]})
                 return
 

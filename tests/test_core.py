@@ -55,7 +55,7 @@ def test_the_web_app_and_the_celery_side_get_their_parts_from_the_one_builder(
     web_core, hub = app.extensions[CORE], app.extensions[HUB]
     task_core = tasks.core()
     assert len(built) == 2 and built[0] is web_core and built[1] is task_core
-    assert web_core.client is task_core.client, "one pool of connections per process"
+    assert web_core.client.connection_pool is task_core.client.connection_pool, "one pool of connections per process"
     for core in (web_core, task_core):
         parts = (core.registry, core.jobs, core.fleet, core.outbox)
         assert all(part.client is core.client for part in parts)

@@ -19,6 +19,7 @@ from dispatcher.jobviews import JobViews
 from dispatcher.keys import Keys
 from dispatcher.messages import decode_node_message
 from dispatcher.registry import Registry
+from dispatcher.scripts import Assigned, Waiting
 from dispatcher.vocabulary import Exclusion
 from tests.support import CORE_PREFIX, T0, add_node, apply_result, client_app, forget_everything
 
@@ -227,13 +228,13 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
         "node_selector": json.dumps(job["node_selector"]), "needs": needs.to_json()},
         jobs.dispatcher.search(needs))
     if expected is None:
-        assert reply[0] == "assigned", (stored, job, reply)
+        assert isinstance(reply, Assigned), (stored, job, reply)
         return
-    assert reply[0] == "waiting", (stored, job, expected, reply)
+    assert isinstance(reply, Waiting), (stored, job, expected, reply)
     assert expected.reason in tuple(Exclusion)
     # The script names the reason of a node it looked at (one the indexes let through); the
     # indexes, which count a waiting job's exclusions, name it too (silence aside: the scan's).
-    assert json.loads(reply[1])["counts"] in ({}, {expected.reason: 1}), (stored, job, expected)
+    assert reply.exclusions["counts"] in ({}, {expected.reason: 1}), (stored, job, expected)
     noted = jobs.dispatcher.note_waiting("j", needs)
     assert noted is not None and noted.total == 1
     counted = noted.exclusions

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from dispatcher.errors import InvalidJob
+from dispatcher.errors import InvalidJob, StoreError
 from dispatcher.filter import JobNeeds
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
@@ -70,7 +70,7 @@ def test_the_scripts_refuse_a_bad_id_before_writing(core: tuple[Registry, Jobs],
     for call in (lambda: jobs.scripts.submit_job("a:b", "k", T0, 0, {}, search),
                  lambda: jobs.scripts.cancel_job("a:b", "k", "n", T0, "r", 1000),
                  lambda: jobs.scripts.complete_job("j", "k", "n:queue", 1, T0, "{}", "1", 1000)):
-        with pytest.raises(redis.ResponseError, match="invalid"):
+        with pytest.raises(StoreError, match="invalid"):
             call()
     assert quiet_redis.dbsize() == 0
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.core import STORE_ERRORS, Core
+from dispatcher.core import Core
 from dispatcher.errors import InvalidTransition, StoreError, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
@@ -333,12 +333,9 @@ def conflict(exc: InvalidTransition) -> Any:
     return jsonify(error=str(exc)), 409
 
 
-def store_down(exc: Exception) -> Any:
+@api.errorhandler(StoreError)
+def store_down(exc: StoreError) -> Any:
     return jsonify(error=f"the dispatcher's store is unavailable: {exc}"), 503
-
-
-for _error in STORE_ERRORS:  # StoreError (and, until the core translates them, redis-py's)
-    api.register_error_handler(_error, store_down)
 
 
 @api.after_request

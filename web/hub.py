@@ -19,11 +19,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import redis
-
 from dispatcher.connection import pubsub_client
 from dispatcher.delivery import Outbox, WakeListener
-from dispatcher.errors import InvalidMessage, InvalidTransition
+from dispatcher.errors import InvalidMessage, InvalidTransition, StoreError
 from dispatcher.fleet import Fleet
 from dispatcher.jobs import Jobs
 from dispatcher.logs import log_event, report_gc_pauses
@@ -234,7 +232,7 @@ class Hub:
                     self.sweep()
                 self.report_statuses()
                 report_gc_pauses()
-            except redis.RedisError as exc:
+            except StoreError as exc:
                 log_event(log, "hub_tick_failed", logging.WARNING, error=str(exc))
             except Exception:  # noqa: BLE001 - the ticker must outlive any one bad tick
                 log.exception("hub_tick_crashed", extra={"event": "hub_tick_crashed"})

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, Response, jsonify, render_template, request
 
-from dispatcher.core import STORE_ERRORS
+from dispatcher.errors import StoreError
 from dispatcher.joblist import LIST_STATES
 from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.wording import ago, duration, plural
@@ -100,13 +100,10 @@ def bad_query(exc: BadQuery) -> Any:
     return Response(f"Bad request: {exc}\n", status=400, mimetype="text/plain")
 
 
-def store_down(exc: Exception) -> Any:
+@page.errorhandler(StoreError)
+def store_down(exc: StoreError) -> Any:
     # (the page's script shows it, and keeps trying)
     return Response(f"The dispatcher's store is unavailable: {exc}\n", status=503, mimetype="text/plain")
-
-
-for _error in STORE_ERRORS:  # StoreError (and, until the core translates them, redis-py's)
-    page.register_error_handler(_error, store_down)
 
 
 @page.get("/api/info")

@@ -18,8 +18,6 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis
-
 from dispatcher.delivery import CONTROL_PREFIX, POP_BATCH, parse_control
 from dispatcher.errors import (
     InvalidMessage,
@@ -30,6 +28,7 @@ from dispatcher.errors import (
     ProtocolError,
     RateLimited,
     SessionSuperseded,
+    StoreError,
 )
 from dispatcher.logs import log_event
 from dispatcher.messages import (
@@ -45,8 +44,9 @@ from dispatcher.messages import (
     decode_node_message,
 )
 from dispatcher.registry import SessionNode
+from dispatcher.scripts import Reply
 from web.transport import FrameTooLarge, Transport
-from dispatcher.vocabulary import CloseCode
+from dispatcher.vocabulary import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
     from web.hub import Hub
@@ -140,7 +140,7 @@ class NodeSession:
             return
         try:
             self.hub.registry.close_session(self.node.node_id, self.session_id, self._close_reason)
-        except redis.RedisError as exc:
+        except StoreError as exc:
             # The heartbeat timeout takes the node offline instead.
             log_event(log, "session_close_failed", logging.WARNING, node_id=self.node.node_id, error=str(exc))
 
@@ -167,10 +167,10 @@ class NodeSession:
         budget = self.hub.settings.max_message_bytes
         try:
             frames = self.hub.outbox.pop(self.node.node_id, self.session_id, budget)
-        except redis.RedisError as exc:
+        except StoreError as exc:
             log_event(log, "delivery_failed", logging.WARNING, node_id=self.node_id, error=str(exc))
             return  # the sweep wakes us again
-        if frames is None:
+        if frames is Reply.SUPERSEDED:
             self.close(CloseCode.SUPERSEDED, "superseded by a newer session", why="superseded")
             return
         for frame in frames:
@@ -205,9 +205,9 @@ class NodeSession:
             self._dispatch(msg)
         except ProtocolError as exc:
             self._refuse(exc, ref_type)
-        except redis.RedisError as exc:
+        except StoreError as exc:
             log_event(log, "store_unavailable", logging.ERROR, node_id=self.node_id, ref_type=ref_type, error=str(exc))
-            self._error("INTERNAL_ERROR", "the dispatcher's store is unavailable; send it again later", ref_type)
+            self._error(ErrorCode.INTERNAL_ERROR, "the dispatcher's store is unavailable; send it again later", ref_type)
             if ref_type == "job_result":
                 # A lost heartbeat or progress frame is replaced by the next one; a
                 # lost result is not. Ending the session makes the node resume, which
@@ -215,7 +215,7 @@ class NodeSession:
                 self.close(CloseCode.INTERNAL, "job result not recorded: reconnect and resume", why="result not recorded")
         except Exception:  # noqa: BLE001 - one bad frame must not end the session
             log.exception("frame_failed", extra={"event": "frame_failed", "node_id": self.node_id, "ref_type": ref_type})
-            self._error("INTERNAL_ERROR", "internal error while handling the frame", ref_type)
+            self._error(ErrorCode.INTERNAL_ERROR, "internal error while handling the frame", ref_type)
 
     def _flooded(self) -> None:
         self._rate_limited += 1
@@ -283,7 +283,7 @@ class NodeSession:
     def _on_heartbeat(self, msg: NodeHeartbeat) -> None:
         assert self.node is not None
         result = self.hub.registry.heartbeat(self.node, msg)
-        if result.refused == "superseded":
+        if result.refused is Reply.SUPERSEDED:
             raise SessionSuperseded("superseded by a newer session")
         if result.refused is not None:
             raise NodeOffline(f"node {self.node.node_id} is offline: register again (node_register with node_id and node_secret)")

@@ -1,0 +1,113 @@
+"""The boundary between the core and redis-py: every redis-py error becomes a ``StoreError``.
+
+The core's public methods (``Registry``, ``Jobs``, ``Fleet``, the views, the outbox) are
+what the web process calls, and they raise ``StoreError``, never a redis-py exception:
+``StoreUnavailable`` when Redis cannot be reached or does not answer in time, ``StoreError``
+when it refuses a command; the redis-py error is the ``__cause__``. Each call crosses one
+translation:
+
+- script calls, in ``Scripts._call`` (``store_errors``), batched or not;
+- every other command, in the client itself: ``Registry`` and ``Jobs`` keep a
+  ``StoreClient`` (``store_client``), a client of the same connection pool whose commands
+  and pipelines raise ``StoreError``; the views built on their ``client`` inherit it;
+- a plain command sent through a ``ScriptBatcher`` (``store_errors`` where it is sent).
+
+Code of the core that must tell redis-py's errors apart (a stream's consumer group gone)
+looks at the ``__cause__``. Publish/subscribe is outside: the wake listener has a client
+of its own and handles its errors itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.client import Pipeline
+from redis.exceptions import NoScriptError, WatchError
+
+from dispatcher.errors import StoreError, StoreUnavailable
+
+#: redis-py errors that mean Redis was not reached or did not answer (BusyLoadingError and
+#: AuthenticationError are ConnectionErrors).
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def store_error(exc: redis.RedisError) -> StoreError:
+    """The StoreError a redis-py error becomes, with its message (raise it ``from exc``)."""
+    kind = StoreUnavailable if isinstance(exc, _UNAVAILABLE) else StoreError
+    return kind(str(exc) or type(exc).__name__)
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Run the block with redis-py's errors raised as StoreErrors."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise store_error(exc) from exc
+
+
+def redis_refused(exc: BaseException, *codes: str) -> bool:
+    """Whether ``exc`` (a StoreError, or redis-py's own error) is Redis refusing a command;
+    given ``codes``, with an error reply naming one of them (e.g. ``NOGROUP``)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    return isinstance(cause, redis.ResponseError) and (not codes or any(code in str(cause) for code in codes))
+
+
+class StoreClient(redis.Redis):
+    """A client on the pool of another whose commands and pipelines raise StoreErrors.
+
+    Two redis-py errors pass as they are, for redis-py's own handling: ``NoScriptError``
+    (a ``Script`` loads itself again and retries) and ``WatchError`` (``transaction``
+    retries). Scripts are called through ``Scripts`` on the client it was made from
+    (``unwrapped``): ``Scripts._call`` translates their errors.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(connection_pool=client.connection_pool)
+        #: The client this one was made from, which raises redis-py's errors.
+        self.unwrapped = client
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().execute_command(*args, **options)
+        except (NoScriptError, WatchError):
+            raise
+        except redis.RedisError as exc:
+            raise store_error(exc) from exc
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> StorePipeline:
+        return StorePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class StorePipeline(Pipeline):
+    """A pipeline whose execution raises StoreErrors (with ``raise_on_error=False`` the
+    replies that are errors stay redis-py's, as values)."""
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return super().execute(raise_on_error)
+        except WatchError:
+            raise
+        except redis.RedisError as exc:
+            raise store_error(exc) from exc
+
+    def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().immediate_execute_command(*args, **options)
+        except WatchError:
+            raise
+        except redis.RedisError as exc:
+            raise store_error(exc) from exc
+
+
+def store_client(client: redis.Redis) -> StoreClient:
+    """``client`` as a StoreClient (itself when it is one)."""
+    return client if isinstance(client, StoreClient) else StoreClient(client)
+
+
+def unwrapped(client: redis.Redis) -> redis.Redis:
+    """The client that raises redis-py's errors behind ``client`` (itself when it is one)."""
+    return client.unwrapped if isinstance(client, StoreClient) else client
