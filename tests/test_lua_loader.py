@@ -1,0 +1,138 @@
+"""The Lua loader and what it asks of the scripts: every expanded script compiles, a Redis
+error names the source file and line, no script writes a domain word as a literal, and each
+script's header says which bundle keys it writes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from dispatcher.errors import StoreError
+from dispatcher.keys import Keys
+from dispatcher.scripts import Scripts, ScriptError, Source, _expanded, _lua_folder, script_sources, script_table
+from dispatcher.vocabulary import LUA_ENUMS, CloseCode
+
+LUA = Path(__file__).resolve().parent.parent / "lua"
+T0 = 1_700_000_000_000
+
+#: A Lua token the checks below care about; everything between them is skipped. Comments and
+#: strings are whole tokens, so a quote in a comment or "--" in a string misleads nothing.
+_TOKEN = re.compile(r"""
+    (?P<comment>--(?:\[(?P<ceq>=*)\[.*?\](?P=ceq)\]|[^\n]*))
+  | (?P<long>\[(?P<leq>=*)\[.*?\](?P=leq)\])
+  | (?P<string>'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*")
+  | (?P<number>\b\d+(?:\.\d+)?\b)
+  | (?P<name>[A-Za-z_]\w*)
+""", re.VERBOSE | re.DOTALL)
+
+
+def lua_files() -> list[Path]:
+    return sorted(LUA.glob("*.lua"))
+
+
+def read(name: str) -> str:
+    return (_lua_folder() / name).read_text()
+
+
+def line_of(path: Path, fragment: str) -> int:
+    """The line of ``path`` holding ``fragment`` (exactly one)."""
+    lines = [i for i, line in enumerate(path.read_text().split("\n"), 1) if fragment in line]
+    assert len(lines) == 1, (path.name, fragment, lines)
+    return lines[0]
+
+
+# --- every script compiles ---------------------------------------------------
+
+
+def test_every_expanded_script_compiles(r: redis.Redis) -> None:
+    sources = script_sources()
+    assert {p.stem for p in lua_files() if not p.name.startswith("_")} == set(sources)
+    for name, text in sources.items():
+        try:
+            r.script_load(text)
+        except redis.ResponseError as exc:
+            pytest.fail(f"{name} does not compile: {script_table()[name].locate(str(exc))}")
+
+
+def test_each_line_of_an_expanded_script_is_traced_to_its_file() -> None:
+    for name, source in script_table().items():
+        lines = source.text.split("\n")
+        assert len(lines) == len(source.origins), name
+        for line, origin in zip(lines, source.origins, strict=True):
+            if origin is not None:
+                assert (LUA / origin[0]).read_text().split("\n")[origin[1] - 1] == line, (name, origin)
+
+
+# --- errors name the source file and line --------------------------------------
+
+#: A script that fails where it is told to (its body has an include, as the real ones do).
+BROKEN = """--#include node
+-- broken_test: fails on purpose, at the line P.fail names.
+redis.call('SET', P.key, 'a string')
+if P.fail == 'error' then
+  error('boom')
+end
+if P.fail == 'wrongtype' then
+  redis.call('HSET', P.key, 'field', 'value')
+end
+return 'ok'
+"""
+
+
+@pytest.fixture
+def broken(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Scripts, Source]]:
+    """Scripts with BROKEN among them, loaded through the loader's own expansion."""
+    source = _expanded("broken_test.lua", BROKEN, read)
+    scripts = Scripts(r, Keys())
+    monkeypatch.setitem(script_table(), "broken_test", source)
+    monkeypatch.setitem(scripts._scripts, "broken_test", r.register_script(source.text))
+    yield scripts, source
+
+
+@pytest.mark.parametrize(("fail", "line", "text"), [("error", 5, "boom"), ("wrongtype", 8, "WRONGTYPE")])
+def test_an_error_in_a_script_names_its_file_and_line(broken: tuple[Scripts, Source], fail: str, line: int,
+                                                      text: str) -> None:
+    scripts, source = broken
+    with pytest.raises(StoreError) as caught:
+        scripts._call("broken_test", scripts.keys.node_bundle("n1"), {"node_id": "n1", "key": "{test}:broken",
+                                                                      "fail": fail})
+    message = str(caught.value)
+    assert message.startswith("broken_test: ")
+    assert f"lua/broken_test.lua:{line}" in message and text in message
+    assert "user_script" not in message
+    assert isinstance(caught.value.__cause__, redis.ResponseError)
+    assert isinstance(caught.value, redis.ResponseError)  # as callers that catch those expect
+    # The line Redis named is the expanded text's, far below the source's.
+    expanded_line = int(re.search(r"user_script:(\d+)", str(caught.value.__cause__)).group(1))
+    assert source.origins[expanded_line - 1] == ("broken_test.lua", line) and expanded_line > line
+
+
+def test_an_error_in_a_prelude_names_the_prelude(r: redis.Redis) -> None:
+    scripts = Scripts(r, Keys())
+    r.hset(scripts.keys.job("j1"), mapping={"state": "waiting", "needs_class": "kind-a"})
+    with pytest.raises(ScriptError, match=r"lua/_job\.lua:(\d+): job j1 is of kind kind-a, not kind-b") as caught:
+        scripts.expire_dispatch("j1", "kind-b", T0, "no node", {}, 1000)
+    assert int(re.search(r"_job\.lua:(\d+)", str(caught.value)).group(1)) == line_of(LUA / "_job.lua",
+                                                                                    "' is of kind '")
+
+
+def test_a_script_that_does_not_compile_names_its_file_and_line(r: redis.Redis,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _expanded("broken_test.lua", "--#include job\n-- line 2\nlocal x = = 1\n", read)
+    scripts = Scripts(r, Keys())
+    monkeypatch.setitem(script_table(), "broken_test", source)
+    monkeypatch.setitem(scripts._scripts, "broken_test", r.register_script(source.text))
+    with pytest.raises(ScriptError, match=r"^broken_test: Error compiling script .*lua/broken_test\.lua:3: "
+                                          r"unexpected symbol near '='"):
+        scripts._call("broken_test", scripts.keys.job_bundle("j1", "k"), {"job_id": "j1"})
+
+
+def test_a_script_without_include_is_its_own_text() -> None:
+    plain = _expanded("plain.lua", "local a = 1\nreturn a", read)
+    assert plain.text == "local a = 1\nreturn a" and plain.where(2) == "lua/plain.lua:2"
+    assert plain.locate("user_script:2: x script: abc, on @user_script:2.") == \
+        "lua/plain.lua:2: x script: abc, on lua/plain.lua:2."
