@@ -12,10 +12,10 @@ if not job.state then return {'unknown'} end
 if TERMINAL[job.state] then return {'finished', job.state} end
 if (job.node_id or '') ~= P.node_id then return {'moved'} end
 local node_id = job.node_id or ''
-if job.state == 'assigned' or job.state == 'running' then
+if job.state == JobState.ASSIGNED or job.state == JobState.RUNNING then
   stop_on_node(node_id, job, P.reason, P.now_ms)
   release_slot(node_id, P.now_ms)
 end
-local outcome = finish(job, 'cancelled', {state = 'cancelled', reason = P.reason, node_id = node_id,
+local outcome = finish(job, JobState.CANCELLED, {state = JobState.CANCELLED, reason = P.reason, node_id = node_id,
   attempt = tonumber(job.attempt)}, P.now_ms)
-return {'cancelled', node_id, cjson.encode(outcome)}
+return {JobState.CANCELLED, node_id, cjson.encode(outcome)}

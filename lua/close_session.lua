@@ -9,6 +9,6 @@
 local fields = redis.call('HMGET', K.node, 'session_id', 'status')
 if fields[1] ~= P.session_id then return {'ignored'} end
 redis.call('HSET', K.node, 'connected', '0')
-if fields[2] == 'offline' then return {'ignored'} end
+if fields[2] == NodeStatus.OFFLINE then return {'ignored'} end
 go_offline(P.node_id, P.reason, P.now_ms)
-return {'offline', fields[2]}
+return {NodeStatus.OFFLINE, fields[2]}

@@ -18,7 +18,7 @@
 --          {"need_kind"}: it would wait again, and needs_class was not given (nothing written)
 
 local job = job_get(LIFE_FIELDS)
-if (job.state ~= 'assigned' and job.state ~= 'running') or tonumber(job.attempt) ~= P.attempt
+if (job.state ~= JobState.ASSIGNED and job.state ~= JobState.RUNNING) or tonumber(job.attempt) ~= P.attempt
     or job.node_id ~= P.node_id then
   return {'stale', job.state or 'unknown'}
 end
@@ -32,17 +32,17 @@ local freed, n = release_slot(node_id, now)
 local degraded = note_job_outcome(node_id, n, (not meta.success and err.node_fault == true) and err.code or nil, now)
 local kick = (freed and not degraded) and '1' or '0'
 if meta.success then
-  local outcome = {state = 'succeeded', node_id = node_id, attempt = tonumber(job.attempt),
+  local outcome = {state = JobState.SUCCEEDED, node_id = node_id, attempt = tonumber(job.attempt),
     duration_ms = meta.duration_ms}
-  finish(job, 'succeeded', outcome, now, {'output', P.output, 'result_received_ms', now}, P.output)
-  return {'succeeded', kick, cjson.encode(outcome), job.assigned_ms, degraded or ''}
+  finish(job, JobState.SUCCEEDED, outcome, now, {'output', P.output, 'result_received_ms', now}, P.output)
+  return {JobState.SUCCEEDED, kick, cjson.encode(outcome), job.assigned_ms, degraded or ''}
 end
 if retry then
   back_to_waiting(job, 'failed: ' .. err.code, now, {'last_error', cjson.encode(err), 'result_received_ms', now})
   return {'retry', '1', job.worker or '', degraded or ''}
 end
-local outcome = {state = 'failed', code = err.code, message = err.message, node_id = node_id,
+local outcome = {state = JobState.FAILED, code = err.code, message = err.message, node_id = node_id,
   attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts), retryable = err.retryable,
   node_fault = err.node_fault}
-finish(job, 'failed', outcome, now, {'result_received_ms', now})
-return {'failed', kick, cjson.encode(outcome), job.assigned_ms, degraded or ''}
+finish(job, JobState.FAILED, outcome, now, {'result_received_ms', now})
+return {JobState.FAILED, kick, cjson.encode(outcome), job.assigned_ms, degraded or ''}

@@ -12,16 +12,16 @@
 
 local status = redis.call('HGET', K.node, 'status')
 if status == false then return {'unknown'} end
-if status ~= 'ready' and status ~= 'degraded' then return {'refused', status} end
+if status ~= NodeStatus.READY and status ~= NodeStatus.DEGRADED then return {'refused', status} end
 local jobs = redis.call('HLEN', K.assigned)
 local deadline = P.deadline_ms ~= cjson.null and P.deadline_ms or ''
 redis.call('HSET', K.node, 'drain_requested_ms', P.now_ms, 'drain_requested_by', P.requested_by,
   'drain_reason', P.reason, 'drain_deadline_ms', deadline, 'drain_jobs_at_start', jobs,
   'drain_ended_ms', '', 'drain_outcome', '', 'drain_pending', '1')
-transition(P.node_id, 'draining', 'drain requested by ' .. P.requested_by .. ': ' .. P.reason, P.now_ms)
+transition(P.node_id, NodeStatus.DRAINING, 'drain requested by ' .. P.requested_by .. ': ' .. P.reason, P.now_ms)
 if jobs == 0 then
   finish_drain(P.node_id, 'drained: no jobs were assigned', P.now_ms)
   return {'drained', 0, status}
 end
 redis.call('ZADD', K.drains, deadline ~= '' and deadline or '+inf', P.node_id)
-return {'draining', jobs, status}
+return {NodeStatus.DRAINING, jobs, status}

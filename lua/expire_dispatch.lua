@@ -9,7 +9,7 @@
 
 local job = job_get(LIFE_FIELDS)
 local due = redis.call('ZSCORE', J.deadlines, P.job_id)
-if job.state ~= 'waiting' or not due or (tonumber(due) > P.now_ms and not P.at_once) then return {'kept'} end
-local outcome = finish(job, 'failed', {state = 'failed', code = 'NO_ELIGIBLE_NODE', message = P.message,
-  exclusions = P.exclusions}, P.now_ms)
-return {'failed', cjson.encode(outcome)}
+if job.state ~= JobState.WAITING or not due or (tonumber(due) > P.now_ms and not P.at_once) then return {'kept'} end
+local outcome = finish(job, JobState.FAILED, {state = JobState.FAILED, code = FailureCode.NO_ELIGIBLE_NODE,
+  message = P.message, exclusions = P.exclusions}, P.now_ms)
+return {JobState.FAILED, cjson.encode(outcome)}

@@ -7,7 +7,7 @@
 -- Returns: {"drained", jobs handed back} | {"gone"}: not draining, or not yet due
 
 local fields = redis.call('HMGET', K.node, 'status', 'drain_deadline_ms')
-if fields[1] ~= 'draining' then
+if fields[1] ~= NodeStatus.DRAINING then
   redis.call('ZREM', K.drains, P.node_id)
   return {'gone'}
 end

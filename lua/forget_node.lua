@@ -19,7 +19,7 @@
 
 local node_id, now = P.node_id, P.now_ms
 local n = redis.call('HMGET', K.node, 'status', 'last_seen_ms', 'models', 'labels')
-if n[1] ~= 'offline' then
+if n[1] ~= NodeStatus.OFFLINE then
   redis.call('ZREM', K.offline_since, node_id)
   return {'gone', n[1] or 'unknown'}
 end
@@ -36,7 +36,7 @@ if redis.call('HLEN', K.assigned) > 0 then
 end
 
 for i = NEXT, #KEYS do redis.call('SREM', KEYS[i], node_id) end
-for _, status in ipairs(STATUSES) do redis.call('SREM', status_key(status), node_id) end
+for _, status in ipairs(NODE_STATUSES) do redis.call('SREM', status_key(status), node_id) end
 for _, key in ipairs({K.gpu_index, K.public_index, K.resources_index}) do
   redis.call('SREM', key, node_id)
 end

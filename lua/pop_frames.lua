@@ -1,6 +1,7 @@
 -- pop_frames: take the frames queued for a node, for the session that holds it.
 -- Plain KEYS/ARGV, no prelude: the web process calls it for every delivery, and
--- it needs neither a bundle nor the JSON parameters.
+-- it needs neither a bundle nor the JSON parameters. It names no domain word
+-- (status, state, code) either, so it needs none of the vocabulary's constants.
 --
 -- KEYS[1]: the node hash   KEYS[2]: the node's queue
 -- ARGV[1]: session id      ARGV[2]: most frames to take

@@ -60,7 +60,7 @@ redis.call('SREM', K.resources_index, node_id)
 -- Frames queued for an older session are stale; the assignments and the
 -- cancels of attempts that may still run there are not.
 redis.call('DEL', K.queue)
-transition(node_id, 'registering', exists and 'resumed' or 'registered', now)
+transition(node_id, NodeStatus.REGISTERING, exists and 'resumed' or 'registered', now)
 redis.call('ZREMRANGEBYSCORE', K.cancels, '-inf', now)
 for _, frame in ipairs(redis.call('ZRANGE', K.cancels, 0, -1)) do
   redis.call('RPUSH', K.queue, frame)
@@ -71,5 +71,5 @@ end
 
 -- An older session, wherever it is, finds on its next pop that it no longer
 -- holds the node (the wake above reaches it) and closes.
-if not exists then return {'created', 'registering'} end
-return {'resumed', 'registering', stored[4] or ''}
+if not exists then return {'created', NodeStatus.REGISTERING} end
+return {'resumed', NodeStatus.REGISTERING, stored[4] or ''}

@@ -15,9 +15,9 @@
 --          {"gone"}: the job is not on a node any more | {"moved"}: read again
 
 local job = job_get(LIFE_FIELDS)
-if job.state ~= 'assigned' and job.state ~= 'running' then return {'gone'} end
+if job.state ~= JobState.ASSIGNED and job.state ~= JobState.RUNNING then return {'gone'} end
 if job.node_id ~= P.node_id then return {'moved'} end
-if P.only_if_offline and redis.call('HGET', K.node, 'status') ~= 'offline' then return {'kept'} end
+if P.only_if_offline and redis.call('HGET', K.node, 'status') ~= NodeStatus.OFFLINE then return {'kept'} end
 if P.only_if_due then
   local due = redis.call('ZSCORE', J.deadlines, P.job_id)
   if not due or tonumber(due) > P.now_ms then return {'kept'} end
@@ -30,6 +30,6 @@ if tonumber(job.attempt) < tonumber(job.max_attempts) then
   back_to_waiting(job, P.code, now, {'last_error', cjson.encode({code = P.code, message = P.message})})
   return {'retry', job.worker or '', degraded}
 end
-local outcome = finish(job, 'failed', {state = 'failed', code = P.code, message = P.message, node_id = node_id,
-  attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)
-return {'failed', cjson.encode(outcome), degraded}
+local outcome = finish(job, JobState.FAILED, {state = JobState.FAILED, code = P.code, message = P.message,
+  node_id = node_id, attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)
+return {JobState.FAILED, cjson.encode(outcome), degraded}

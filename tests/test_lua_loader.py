@@ -136,3 +136,56 @@ def test_a_script_without_include_is_its_own_text() -> None:
     assert plain.text == "local a = 1\nreturn a" and plain.where(2) == "lua/plain.lua:2"
     assert plain.locate("user_script:2: x script: abc, on @user_script:2.") == \
         "lua/plain.lua:2: x script: abc, on lua/plain.lua:2."
+
+
+# --- every domain word comes from the constants -----------------------------------
+
+#: Literals that equal a domain word but are not one, by file: how many, and what they are.
+#: Anything else equal to a value of LUA_ENUMS is a literal that should be a constant.
+NOT_DOMAIN_WORDS = {
+    ("_job.lua", "ready"): (1, "a model's status (ModelState, which the preamble does not carry)"),
+    ("record_heartbeat.lua", "ready"): (1, "a model's status"),
+    ("expire_warmup.lua", "waiting"): (1, "its reply: the warmup is not over"),
+    ("undrain_node.lua", "cancelled"): (3, "drain_outcome's word, and the reply saying so"),
+}
+
+
+def literals(text: str) -> Iterator[tuple[int, str, str]]:
+    """(line, kind, value) of each string and number literal of Lua ``text`` outside comments."""
+    for match in _TOKEN.finditer(text):
+        kind = match.lastgroup
+        if kind in ("string", "long", "number"):
+            value = match.group(kind)
+            if kind == "string":
+                value = value[1:-1]
+            elif kind == "long":
+                value = value[value.index("[", 1) + 1:value.rindex("]", 0, -1)]
+            yield text.count("\n", 0, match.start()) + 1, kind, value
+
+
+def test_no_script_writes_a_domain_word_as_a_literal() -> None:
+    words = {str(m.value): f"{lua_name}.{m.name}" for lua_name, enum in LUA_ENUMS.items() for m in enum
+             if isinstance(m.value, str)}
+    # Close codes are numbers; 1000 (NORMAL) is left out, as it is also the milliseconds in a second.
+    codes = {str(int(m)): f"CloseCode.{m.name}" for m in CloseCode if m != CloseCode.NORMAL}
+    found: dict[tuple[str, str], list[int]] = {}
+    wrong = []
+    for path in lua_files():
+        for line, kind, value in literals(path.read_text()):
+            if kind == "number" and value in codes:
+                wrong.append(f"lua/{path.name}:{line}: {value} should be {codes[value]}")
+            elif kind != "number" and value in words:
+                found.setdefault((path.name, value), []).append(line)
+    for (name, value), lines in found.items():
+        allowed, _ = NOT_DOMAIN_WORDS.get((name, value), (0, ""))
+        if len(lines) != allowed:
+            wrong.append(f"lua/{name}:{','.join(map(str, lines))}: {value!r} should be {words[value]}"
+                         f" ({len(lines)} found, {allowed} known not to be one)")
+    assert not wrong, "\n".join(wrong)
+    assert set(NOT_DOMAIN_WORDS) <= set(found), "a known exception is gone: remove it from NOT_DOMAIN_WORDS"
+
+
+def test_the_literal_check_sees_through_comments_and_finds_literals() -> None:
+    text = "-- 'ready' in a comment\nlocal s = 'ready' -- and \"offline\"\nlocal t = [[draining]] .. \"x--y\"\nf(4002)"
+    assert list(literals(text)) == [(2, "string", "ready"), (3, "long", "draining"), (3, "string", "x--y"),
+                                    (4, "number", "4002")]
