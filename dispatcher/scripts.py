@@ -259,7 +259,7 @@ class Scripts:
         ("drained", "0", ...), ("refused", current status, "") or ("unknown", "", "")."""
         reply = self._call("drain_node", self.keys.node_bundle(node_id), {
             "node_id": node_id, "now_ms": now_ms, "requested_by": requested_by, "reason": reason,
-            "deadline_ms": deadline_ms, "reassign_grace_ms": 0})
+            "deadline_ms": deadline_ms})
         padded = [str(x) for x in reply] + ["", ""]
         return padded[0], padded[1], padded[2]
 
@@ -273,7 +273,7 @@ class Scripts:
     def expire_drain(self, node_id: str, now_ms: int) -> int | None:
         """Finish a drain whose deadline passed. Returns the jobs handed back, or None."""
         reply = self._call("expire_drain", self.keys.node_bundle(node_id), {
-            "node_id": node_id, "now_ms": now_ms, "reassign_grace_ms": 0})
+            "node_id": node_id, "now_ms": now_ms})
         return int(reply[1]) if reply[0] == "drained" else None
 
     def forget_node(self, node_id: str, extra_keys: list[str], params: dict[str, Any]) -> tuple[str, str]:
@@ -377,14 +377,13 @@ class Scripts:
         return list(self._job_call("release_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,
             "cancel_on_node": cancel_on_node, "only_if_offline": only_if_offline, "only_if_due": only_if_due,
-            "retention_ms": retention_ms, "reassign_grace_ms": 0, "job_health": job_health}, node_id=node_id))
+            "retention_ms": retention_ms, "job_health": job_health}, node_id=node_id))
 
     def cancel_job(self, job_id: str, needs_class: str, node_id: str, now_ms: int, reason: str,
                    retention_ms: int) -> list[Any]:
         """Returns ["cancelled", node id or "", outcome JSON], ["finished", state], ["unknown"] or ["moved"]."""
         return list(self._job_call("cancel_job", job_id, needs_class, {
-            "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms,
-            "reassign_grace_ms": 0}, node_id=node_id))
+            "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms}, node_id=node_id))
 
     def note_waiting(self, job_id: str, nodes_key: str, steps: list[tuple[str, list[str], bool]], now_ms: int,
                      examples: int, budget: int) -> tuple[dict[str, Any], str] | None:

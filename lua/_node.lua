@@ -77,12 +77,12 @@ local function cooling_down(until_ms, now_ms)
   return now_ms < (tonumber(until_ms or '') or 0)
 end
 
--- Offline: the node's assigned jobs wait P.reassign_grace_ms for it to resume,
--- then they are dispatched elsewhere.
-local function go_offline(node_id, reason, now_ms)
+-- Offline: the node's assigned jobs wait ``grace_ms`` (the caller's setting) for it to
+-- resume, then they are dispatched elsewhere.
+local function go_offline(node_id, reason, now_ms, grace_ms)
   transition(node_id, NodeStatus.OFFLINE, reason, now_ms)
   if redis.call('HLEN', K.assigned) > 0 then
-    redis.call('ZADD', K.lost, now_ms + P.reassign_grace_ms, node_id)
+    redis.call('ZADD', K.lost, now_ms + grace_ms, node_id)
   end
 end
 

@@ -10,5 +10,5 @@ local fields = redis.call('HMGET', K.node, 'session_id', 'status')
 if fields[1] ~= P.session_id then return {'ignored'} end
 redis.call('HSET', K.node, 'connected', '0')
 if fields[2] == NodeStatus.OFFLINE then return {'ignored'} end
-go_offline(P.node_id, P.reason, P.now_ms)
+go_offline(P.node_id, P.reason, P.now_ms, P.reassign_grace_ms)
 return {NodeStatus.OFFLINE, fields[2]}

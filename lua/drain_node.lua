@@ -4,7 +4,7 @@
 --
 -- KEYS: the node bundle
 -- P: node_id, now_ms, requested_by, reason, deadline_ms (or null: no deadline),
---    wake_channel, reassign_grace_ms
+--    wake_channel
 -- Returns: {"draining", jobs left, previous status}
 --          {"drained", 0, previous status}: nothing was assigned, offline now
 --          {"refused", status}: only a ready or degraded node can be drained

@@ -3,7 +3,7 @@
 -- dispatch now, and the node goes offline.
 --
 -- KEYS: the node bundle
--- P: node_id, now_ms, wake_channel, reassign_grace_ms
+-- P: node_id, now_ms, wake_channel
 -- Returns: {"drained", jobs handed back} | {"gone"}: not draining, or not yet due
 
 local fields = redis.call('HMGET', K.node, 'status', 'drain_deadline_ms')

@@ -16,6 +16,6 @@ end
 local silent_ms = P.now_ms - tonumber(fields[2])
 if silent_ms < P.timeout_ms then return {'alive'} end
 local reason = 'no heartbeat for ' .. math.floor(silent_ms / 1000) .. ' s'
-go_offline(P.node_id, reason, P.now_ms)
+go_offline(P.node_id, reason, P.now_ms, P.reassign_grace_ms)
 end_session(P.node_id, CloseCode.NODE_OFFLINE, 'node is offline (' .. reason .. '): register again')
 return {NodeStatus.OFFLINE, fields[1], reason}
