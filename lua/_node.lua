@@ -48,11 +48,13 @@ local function transition(node_id, to, reason, now_ms, extra)
     redis.call('ZREM', K.warmup, node_id)
   end
   if to == NodeStatus.OFFLINE then
+    -- (whoever takes a node offline writes why in ``extra``, field offline_cause: see go_offline)
     redis.call('ZREM', K.liveness, node_id)
     redis.call('ZREM', K.drains, node_id)
     redis.call('ZADD', K.offline_since, now_ms, node_id)
   else
     redis.call('ZREM', K.offline_since, node_id)
+    if from == NodeStatus.OFFLINE then redis.call('HDEL', K.node, 'offline_cause') end
   end
   if to == NodeStatus.READY then
     -- A node that turns ready may take waiting jobs: into the capacity index (which holds
@@ -78,19 +80,24 @@ local function cooling_down(until_ms, now_ms)
 end
 
 -- Offline: the node's assigned jobs wait ``grace_ms`` (the caller's setting) for it to
--- resume, then they are dispatched elsewhere.
+-- resume, then they are dispatched elsewhere. Every way offline records why for code in
+-- field offline_cause, a FailureCode: what the jobs taken back from the node fail or retry
+-- with (dispatcher/recovery.py); status_reason says it for people. Deleted when the node
+-- leaves offline.
 local function go_offline(node_id, reason, now_ms, grace_ms)
-  transition(node_id, NodeStatus.OFFLINE, reason, now_ms)
+  transition(node_id, NodeStatus.OFFLINE, reason, now_ms, {'offline_cause', FailureCode.NODE_LOST})
   if redis.call('HLEN', K.assigned) > 0 then
     redis.call('ZADD', K.lost, now_ms + grace_ms, node_id)
   end
 end
 
 -- A drain is over: the node goes offline and keeps its session, so that it
--- stays out of service until an undrain (or until it registers again).
-local function finish_drain(node_id, reason, now_ms)
+-- stays out of service until an undrain (or until it registers again). ``cause``: its
+-- offline_cause, FailureCode.DRAIN_DEADLINE when the deadline passed with jobs left
+-- (default NODE_LOST, as go_offline's: a drain that ended on its own leaves no job).
+local function finish_drain(node_id, reason, now_ms, cause)
   redis.call('HSET', K.node, 'drain_ended_ms', now_ms, 'drain_outcome', 'drained', 'drain_pending', '0')
-  transition(node_id, NodeStatus.OFFLINE, reason, now_ms)
+  transition(node_id, NodeStatus.OFFLINE, reason, now_ms, {'offline_cause', cause or FailureCode.NODE_LOST})
 end
 
 -- A drain outlives the node's session: a node that drops out while draining

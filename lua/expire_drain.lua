@@ -14,7 +14,7 @@ end
 if fields[2] == false or fields[2] == '' or tonumber(fields[2]) > P.now_ms then return {'gone'} end
 local jobs = redis.call('HLEN', K.assigned)
 finish_drain(P.node_id, 'drain deadline passed with ' .. jobs .. (jobs == 1 and ' job' or ' jobs') .. ' left',
-  P.now_ms)
+  P.now_ms, FailureCode.DRAIN_DEADLINE)
 if jobs > 0 then
   -- Lost right away: the next lost-node pass re-dispatches them elsewhere.
   redis.call('ZADD', K.lost, P.now_ms, P.node_id)

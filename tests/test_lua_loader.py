@@ -4,17 +4,25 @@ script's header says which bundle keys it writes."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from dispatcher.errors import StoreError
+from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
+from dispatcher.messages import NodeRegister
+from dispatcher.recovery import Recovery
+from dispatcher.registry import Registry, hash_secret
 from dispatcher.scripts import Scripts, ScriptError, Source, _expanded, _lua_folder, script_sources, script_table
-from dispatcher.vocabulary import LUA_ENUMS, CloseCode
+from dispatcher.vocabulary import LUA_ENUMS, CloseCode, FailureCode
+from tests.conftest import client_app
+from tests.test_dispatch import T0 as FLEET_T0, add_node
 
 LUA = Path(__file__).resolve().parent.parent / "lua"
 T0 = 1_700_000_000_000
@@ -189,3 +197,41 @@ def test_the_literal_check_sees_through_comments_and_finds_literals() -> None:
     text = "-- 'ready' in a comment\nlocal s = 'ready' -- and \"offline\"\nlocal t = [[draining]] .. \"x--y\"\nf(4002)"
     assert list(literals(text)) == [(2, "string", "ready"), (3, "long", "draining"), (3, "string", "x--y"),
                                     (4, "number", "4002")]
+
+
+# --- code decides on codes, never on human text ------------------------------------
+
+
+@pytest.fixture
+def fleet(make_settings: Any, r: redis.Redis, db_url: str) -> tuple[Registry, Jobs]:
+    settings = make_settings(key_prefix="{loadertest}")  # (a prefix of its own: its tally counts stay its own)
+    clock = lambda: FLEET_T0 + 10_000  # noqa: E731
+    return Registry(r, settings, clock=clock), Jobs(r, settings, client_app(db_url), clock=clock)
+
+
+def test_a_node_offline_records_why_as_a_code_and_recovery_decides_on_it(fleet: tuple[Registry, Jobs],
+                                                                          r: redis.Redis) -> None:
+    registry, jobs = fleet
+    scripts, keys, now = jobs.scripts, jobs.keys, FLEET_T0 + 10_000
+    cause = lambda node_id: r.hget(keys.node(node_id), "offline_cause")  # noqa: E731
+    drained = add_node(registry)
+    assert jobs.submit("j-drained", {"job_type": "t"}).node_id == drained
+    lost = add_node(registry)
+    assert jobs.submit("j-lost", {"job_type": "t"}).node_id == lost
+    assert scripts.drain_node(drained, now, "op", "test", now + 500)[0] == "draining"
+    assert cause(drained) is None
+    assert scripts.expire_drain(drained, now + 1000) == 1
+    assert scripts.expire_node(lost, now + 1000, 1, 0) is not None
+    assert (cause(drained), cause(lost)) == (FailureCode.DRAIN_DEADLINE, FailureCode.NODE_LOST)
+    # The reasons are for people: recovery reads the codes, whatever the reasons say.
+    r.hset(keys.node(drained), "status_reason", "no heartbeat for 9 s")
+    r.hset(keys.node(lost), "status_reason", "drain deadline passed with 1 job left")
+    Recovery(jobs).scan(now=now + 1000)
+    outcome = lambda job_id: json.loads(r.hget(keys.job(job_id), "attempts"))[0]["outcome"]  # noqa: E731
+    assert (outcome("j-drained"), outcome("j-lost")) == (FailureCode.DRAIN_DEADLINE, FailureCode.NODE_LOST)
+    # Back from offline, the node has no cause any more.
+    r.hset(keys.node(lost), "secret_hash", hash_secret("its secret"))
+    msg = NodeRegister.model_validate_json(json.dumps({"type": "node_register", "node_id": lost,
+                                                       "node_secret": "its secret"}))
+    assert registry.register(msg, "s2", "w", now=now + 2000).resumed
+    assert r.hget(keys.node(lost), "status") == "registering" and cause(lost) is None
