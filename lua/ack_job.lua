@@ -6,6 +6,7 @@
 --
 -- KEYS: the job bundle
 -- P: job_id, attempt, node_id, now_ms, progress (or null), message (or null)
+-- Writes: J.job, J.result
 -- Returns: {"started", kind, worker}: first word from the node on this attempt
 --          (worker: the Celery worker that took the submission, for the task event)
 --          {"running", kind}: already started (a repeated ack, or progress)

@@ -4,6 +4,10 @@
 --
 -- KEYS: the node bundle of the job's node (any node's when it has none), then the job bundle
 -- P: job_id, needs_class, node_id (as the caller read it, '' when none), now_ms, reason, retention_ms, wake_channel
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.result, J.finished_cancelled; K.node, K.liveness, K.warmup, K[status], K.queue,
+--         K.node_transitions, K.transitions, K.capacity_index, K.assigned, K.cancels, K.drains,
+--         K.offline_since
 -- Returns: {"cancelled", node id or ""} | {"finished", state}: too late
 --          {"unknown"} | {"moved"}: read again
 

@@ -4,6 +4,8 @@
 --
 -- KEYS: the node bundle
 -- P: node_id, session_id, reason, now_ms, wake_channel, reassign_grace_ms
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.capacity_index, K.drains, K.lost, K.offline_since
 -- Returns: {"offline", previous status} | {"ignored"}: unknown node, another session, or already offline
 
 local fields = redis.call('HMGET', K.node, 'session_id', 'status')

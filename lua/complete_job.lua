@@ -10,6 +10,10 @@
 --    output (JSON text, exactly as the node sent it), now_ms, retention_ms,
 --    needs_class (or null when the caller does not know it), wake_channel,
 --    job_health (see note_job_outcome: an error with node_fault counts against the node)
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.result, J.finished_succeeded, J.finished_failed; K.node, K.liveness, K.warmup,
+--         K[status], K.queue, K.node_transitions, K.transitions, K.capacity_index, K.assigned,
+--         K.drains, K.offline_since
 -- Returns: {"succeeded" | "failed", kick, outcome JSON, assigned_ms, degraded}
 --          {"retry", kick, worker, degraded}: worker, the Celery worker that took the submission
 --          kick "1": a waiting job could take the freed slot (a pass over them is due)

@@ -6,6 +6,7 @@
 --
 -- KEYS[i]: a node hash
 -- ARGV[i]: JSON object {field: count} to add to KEYS[i] (fields "finished_<state>")
+-- Writes: no bundle key (no prelude): the node hashes in KEYS (HINCRBY)
 -- Returns: how many of the nodes still existed
 
 local counted = 0

@@ -9,6 +9,8 @@
 --    read in load order before the sets are intersected), node_key,
 --    heartbeat_timeout_ms, resource_threshold, examples (ids kept per reason),
 --    wake_channel
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.capacity_index; and the chosen node's assigned jobs and queue (named from P.node_key)
 -- Returns: {"assigned", node id, attempt, exclusions JSON, ms waited since the job (last) began waiting}
 --          {"waiting", exclusions JSON}: no candidate fits
 --          {"not_waiting", state}

@@ -5,6 +5,8 @@
 -- KEYS: the node bundle
 -- P: node_id, now_ms, requested_by, reason, deadline_ms (or null: no deadline),
 --    wake_channel
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.capacity_index, K.drains, K.offline_since
 -- Returns: {"draining", jobs left, previous status}
 --          {"drained", 0, previous status}: nothing was assigned, offline now
 --          {"refused", status}: only a ready or degraded node can be drained

@@ -5,6 +5,8 @@
 -- KEYS: the job bundle
 -- P: job_id, needs_class, now_ms, message, exclusions (counts and examples by reason), retention_ms,
 --    at_once (fail_fast: before the deadline)
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.result, J.finished_failed
 -- Returns: {"failed", outcome JSON} | {"kept"}: not waiting, or not yet due
 
 local job = job_get(LIFE_FIELDS)

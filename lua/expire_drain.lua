@@ -4,6 +4,8 @@
 --
 -- KEYS: the node bundle
 -- P: node_id, now_ms, wake_channel
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.capacity_index, K.drains, K.lost, K.offline_since
 -- Returns: {"drained", jobs handed back} | {"gone"}: not draining, or not yet due
 
 local fields = redis.call('HMGET', K.node, 'status', 'drain_deadline_ms')

@@ -6,6 +6,8 @@
 --
 -- KEYS: the node bundle
 -- P: node_id, now_ms, timeout_ms, wake_channel, reassign_grace_ms
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.capacity_index, K.drains, K.lost, K.offline_since
 -- Returns: {"offline", previous status, reason} | {"alive"} | {"gone"}: not a live node
 
 local fields = redis.call('HMGET', K.node, 'status', 'last_seen_ms')

@@ -4,6 +4,8 @@
 --
 -- KEYS: the node bundle
 -- P: node_id, now_ms, warmup_ms, wake_channel
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.capacity_index, K.drains, K.offline_since
 -- Returns: {"degraded", reason} | {"waiting"}: still within warmup, or healthy so far | {"gone"}
 
 local fields = redis.call('HMGET', K.node, 'status', 'status_since_ms', 'last_healthy', 'last_health_reason')

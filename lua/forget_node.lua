@@ -13,6 +13,10 @@
 -- P: node_id, now_ms, retention_ms, expected_models / expected_labels (the
 --    stored JSON texts the caller read), index_models (list), index_labels
 --    (list of "key=value")
+-- Writes: K.node, K.nodes, K.liveness, K.warmup, K[status], K.queue, K.node_transitions,
+--         K.gpu_index, K.public_index, K.resources_index, K.capacity_index, K.assigned, K.cancels,
+--         K.drains, K.lost, K.offline_since; and every key after the bundle (model and label
+--         indexes, the set of cordoned nodes)
 -- Returns: {"forgotten"} | {"kept", "seen" | "jobs"}: not due yet (checked again later):
 --          heard from within the retention, or jobs still assigned
 --          {"gone", status}: not an offline node | {"retry"}: its models or labels changed since the caller read them

@@ -17,6 +17,7 @@
 -- KEYS: the job bundle, then the key of all nodes, then each step's index keys
 --       in the filter's order (sets, or sorted sets such as the capacity index)
 -- P: job_id, now_ms, steps ({reason, number of its keys, excluding} in order), examples, budget
+-- Writes: J.job, J.result
 -- Returns: {"noted", meta JSON, worker (for the task event)} | {"not_waiting", state}
 
 local job = job_get({'state', 'waiting_since_ms', 'dispatch_timeout_ms', 'worker'})

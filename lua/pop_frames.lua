@@ -6,6 +6,7 @@
 -- KEYS[1]: the node hash   KEYS[2]: the node's queue
 -- ARGV[1]: session id      ARGV[2]: most frames to take
 -- ARGV[3]: most bytes to take (the first frame is taken whatever its size)
+-- Writes: no bundle key (no prelude): KEYS[2], the node's queue (LTRIM)
 -- Returns: the frames, oldest first (possibly none), or false when another
 --          session holds the node (the caller's session is superseded).
 

@@ -10,6 +10,9 @@
 --    the heartbeat did not list models), index_models (list),
 --    resource_threshold, success_threshold, window_size, failure_rate_threshold,
 --    consecutive_failure_threshold, warmup_ms, mismatch_heartbeats
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.gpu_index, K.resources_index, K.capacity_index, K.drains, K.offline_since; and the
+--         model index sets after the bundle
 -- Returns: {"ok", status, transitioned "1"/"0", previous_status, reason, kick "1"/"0",
 --           mismatch, assigned}
 --          kick: the node may take more work now and jobs are waiting

@@ -14,6 +14,10 @@
 --    accept_public, max_concurrent_jobs: JSON texts and scalars),
 --    ready_models (list), labels_flat (list of "key=value"),
 --    index_models (list), index_labels (list of "key=value")
+-- Writes: K.node, K.nodes, K.liveness, K.warmup, K[status], K.queue, K.node_transitions,
+--         K.transitions, K.gpu_index, K.public_index, K.resources_index, K.capacity_index,
+--         K.cancels, K.drains, K.lost, K.offline_since; and the model and label index sets after
+--         the bundle
 -- Returns: {"created", status} | {"resumed", status, old session id}
 --          {"conflict"}: the node exists and the secret does not match
 --          {"retry"}: the stored node changed since the caller read it

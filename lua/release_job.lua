@@ -9,6 +9,10 @@
 --    cancel_on_node, only_if_offline (node loss: not if it resumed),
 --    only_if_due (timeout: not before the deadline), retention_ms, wake_channel,
 --    job_health (see note_job_outcome; given for a timeout, which counts against the node)
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.result, J.finished_failed; K.node, K.liveness, K.warmup, K[status], K.queue,
+--         K.node_transitions, K.transitions, K.capacity_index, K.assigned, K.cancels, K.drains,
+--         K.offline_since
 -- Returns: {"retry", worker, degraded} | {"failed", outcome JSON, degraded}
 --          degraded: the JobFailures reason when this release degraded the node, else ""
 --          {"kept"}: the condition no longer holds

@@ -12,6 +12,8 @@
 --    require_gpu, public, timeout_seconds, timeout_ms, max_attempts,
 --    dispatch_timeout_ms, priority, node_selector (JSON text), needs (JSON
 --    text of the kind's needs), worker (the Celery worker's hostname, for task events)
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.capacity_index; and the chosen node's assigned jobs and queue (named from P.node_key)
 -- Returns: {"assigned", node id, attempt, exclusions JSON}
 --          {"waiting", exclusions JSON}: no candidate fits; the job waits
 --          {"queued"}: a job waiting ahead of it could take the node: it waits behind it

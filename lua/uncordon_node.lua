@@ -4,6 +4,7 @@
 --
 -- KEYS: the node bundle, then the set of cordoned nodes
 -- P: node_id, now_ms
+-- Writes: K.node, K.capacity_index; and KEYS[NEXT], the set of cordoned nodes
 -- Returns: {"uncordoned", status} | {"not_cordoned", status} | {"unknown"}
 
 local n = redis.call('HMGET', K.node, 'status', 'cordoned')

@@ -6,6 +6,8 @@
 --
 -- KEYS: the node bundle
 -- P: node_id, now_ms, requested_by, wake_channel
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.capacity_index, K.drains, K.offline_since
 -- Returns: {"resumed", status} | {"reconnect"} | {"refused", status} | {"unknown"}
 --          {"cancelled"}: the node is away mid-drain; it will not drain when it comes back
 

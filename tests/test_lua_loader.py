@@ -235,3 +235,200 @@ def test_a_node_offline_records_why_as_a_code_and_recovery_decides_on_it(fleet: 
                                                        "node_secret": "its secret"}))
     assert registry.register(msg, "s2", "w", now=now + 2000).resumed
     assert r.hget(keys.node(lost), "status") == "registering" and cause(lost) is None
+
+
+# --- each script's header lists the bundle keys it writes ---------------------------
+#
+# A static check, and a simple one: it reads the Lua text, not what runs. It follows every
+# function a script calls, in its own text and in its preludes, and the keys a function is
+# given as arguments (deliver_to(K.queue, ...) writes K.queue), so a key written anywhere on
+# the way counts. What it cannot see: a key named by a variable that is neither a bundle key,
+# a parameter nor a loop over a table of bundle keys (a candidate node's keys built from
+# P.node_key, KEYS[NEXT + i]: not in a bundle, so not listed), and which branch runs (a key a
+# script may write counts). A computed name counts as every key it may be: K[status] (the
+# Writes line says `K[status]` for all the status sets), J['finished_' .. state] (the line
+# names the J.finished_<state> keys of the states the script ends jobs in).
+
+#: Redis commands that write their key (DEL: all its keys), and those that do not.
+WRITE_COMMANDS = {"SET", "DEL", "EXPIRE", "PEXPIREAT", "HSET", "HDEL", "HINCRBY", "SADD", "SREM", "ZADD", "ZREM",
+                  "ZREMRANGEBYSCORE", "RPUSH", "LPUSH", "LTRIM"}
+READ_COMMANDS = {"EXISTS", "GET", "HGET", "HMGET", "HLEN", "HVALS", "LRANGE", "SCARD", "SMISMEMBER", "TYPE", "ZCARD",
+                 "ZINTERCARD", "ZMSCORE", "ZRANGE", "ZSCORE", "PUBLISH"}  # (PUBLISH writes no key)
+STATUS_SETS = "K[status]"
+FINISHED = "J.finished_*"
+_FUNCTION = re.compile(r"^( *)local function (\w+)\(([^)]*)\)", re.MULTILINE)
+_CALL = re.compile(r"(?<![\w.:])(redis\.call|\w+)\s*\(")
+_LOOP = re.compile(r"for\s+_\s*,\s*(\w+)\s+in\s+ipairs\(\s*\{([^}]*)\}\s*\)")
+
+
+def without_comments(text: str) -> str:
+    """``text`` with its comments blanked (lines kept where they were)."""
+    return _TOKEN.sub(lambda m: re.sub(r"[^\n]", " ", m.group()) if m.lastgroup == "comment" else m.group(), text)
+
+
+def call_arguments(code: str, open_at: int) -> list[str]:
+    """The arguments of the call whose "(" is at ``open_at``, split at its top-level commas."""
+    depth, start, args, i = 0, open_at + 1, [], open_at
+    while i < len(code):
+        char = code[i]
+        if char in "'\"":
+            i = _TOKEN.match(code, i).end()
+            continue
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth == 0:
+                args.append(code[start:i].strip())
+                return [a for a in args if a]
+        elif char == "," and depth == 1:
+            args.append(code[start:i].strip())
+            start = i + 1
+        i += 1
+    raise AssertionError(f"unbalanced call at {code[open_at:open_at + 60]!r}")
+
+
+class Function:
+    """A Lua function's text (or a script's top-level code): what it writes, and which of its
+    parameters it writes to (by position)."""
+
+    def __init__(self, name: str, params: list[str], code: str) -> None:
+        self.name, self.params, self.code = name, params, code
+        self.writes: set[str] = set()
+        self.key_params: set[int] = set()
+        #: A loop variable -> the keys of the tables it goes over (``for _, key in ipairs({K.a, K.b})``).
+        self.loops: dict[str, list[str]] = {}
+        for var, keys in _LOOP.findall(code):
+            self.loops.setdefault(var, []).extend(k.strip() for k in keys.split(","))
+
+    def keys_of(self, expression: str) -> tuple[set[str], set[int]]:
+        """The bundle keys, and the positions of this function's parameters, ``expression`` names."""
+        expression = expression.strip()
+        if re.fullmatch(r"[KJ]\.\w+", expression):
+            return {expression}, set()
+        if expression.startswith(("K[", "status_key(")):
+            return {STATUS_SETS}, set()
+        if expression.startswith("J[") and "finished_" in expression:
+            return {FINISHED}, set()
+        if expression in self.params:
+            return set(), {self.params.index(expression)}
+        keys: set[str] = set()
+        for key in self.loops.get(expression, []):
+            keys |= self.keys_of(key)[0]
+        return keys, set()
+
+    def step(self, functions: dict[str, Function]) -> bool:
+        """Add what this function's writes and calls name; whether anything was new."""
+        before = (len(self.writes), len(self.key_params))
+        for match in _CALL.finditer(self.code):
+            name, open_at = match.group(1), match.end() - 1
+            args = call_arguments(self.code, open_at)
+            if name == "redis.call":
+                command = args[0].strip("'\"") if args and args[0][:1] in "'\"" else None
+                assert command is None or command in WRITE_COMMANDS | READ_COMMANDS, \
+                    f"{self.name}: redis.call('{command}'): add it to WRITE_COMMANDS or READ_COMMANDS"
+                if command in WRITE_COMMANDS:
+                    for key in (args[1:] if command == "DEL" else args[1:2]):
+                        keys, params = self.keys_of(key)
+                        self.writes |= keys
+                        self.key_params |= params
+            elif name in functions and functions[name] is not self:
+                callee = functions[name]
+                self.writes |= callee.writes
+                for position in callee.key_params:
+                    if position < len(args):
+                        keys, params = self.keys_of(args[position])
+                        self.writes |= keys
+                        self.key_params |= params
+        return (len(self.writes), len(self.key_params)) != before
+
+
+def functions_of(code: str) -> tuple[dict[str, Function], str]:
+    """The top-level functions of ``code`` (comments blanked), and the rest of it."""
+    functions, rest, last = {}, [], 0
+    for match in _FUNCTION.finditer(code):
+        if match.group(1):
+            continue  # a function within a function: part of its text
+        end = re.compile(r"^end\b", re.MULTILINE).search(code, match.end())
+        assert end, f"no end for {match.group(2)}"
+        params = [p.strip() for p in match.group(3).split(",") if p.strip()]
+        functions[match.group(2)] = Function(match.group(2), params, code[match.end():end.end()])
+        rest.append(code[last:match.start()])
+        last = end.end()
+    rest.append(code[last:])
+    return functions, "".join(rest)
+
+
+def written_keys(name: str) -> set[str]:
+    """The bundle keys the script ``name`` writes, in its body and in the prelude functions it calls."""
+    text = (LUA / f"{name}.lua").read_text()
+    first = text.split("\n", 1)[0]
+    preludes = []
+    if first.startswith("--#include "):
+        included = first.split()[1:]
+        preludes = ["_common.lua", *(f"_{n}.lua" for n in ("node", "job") if n in included)]
+        if len(included) > 1:
+            preludes.append("_nodejob.lua")
+    functions: dict[str, Function] = {}
+    for prelude in preludes:
+        functions.update(functions_of(without_comments((LUA / prelude).read_text()))[0])
+    own, top = functions_of(without_comments(text))
+    functions.update(own)
+    script = Function(f"{name} (top level)", [], top)
+    everything = [*functions.values(), script]
+    while any([f.step(functions) for f in everything]):
+        pass
+    return script.writes
+
+
+def declared_keys(name: str) -> set[str] | None:
+    """The bundle keys the header of ``name`` lists in its ``-- Writes:`` entry (which may go
+    on over lines indented further), or None when it has none."""
+    lines = (LUA / f"{name}.lua").read_text().split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith("-- Writes:")]
+    if not starts:
+        return None
+    entry = [lines[starts[0]]]
+    for line in lines[starts[0] + 1:]:
+        if not re.match(r"--\s{2,}\S", line):
+            break
+        entry.append(line)
+    return set(re.findall(r"K\[status\]|[KJ]\.\w+", " ".join(entry)))
+
+
+@pytest.mark.parametrize("name", sorted(script_sources()))
+def test_each_script_header_lists_the_bundle_keys_it_writes(name: str) -> None:
+    declared = declared_keys(name)
+    assert declared is not None, f"lua/{name}.lua: its header has no '-- Writes:' line"
+    written = written_keys(name)
+    finished = {key for key in declared if key.startswith("J.finished_")}
+    assert finished <= {"J.finished_succeeded", "J.finished_failed", "J.finished_cancelled"}
+    assert bool(finished) == (FINISHED in written), f"lua/{name}.lua: J.finished_<state> keys"
+    listed, found = declared - finished, written - {FINISHED}
+    assert listed == found, (f"lua/{name}.lua: Writes lists {sorted(listed - found)} it does not write, and "
+                             f"misses {sorted(found - listed)}")
+
+
+def test_the_write_check_follows_calls_and_key_arguments() -> None:
+    code = without_comments("""
+local function put(key, value)
+  redis.call('RPUSH', key, value)  -- writes its first argument
+end
+local function relay(target)
+  put(target, 1)
+  redis.call('HGET', K.node, 'x')
+end
+local function unused()
+  redis.call('DEL', K.other)
+end
+for _, key in ipairs({K.a, K.b}) do redis.call('SREM', key, 1) end
+for _, key in ipairs({K.c}) do redis.call('ZREM', key, 1) end
+relay(K.queue)
+redis.call('DEL', K.node, J.job)
+""")
+    functions, top = functions_of(code)
+    script = Function("top", [], top)
+    while any([f.step(functions) for f in [*functions.values(), script]]):
+        pass
+    assert functions["put"].key_params == {0} and functions["relay"].key_params == {0}
+    assert script.writes == {"K.queue", "K.node", "J.job", "K.a", "K.b", "K.c"}
