@@ -9,7 +9,9 @@ binding ``K`` (the node bundle), ``J`` (the job bundle), ``NEXT`` and ``P``
 ``lua/_common.lua``, ``_node.lua``, ``_job.lua`` and, with both, ``_nodejob.lua``.
 
 Every script has one typed wrapper below that turns its reply into Python
-values or a ``StoreError``.
+values or a ``StoreError``. An error Redis reports from a script becomes a
+``ScriptError`` naming the script's source file and line (``lua/_job.lua:36``),
+not the line of the expanded text Redis ran.
 """
 
 from __future__ import annotations
@@ -136,10 +138,13 @@ class ScriptError(StoreError, redis.ResponseError):
     the source file and line of the error (``lua/_job.lua:36``) where Redis names a line of the
     expanded text. A ``redis.ResponseError`` too, as the error it replaces was."""
 
-    def __init__(self, name: str, error: redis.ResponseError) -> None:
+    @classmethod
+    def located(cls, name: str, error: redis.ResponseError) -> ScriptError:
+        """The error of script ``name`` for Redis's ``error`` (one message argument, so that
+        it pickles as any exception does)."""
         source = script_table().get(name)
         text = str(error)
-        super().__init__(f"{name}: {source.locate(text) if source else text}")
+        return cls(f"{name}: {source.locate(text) if source else text}")
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,7 @@ class Scripts:
                 return self._batcher.call(self._scripts[name], keys, args or [])
             return self._scripts[name](keys=keys, args=args or [], client=self._client)
         except redis.ResponseError as exc:
-            raise ScriptError(name, exc) from exc
+            raise ScriptError.located(name, exc) from exc
         finally:
             SCRIPT_SECONDS.labels(name).observe(time.perf_counter() - started_s)
 

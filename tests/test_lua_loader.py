@@ -5,6 +5,7 @@ script's header says which bundle keys it writes."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_an_error_in_a_script_names_its_file_and_line(broken: tuple[Scripts, Sou
     assert "user_script" not in message
     assert isinstance(caught.value.__cause__, redis.ResponseError)
     assert isinstance(caught.value, redis.ResponseError)  # as callers that catch those expect
+    assert str(pickle.loads(pickle.dumps(caught.value))) == message  # (a Celery task may raise it)
     # The line Redis named is the expanded text's, far below the source's.
     expanded_line = int(re.search(r"user_script:(\d+)", str(caught.value.__cause__)).group(1))
     assert source.origins[expanded_line - 1] == ("broken_test.lua", line) and expanded_line > line
