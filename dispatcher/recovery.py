@@ -101,12 +101,14 @@ class Recovery:
             self.client.zrem(self.keys.deadlines(), job_id)
 
     def _release_lost(self, node_id: str, now: int, summary: JobScanSummary) -> None:
-        status, reason = self.client.hmget(self.keys.node(node_id), "status", "status_reason")
+        status, reason, cause = self.client.hmget(self.keys.node(node_id), "status", "status_reason",
+                                                  "offline_cause")
         if status != NodeStatus.OFFLINE:
             self.client.zrem(self.keys.lost(), node_id)
             return
         grace_s = self.jobs.settings.reassign_grace_seconds
-        if (reason or "").startswith("drain deadline passed"):
+        # Decided on the code the script that took the node offline recorded; the reason is for people.
+        if cause == FailureCode.DRAIN_DEADLINE:
             code, message = FailureCode.DRAIN_DEADLINE, f"node {node_id} was drained: {reason}"
         else:
             code = FailureCode.NODE_LOST

@@ -9,7 +9,9 @@ binding ``K`` (the node bundle), ``J`` (the job bundle), ``NEXT`` and ``P``
 ``lua/_common.lua``, ``_node.lua``, ``_job.lua`` and, with both, ``_nodejob.lua``.
 
 Every script has one typed wrapper below that turns its reply into Python
-values or a ``StoreError``.
+values or a ``StoreError``. An error Redis reports from a script becomes a
+``ScriptError`` naming the script's source file and line (``lua/_job.lua:36``),
+not the line of the expanded text Redis ran.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,10 +42,43 @@ from dispatcher.vocabulary import JobState, NodeStatus, lua_constants
 _INCLUDE = "--#include "
 #: Key bundles a script may include, in the order their keys come in KEYS.
 _BUNDLES = {"node": ("K", NODE_BUNDLE), "job": ("J", JOB_BUNDLE)}
+#: A line of the text Redis ran, as its errors name it: ``user_script:12: ...`` (a Lua error
+#: or a compile error) and, in Redis 7, ``... on @user_script:12.`` after any error in a script.
+_SCRIPT_LINE = re.compile(r"@?user_script:(\d+)")
+
+#: Where a line of a script's text comes from: (file in lua/, line number), None for a line
+#: the loader generated.
+Origin = tuple[str, int] | None
 
 
-def _expand(text: str, read: Any) -> str:
-    """Replace an ``--#include node job`` first line with the bundles' bindings and preludes."""
+@dataclass(frozen=True)
+class Source:
+    """A script's text as Redis runs it, and where each of its lines comes from."""
+
+    text: str
+    #: Line ``i + 1`` of ``text`` comes from ``origins[i]``.
+    origins: tuple[Origin, ...]
+
+    def where(self, line: int) -> str:
+        """``lua/<file>.lua:<line>`` for a line of ``text``."""
+        origin = self.origins[line - 1] if 0 < line <= len(self.origins) else None
+        return f"lua/{origin[0]}:{origin[1]}" if origin else f"the loader's preamble (line {line})"
+
+    def locate(self, message: str) -> str:
+        """A Redis error's ``message`` with each line of ``text`` it names told as its source file and line."""
+        return _SCRIPT_LINE.sub(lambda m: self.where(int(m.group(1))), message)
+
+
+def _numbered(text: str, file: str | None, first: int = 1) -> list[tuple[str, Origin]]:
+    return [(line, (file, first + i) if file else None) for i, line in enumerate(text.split("\n"))]
+
+
+def _expanded(file: str, text: str, read: Any) -> Source:
+    """The script ``file`` (its ``text``) as Redis runs it: an ``--#include node job`` first line
+    replaced by the bundles' bindings, the constants it names and the preludes (``read(name)``
+    gives a prelude's text)."""
+    if not text.startswith(_INCLUDE):
+        return Source(text, tuple(origin for _, origin in _numbered(text, file)))
     first, _, body = text.partition("\n")
     included = first[len(_INCLUDE):].split()
     unknown = set(included) - set(_BUNDLES)
@@ -56,11 +92,23 @@ def _expand(text: str, read: Any) -> str:
             lines.append(f"local {table} = {{{bindings}}}")
             position += len(names)
     lines += [f"local NEXT = {position}", "local P = cjson.decode(ARGV[1])"]
-    preludes = [read("_common.lua"), *(read(f"_{name}.lua") for name in _BUNDLES if name in included)]
+    prelude_files = ["_common.lua", *(f"_{name}.lua" for name in _BUNDLES if name in included)]
     if len(included) > 1:
-        preludes.append(read("_" + "".join(n for n in _BUNDLES if n in included) + ".lua"))
-    constants = lua_constants("\n".join([*preludes, body]))
-    return "\n".join([*lines, *([constants] if constants else []), *preludes]) + "\n" + body
+        prelude_files.append("_" + "".join(n for n in _BUNDLES if n in included) + ".lua")
+    preludes = {name: read(name) for name in prelude_files}
+    constants = lua_constants("\n".join([*preludes.values(), body]))
+    numbered = [(line, None) for line in lines]
+    if constants:
+        numbered += _numbered(constants, None)
+    for name, prelude in preludes.items():
+        numbered += _numbered(prelude, name)
+    numbered += _numbered(body, file, first=2)
+    return Source("\n".join(line for line, _ in numbered), tuple(origin for _, origin in numbered))
+
+
+def _expand(text: str, read: Any) -> str:
+    """Replace an ``--#include node job`` first line with the bundles' bindings and preludes."""
+    return _expanded("<script>.lua", text, read).text
 
 
 def _lua_folder() -> Any:
@@ -74,21 +122,34 @@ def _lua_folder() -> Any:
 
 
 @functools.cache
-def script_sources() -> dict[str, str]:
-    """Name -> full Lua source, with the preludes of its includes expanded."""
+def script_table() -> dict[str, Source]:
+    """Name -> the script as Redis runs it, with the preludes of its includes expanded."""
     package = _lua_folder()
 
     def read(name: str) -> str:
         return (package / name).read_text()
-    sources = {}
-    for entry in package.iterdir():
-        if not entry.name.endswith(".lua") or entry.name.startswith("_"):
-            continue
-        text = entry.read_text()
-        if text.startswith(_INCLUDE):
-            text = _expand(text, read)
-        sources[entry.name.removesuffix(".lua")] = text
-    return sources
+    return {entry.name.removesuffix(".lua"): _expanded(entry.name, entry.read_text(), read)
+            for entry in package.iterdir() if entry.name.endswith(".lua") and not entry.name.startswith("_")}
+
+
+@functools.cache
+def script_sources() -> dict[str, str]:
+    """Name -> full Lua source, with the preludes of its includes expanded."""
+    return {name: source.text for name, source in script_table().items()}
+
+
+class ScriptError(StoreError, redis.ResponseError):
+    """Raised when Redis answers a script call with an error: the text names the script, and
+    the source file and line of the error (``lua/_job.lua:36``) where Redis names a line of the
+    expanded text. A ``redis.ResponseError`` too, as the error it replaces was."""
+
+    @classmethod
+    def located(cls, name: str, error: redis.ResponseError) -> ScriptError:
+        """The error of script ``name`` for Redis's ``error`` (one message argument, so that
+        it pickles as any exception does)."""
+        source = script_table().get(name)
+        text = str(error)
+        return cls(f"{name}: {source.locate(text) if source else text}")
 
 
 # --- what the scripts answer ---------------------------------------------------
@@ -420,6 +481,8 @@ class Scripts:
             if self._batcher is not None:
                 return self._batcher.call(self._scripts[name], keys, args or [])
             return self._scripts[name](keys=keys, args=args or [], client=self._client)
+        except redis.ResponseError as exc:  # a script's error, located in its source file
+            raise ScriptError.located(name, exc) from exc
         except redis.RedisError as exc:  # batched or not: the one translation of a script call's errors
             raise store_error(exc) from exc
         finally:
@@ -530,7 +593,7 @@ class Scripts:
         """Start a drain (only a ready or degraded node can be drained)."""
         reply = self._call("drain_node", self.keys.node_bundle(node_id), {
             "node_id": node_id, "now_ms": now_ms, "requested_by": requested_by, "reason": reason,
-            "deadline_ms": deadline_ms, "reassign_grace_ms": 0})
+            "deadline_ms": deadline_ms})
         with self._parsing("drain_node", reply):
             match reply:
                 case ["draining", jobs_left, previous]:
@@ -566,7 +629,7 @@ class Scripts:
     def expire_drain(self, node_id: str, now_ms: int) -> DrainExpired | Literal[Reply.GONE]:
         """Finish a drain whose deadline passed (GONE: not draining, or not yet due)."""
         reply = self._call("expire_drain", self.keys.node_bundle(node_id), {
-            "node_id": node_id, "now_ms": now_ms, "reassign_grace_ms": 0})
+            "node_id": node_id, "now_ms": now_ms})
         with self._parsing("expire_drain", reply):
             match reply:
                 case ["drained", jobs]:
@@ -744,7 +807,7 @@ class Scripts:
         reply = self._job_call("release_job", job_id, needs_class, {
             "node_id": node_id, "now_ms": now_ms, "code": code, "message": message,
             "cancel_on_node": cancel_on_node, "only_if_offline": only_if_offline, "only_if_due": only_if_due,
-            "retention_ms": retention_ms, "reassign_grace_ms": 0, "job_health": job_health}, node_id=node_id)
+            "retention_ms": retention_ms, "job_health": job_health}, node_id=node_id)
         with self._parsing("release_job", reply):
             match reply:
                 case ["retry", worker, degraded]:
@@ -764,8 +827,8 @@ class Scripts:
         """Cancel a waiting or running job. Raises JobMoved when the job is on another node
         than ``node_id``."""
         reply = self._job_call("cancel_job", job_id, needs_class, {
-            "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms,
-            "reassign_grace_ms": 0}, node_id=node_id)
+            "node_id": node_id, "now_ms": now_ms, "reason": reason, "retention_ms": retention_ms},
+            node_id=node_id)
         with self._parsing("cancel_job", reply):
             match reply:
                 case ["cancelled", on_node, outcome]:

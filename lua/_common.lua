@@ -6,7 +6,14 @@
 --   J      the job bundle when it includes `job` (dispatcher.keys.JOB_BUNDLE)
 --   NEXT   the index in KEYS of the first key after the bundles
 --   P      the script's parameters, decoded from the JSON in ARGV[1]
+--   the constants of dispatcher/vocabulary.py the script's text names (NodeStatus, JobState,
+--   CeleryState, Exclusion, FailureCode, CloseCode; NODE_STATUSES, the statuses in order):
+--   a script writes no domain word as a literal (tests/test_lua_loader.py checks it)
 -- Times are milliseconds from the caller's clock (P.now_ms); scripts never read TIME.
+--
+-- Each script's header lists after `Writes:` the bundle keys it may write, in its own text
+-- and in the prelude functions it calls (K[status]: the status sets); tests/test_lua_loader.py
+-- checks the list.
 
 -- Queue one frame for a node's session and wake the web process holding it.
 local function deliver_to(queue_key, node_id, frame)

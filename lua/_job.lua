@@ -16,7 +16,7 @@ if type(P.job_id) ~= 'string' or #P.job_id > 128 or not P.job_id:match('^[%w_.-]
   return redis.error_reply('invalid job id')
 end
 
-local TERMINAL = {succeeded = true, failed = true, cancelled = true}
+local TERMINAL = {[JobState.SUCCEEDED] = true, [JobState.FAILED] = true, [JobState.CANCELLED] = true}
 
 --- The job fields a script that ends or requeues an attempt reads (with HMGET, once).
 local LIFE_FIELDS = {'state', 'attempt', 'node_id', 'assigned_ms', 'acked_ms', 'attempts', 'needs_class', 'needs',
@@ -83,8 +83,8 @@ end
 -- here, with our own record of the job, so the two always agree: a final state is
 -- written once, by the script that ends the job, and nothing is written after it.
 local function celery_state(status, result_json, traceback)
-  local done = (status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED') and cjson.encode(P.done_at)
-    or 'null'
+  local done = (status == CeleryState.SUCCESS or status == CeleryState.FAILURE or status == CeleryState.REVOKED)
+    and cjson.encode(P.done_at) or 'null'
   local meta = '{"status": "' .. status .. '", "result": ' .. result_json .. ', "traceback": ' ..
     cjson.encode(traceback or cjson.null) .. ', "children": [], "date_done": ' .. done ..
     ', "task_id": ' .. cjson.encode(P.job_id) .. '}'
@@ -94,13 +94,13 @@ end
 
 -- What a client's get() raises for a failed job (by name: dispatcher.errors), and the
 -- text Flower and `celery result --traceback` show.
-local FAILURE_TYPES = {NO_ELIGIBLE_NODE = 'NoEligibleNode', TIMEOUT = 'JobTimedOut', NODE_LOST = 'NodeLost',
-  DRAIN_DEADLINE = 'NodeLost'}
+local FAILURE_TYPES = {[FailureCode.NO_ELIGIBLE_NODE] = 'NoEligibleNode', [FailureCode.TIMEOUT] = 'JobTimedOut',
+  [FailureCode.NODE_LOST] = 'NodeLost', [FailureCode.DRAIN_DEADLINE] = 'NodeLost'}
 
 local function failure_text(outcome)
   local code = outcome.code or 'FAILED'
   local text = FAILURE_TYPES[code] and (outcome.message or '') or (code .. ': ' .. (outcome.message or ''))
-  if outcome.node_id and outcome.node_id ~= '' and code ~= 'NO_ELIGIBLE_NODE' then
+  if outcome.node_id and outcome.node_id ~= '' and code ~= FailureCode.NO_ELIGIBLE_NODE then
     text = text .. ' (node ' .. outcome.node_id .. ', attempt ' .. tostring(outcome.attempt) .. ' of ' ..
       tostring(outcome.max_attempts) .. ')'
   end
@@ -110,7 +110,7 @@ end
 -- The job ends for good (``job`` holds LIFE_FIELDS; ``extra``: more fields to
 -- write; ``output``: a success's JSON text, as the node sent it).
 local function finish(job, state, outcome, now_ms, extra, output)
-  if job.state == 'waiting' then wait_leave(P.job_id, job.needs_class) end
+  if job.state == JobState.WAITING then wait_leave(P.job_id, job.needs_class) end
   -- For the task events: the Celery worker that took the submission (Flower's worker
   -- link must reach a real worker), and how long the node had the job when the node
   -- does not say (Flower's runtime).
@@ -119,16 +119,16 @@ local function finish(job, state, outcome, now_ms, extra, output)
   if outcome.node_id and outcome.node_id ~= '' and since and not outcome.duration_ms then
     outcome.duration_ms = now_ms - since
   end
-  if state == 'succeeded' then
-    celery_state('SUCCESS', output)
-  elseif state == 'failed' then
+  if state == JobState.SUCCEEDED then
+    celery_state(CeleryState.SUCCESS, output)
+  elseif state == JobState.FAILED then
     local exc_type, text = failure_text(outcome)
     outcome.text = text
-    celery_state('FAILURE', cjson.encode({exc_type = exc_type, exc_message = {text},
+    celery_state(CeleryState.FAILURE, cjson.encode({exc_type = exc_type, exc_message = {text},
       exc_module = 'dispatcher.errors'}), 'Job ' .. P.job_id .. ' failed: ' .. exc_type .. ': ' .. text)
   else
     outcome.text = 'cancelled: ' .. (outcome.reason ~= '' and outcome.reason or 'no reason given')
-    celery_state('REVOKED', cjson.encode({exc_type = 'TaskRevokedError', exc_message = {outcome.text},
+    celery_state(CeleryState.REVOKED, cjson.encode({exc_type = 'TaskRevokedError', exc_message = {outcome.text},
       exc_module = 'celery.exceptions'}))
   end
   redis.call('HSET', J.job, 'state', state, 'finished_ms', now_ms, 'outcome', cjson.encode(outcome),
@@ -146,7 +146,7 @@ local function back_to_waiting(job, outcome, now_ms, extra)
   check_class(job.needs_class)
   local avoid = cjson.decode(job.avoid or '[]')
   table.insert(avoid, job.node_id)
-  redis.call('HSET', J.job, 'state', 'waiting', 'node_id', '', 'waiting_since_ms', now_ms,
+  redis.call('HSET', J.job, 'state', JobState.WAITING, 'node_id', '', 'waiting_since_ms', now_ms,
     'avoid', cjson.encode(avoid), 'progress', '', 'progress_message', '',
     'attempts', attempts_with_current(job, outcome, now_ms), unpack(extra or {}))
   wait_enter(P.job_id, job.queue_score, job.needs_class, job.needs)
@@ -257,21 +257,21 @@ end
 -- The first of the job-dependent steps (3 to 5) the node fails, or nil.
 -- ``n`` holds NODE_STATIC's values at n[first], n[first + 1] ...
 local function static_reason(needs, n, first)
-  if needs.public and n[first] ~= '1' then return 'NotInPublicPool' end
+  if needs.public and n[first] ~= '1' then return Exclusion.NOT_IN_PUBLIC_POOL end
   if next(needs.selector) ~= nil then
     local labels = cjson.decode(n[first + 1] or '{}')
     for key, value in pairs(needs.selector) do
-      if labels[key] ~= value then return 'NodeSelectorMismatch' end
+      if labels[key] ~= value then return Exclusion.NODE_SELECTOR_MISMATCH end
     end
   end
-  if needs.require_gpu and n[first + 2] ~= '1' then return 'GpuUnavailable' end
+  if needs.require_gpu and n[first + 2] ~= '1' then return Exclusion.GPU_UNAVAILABLE end
   if #needs.models > 0 then
     local ready = {}
     for _, model in ipairs(cjson.decode(n[first + 3] or '[]')) do
-      if model.status == 'ready' then ready[model.model_id] = true end
+      if model.status == 'ready' then ready[model.model_id] = true end  -- a model's status, not a node's
     end
     for _, model_id in ipairs(needs.models) do
-      if not ready[model_id] then return 'ModelNotAvailable' end
+      if not ready[model_id] then return Exclusion.MODEL_NOT_AVAILABLE end
     end
   end
   return nil
@@ -301,18 +301,18 @@ local function pick_node(needs, avoid)
     local n = redis.call('HMGET', node_key, 'status', 'last_seen_ms', 'max_concurrent_jobs', 'cpu_percent',
       'gpu_percent', 'mem_percent', unpack(NODE_STATIC))
     local reason, assigned, max_jobs = nil, 0, number(n[3])
-    if n[1] ~= 'ready' or P.now_ms - number(n[2]) >= P.heartbeat_timeout_ms then
-      reason = 'StatusNotReady'
+    if n[1] ~= NodeStatus.READY or P.now_ms - number(n[2]) >= P.heartbeat_timeout_ms then
+      reason = Exclusion.STATUS_NOT_READY
     else
       -- (a cordoned node is never in the capacity index: checked for the filter's sake)
-      reason = static_reason(needs, n, 7) or (is_cordoned(n, 7) and 'NodeCordoned' or nil)
+      reason = static_reason(needs, n, 7) or (is_cordoned(n, 7) and Exclusion.NODE_CORDONED or nil)
     end
     if not reason then
       assigned = redis.call('HLEN', node_key .. P.node_key.assigned)
-      if assigned >= max_jobs then reason = 'CapacityExceeded' end
+      if assigned >= max_jobs then reason = Exclusion.CAPACITY_EXCEEDED end
     end
     if not reason and math.max(number(n[4]), number(n[5]), number(n[6])) >= P.resource_threshold then
-      reason = 'ResourceThresholdExceeded'
+      reason = Exclusion.RESOURCE_THRESHOLD_EXCEEDED
     end
     if reason then
       counts[reason] = (counts[reason] or 0) + 1

@@ -2,8 +2,6 @@
 -- transition function and what goes with it, on the node bundle K. (The
 -- leading underscore keeps preludes out of the script list.)
 
-local STATUSES = {'registering', 'ready', 'degraded', 'draining', 'offline'}
-
 -- Refuse, before anything is written, a node id that could name another key
 -- ('' for a job script whose job is on no node).
 if type(P.node_id) ~= 'string' or #P.node_id > 64 or not P.node_id:match('^[%w_.-]*$') then
@@ -37,26 +35,28 @@ end
 local function transition(node_id, to, reason, now_ms, extra)
   local from = redis.call('HGET', K.node, 'status')
   if from == false then from = nil end
-  for _, status in ipairs(STATUSES) do
+  for _, status in ipairs(NODE_STATUSES) do
     if status ~= to then redis.call('SREM', status_key(status), node_id) end
   end
   redis.call('SADD', status_key(to), node_id)
   redis.call('HSET', K.node,
     'status', to, 'previous_status', from or '', 'status_reason', reason,
     'status_since_ms', now_ms, 'window', '', 'consecutive_ok', 0, 'consecutive_fail', 0, unpack(extra or {}))
-  if to == 'registering' then
+  if to == NodeStatus.REGISTERING then
     redis.call('ZADD', K.warmup, now_ms, node_id)
   else
     redis.call('ZREM', K.warmup, node_id)
   end
-  if to == 'offline' then
+  if to == NodeStatus.OFFLINE then
+    -- (whoever takes a node offline writes why in ``extra``, field offline_cause: see go_offline)
     redis.call('ZREM', K.liveness, node_id)
     redis.call('ZREM', K.drains, node_id)
     redis.call('ZADD', K.offline_since, now_ms, node_id)
   else
     redis.call('ZREM', K.offline_since, node_id)
+    if from == NodeStatus.OFFLINE then redis.call('HDEL', K.node, 'offline_cause') end
   end
-  if to == 'ready' then
+  if to == NodeStatus.READY then
     -- A node that turns ready may take waiting jobs: into the capacity index (which holds
     -- ready nodes only).
     refresh_capacity(node_id, now_ms)
@@ -79,20 +79,25 @@ local function cooling_down(until_ms, now_ms)
   return now_ms < (tonumber(until_ms or '') or 0)
 end
 
--- Offline: the node's assigned jobs wait P.reassign_grace_ms for it to resume,
--- then they are dispatched elsewhere.
-local function go_offline(node_id, reason, now_ms)
-  transition(node_id, 'offline', reason, now_ms)
+-- Offline: the node's assigned jobs wait ``grace_ms`` (the caller's setting) for it to
+-- resume, then they are dispatched elsewhere. Every way offline records why for code in
+-- field offline_cause, a FailureCode: what the jobs taken back from the node fail or retry
+-- with (dispatcher/recovery.py); status_reason says it for people. Deleted when the node
+-- leaves offline.
+local function go_offline(node_id, reason, now_ms, grace_ms)
+  transition(node_id, NodeStatus.OFFLINE, reason, now_ms, {'offline_cause', FailureCode.NODE_LOST})
   if redis.call('HLEN', K.assigned) > 0 then
-    redis.call('ZADD', K.lost, now_ms + P.reassign_grace_ms, node_id)
+    redis.call('ZADD', K.lost, now_ms + grace_ms, node_id)
   end
 end
 
 -- A drain is over: the node goes offline and keeps its session, so that it
--- stays out of service until an undrain (or until it registers again).
-local function finish_drain(node_id, reason, now_ms)
+-- stays out of service until an undrain (or until it registers again). ``cause``: its
+-- offline_cause, FailureCode.DRAIN_DEADLINE when the deadline passed with jobs left
+-- (default NODE_LOST, as go_offline's: a drain that ended on its own leaves no job).
+local function finish_drain(node_id, reason, now_ms, cause)
   redis.call('HSET', K.node, 'drain_ended_ms', now_ms, 'drain_outcome', 'drained', 'drain_pending', '0')
-  transition(node_id, 'offline', reason, now_ms)
+  transition(node_id, NodeStatus.OFFLINE, reason, now_ms, {'offline_cause', cause or FailureCode.NODE_LOST})
 end
 
 -- A drain outlives the node's session: a node that drops out while draining
@@ -101,7 +106,7 @@ end
 local function resume_pending_drain(node_id, now_ms)
   local d = redis.call('HMGET', K.node, 'drain_pending', 'drain_requested_by', 'drain_reason', 'drain_deadline_ms')
   if d[1] ~= '1' then return false end
-  transition(node_id, 'draining', 'drain requested by ' .. d[2] .. ': ' .. d[3] .. ' (resumed)', now_ms)
+  transition(node_id, NodeStatus.DRAINING, 'drain requested by ' .. d[2] .. ': ' .. d[3] .. ' (resumed)', now_ms)
   if redis.call('HLEN', K.assigned) == 0 then
     finish_drain(node_id, 'drained: no jobs were assigned', now_ms)
   else

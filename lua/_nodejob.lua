@@ -10,9 +10,9 @@ local function release_slot(node_id, now_ms)
   local n = redis.call('HMGET', K.node, 'max_concurrent_jobs', 'status', 'job_window', unpack(NODE_STATIC))
   local assigned = redis.call('HLEN', K.assigned)
   -- A cordoned node's freed slot takes no new job: it stays out of the capacity index.
-  local open = n[2] == 'ready' and not is_cordoned(n, 4)
+  local open = n[2] == NodeStatus.READY and not is_cordoned(n, 4)
   if open then set_capacity(K.capacity_index, node_id, assigned, tonumber(n[1]) or 1, now_ms) end
-  if n[2] == 'draining' and assigned == 0 then
+  if n[2] == NodeStatus.DRAINING and assigned == 0 then
     finish_drain(node_id, 'drained: its last job ended', now_ms)
   end
   return open and waiting_could_take(n, 4, '+inf'), n
@@ -41,9 +41,9 @@ local function note_job_outcome(node_id, n, code, now_ms)
   local run = #window:match('0*$')
   local _, failures = window:gsub('0', '')
   local why = nil  -- (only a ready node is degraded: the others take no new job anyway)
-  if n[2] == 'ready' and run >= h.consecutive then
+  if n[2] == NodeStatus.READY and run >= h.consecutive then
     why = run .. ' of the last ' .. run
-  elseif n[2] == 'ready' and failures >= h.in_window then
+  elseif n[2] == NodeStatus.READY and failures >= h.in_window then
     why = failures .. ' of the last ' .. #window
   end
   if not why then
@@ -51,7 +51,7 @@ local function note_job_outcome(node_id, n, code, now_ms)
     return nil
   end
   local reason = 'JobFailures: ' .. why .. ' jobs failed (' .. code .. ')'
-  transition(node_id, 'degraded', reason, now_ms, {'job_window', '', 'job_last_failure', last_failure,
+  transition(node_id, NodeStatus.DEGRADED, reason, now_ms, {'job_window', '', 'job_last_failure', last_failure,
     'job_cooldown_until_ms', now_ms + h.cooldown_ms})
   return reason
 end

@@ -7,6 +7,7 @@
 --
 -- KEYS: the node bundle, then the set of cordoned nodes
 -- P: node_id, now_ms, requested_by, reason
+-- Writes: K.node, K.capacity_index; and KEYS[NEXT], the set of cordoned nodes
 -- Returns: {"cordoned", status, "1" when it already was, else "0"} | {"unknown"}
 
 local status = redis.call('HGET', K.node, 'status')

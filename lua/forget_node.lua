@@ -13,13 +13,17 @@
 -- P: node_id, now_ms, retention_ms, expected_models / expected_labels (the
 --    stored JSON texts the caller read), index_models (list), index_labels
 --    (list of "key=value")
+-- Writes: K.node, K.nodes, K.liveness, K.warmup, K[status], K.queue, K.node_transitions,
+--         K.gpu_index, K.public_index, K.resources_index, K.capacity_index, K.assigned, K.cancels,
+--         K.drains, K.lost, K.offline_since; and every key after the bundle (model and label
+--         indexes, the set of cordoned nodes)
 -- Returns: {"forgotten"} | {"kept", "seen" | "jobs"}: not due yet (checked again later):
 --          heard from within the retention, or jobs still assigned
 --          {"gone", status}: not an offline node | {"retry"}: its models or labels changed since the caller read them
 
 local node_id, now = P.node_id, P.now_ms
 local n = redis.call('HMGET', K.node, 'status', 'last_seen_ms', 'models', 'labels')
-if n[1] ~= 'offline' then
+if n[1] ~= NodeStatus.OFFLINE then
   redis.call('ZREM', K.offline_since, node_id)
   return {'gone', n[1] or 'unknown'}
 end
@@ -36,7 +40,7 @@ if redis.call('HLEN', K.assigned) > 0 then
 end
 
 for i = NEXT, #KEYS do redis.call('SREM', KEYS[i], node_id) end
-for _, status in ipairs(STATUSES) do redis.call('SREM', status_key(status), node_id) end
+for _, status in ipairs(NODE_STATUSES) do redis.call('SREM', status_key(status), node_id) end
 for _, key in ipairs({K.gpu_index, K.public_index, K.resources_index}) do
   redis.call('SREM', key, node_id)
 end

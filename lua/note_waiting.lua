@@ -17,10 +17,11 @@
 -- KEYS: the job bundle, then the key of all nodes, then each step's index keys
 --       in the filter's order (sets, or sorted sets such as the capacity index)
 -- P: job_id, now_ms, steps ({reason, number of its keys, excluding} in order), examples, budget
+-- Writes: J.job, J.result
 -- Returns: {"noted", meta JSON, worker (for the task event)} | {"not_waiting", state}
 
 local job = job_get({'state', 'waiting_since_ms', 'dispatch_timeout_ms', 'worker'})
-if job.state ~= 'waiting' then return {'not_waiting', job.state or 'unknown'} end
+if job.state ~= JobState.WAITING then return {'not_waiting', job.state or 'unknown'} end
 
 local nodes_key = KEYS[NEXT]
 local total = redis.call('ZCARD', nodes_key)
@@ -92,7 +93,7 @@ local since = tonumber(job.waiting_since_ms) or P.now_ms
 local meta = {eligible = eligible, total = total, exclusions = counts, examples = examples,
   waiting_since_ms = since, deadline_ms = since + (tonumber(job.dispatch_timeout_ms) or 0)}
 local text = cjson.encode(meta)
-celery_state('WAITING', text)
-redis.call('HSET', J.job, 'last_decision', cjson.encode({outcome = 'waiting', at_ms = P.now_ms,
+celery_state(CeleryState.WAITING, text)
+redis.call('HSET', J.job, 'last_decision', cjson.encode({outcome = JobState.WAITING, at_ms = P.now_ms,
   eligible = eligible, total = total, counts = counts, examples = examples}))
 return {'noted', text, job.worker or ''}

@@ -10,6 +10,9 @@
 --    the heartbeat did not list models), index_models (list),
 --    resource_threshold, success_threshold, window_size, failure_rate_threshold,
 --    consecutive_failure_threshold, warmup_ms, mismatch_heartbeats
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.gpu_index, K.resources_index, K.capacity_index, K.drains, K.offline_since; and the
+--         model index sets after the bundle
 -- Returns: {"ok", status, transitioned "1"/"0", previous_status, reason, kick "1"/"0",
 --           mismatch, assigned}
 --          kick: the node may take more work now and jobs are waiting
@@ -26,9 +29,9 @@ local fields = redis.call('HMGET', K.node, 'status', 'session_id', 'models', 'st
 local status, session_id, stored_models = fields[1], fields[2], fields[3]
 if status == false then return {'unknown'} end
 if session_id ~= P.session_id then return {'superseded'} end
-if status == 'offline' then
+if status == NodeStatus.OFFLINE then
   -- A drained node keeps its session, idle, until an undrain closes it.
-  if fields[9] ~= 'drained' then return {'offline'} end
+  if fields[9] ~= 'drained' then return {NodeStatus.OFFLINE} end
   redis.call('HSET', K.node, 'last_seen_ms', now, 'last_heartbeat_ms', now)
   return {'ok', status, '0', status, '', '0'}
 end
@@ -45,7 +48,7 @@ if P.models ~= cjson.null and P.models ~= stored_models then
   end
   local ready = {}
   for _, model in ipairs(cjson.decode(P.models)) do
-    if model.status == 'ready' then ready[model.model_id] = true end
+    if model.status == 'ready' then ready[model.model_id] = true end  -- a model's status, not a node's
   end
   for i, model_id in ipairs(P.index_models) do
     if ready[model_id] then
@@ -110,39 +113,39 @@ redis.call('HSET', K.node, unpack(writes))
 local cooling = cooling_down(fields[10], now)
 
 local to, reason = nil, nil
-if status == 'registering' then
+if status == NodeStatus.REGISTERING then
   if P.healthy and ok_run >= P.success_threshold and not cooling then
-    to, reason = 'ready', ok_run .. ' consecutive healthy heartbeats'
+    to, reason = NodeStatus.READY, ok_run .. ' consecutive healthy heartbeats'
   elseif not P.healthy and now - tonumber(fields[4]) >= P.warmup_ms then
-    to, reason = 'degraded', 'warmup timeout: not healthy ' ..
+    to, reason = NodeStatus.DEGRADED, 'warmup timeout: not healthy ' ..
       math.floor(P.warmup_ms / 1000) .. ' s after registration (' .. P.health_reason .. ')'
   end
-elseif status == 'ready' and not P.healthy then
+elseif status == NodeStatus.READY and not P.healthy then
   local _, failures = window:gsub('0', '')
   if fail_run >= P.consecutive_failure_threshold then
-    to, reason = 'degraded', fail_run .. ' consecutive failed health checks (' .. P.health_reason .. ')'
+    to, reason = NodeStatus.DEGRADED, fail_run .. ' consecutive failed health checks (' .. P.health_reason .. ')'
   elseif failures >= P.failure_rate_threshold then
-    to, reason = 'degraded', failures .. ' of the last ' .. #window ..
+    to, reason = NodeStatus.DEGRADED, failures .. ' of the last ' .. #window ..
       ' health checks failed (' .. P.health_reason .. ')'
   end
-elseif status == 'degraded' and P.healthy and not cooling then
-  to, reason = 'ready', 'health check passed'
+elseif status == NodeStatus.DEGRADED and P.healthy and not cooling then
+  to, reason = NodeStatus.READY, 'health check passed'
 end
 local extra = nil
-if to == 'ready' and (fields[10] or '') ~= '' then
+if to == NodeStatus.READY and (fields[10] or '') ~= '' then
   reason, extra = reason .. ' (job failures cool-down over)', {'job_cooldown_until_ms', ''}
 end
 
 if to then
   transition(node_id, to, reason, now, extra)
-  if to == 'ready' or to == 'degraded' then
+  if to == NodeStatus.READY or to == NodeStatus.DEGRADED then
     if resume_pending_drain(node_id, now) then
       local final = redis.call('HMGET', K.node, 'status', 'status_reason')
       to, reason = final[1], final[2]
     end
   end
 end
-more_work = more_work or to == 'ready'
+more_work = more_work or to == NodeStatus.READY
 local kick = (more_work and redis.call('ZCARD', K.waiting) > 0) and '1' or '0'
 if to then return {'ok', to, '1', status, reason, kick, mismatch, assigned} end
 return {'ok', status, '0', status, '', kick, mismatch, assigned}

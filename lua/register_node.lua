@@ -14,6 +14,10 @@
 --    accept_public, max_concurrent_jobs: JSON texts and scalars),
 --    ready_models (list), labels_flat (list of "key=value"),
 --    index_models (list), index_labels (list of "key=value")
+-- Writes: K.node, K.nodes, K.liveness, K.warmup, K[status], K.queue, K.node_transitions,
+--         K.transitions, K.gpu_index, K.public_index, K.resources_index, K.capacity_index,
+--         K.cancels, K.drains, K.lost, K.offline_since; and the model and label index sets after
+--         the bundle
 -- Returns: {"created", status} | {"resumed", status, old session id}
 --          {"conflict"}: the node exists and the secret does not match
 --          {"retry"}: the stored node changed since the caller read it
@@ -60,7 +64,7 @@ redis.call('SREM', K.resources_index, node_id)
 -- Frames queued for an older session are stale; the assignments and the
 -- cancels of attempts that may still run there are not.
 redis.call('DEL', K.queue)
-transition(node_id, 'registering', exists and 'resumed' or 'registered', now)
+transition(node_id, NodeStatus.REGISTERING, exists and 'resumed' or 'registered', now)
 redis.call('ZREMRANGEBYSCORE', K.cancels, '-inf', now)
 for _, frame in ipairs(redis.call('ZRANGE', K.cancels, 0, -1)) do
   redis.call('RPUSH', K.queue, frame)
@@ -71,5 +75,5 @@ end
 
 -- An older session, wherever it is, finds on its next pop that it no longer
 -- holds the node (the wake above reaches it) and closes.
-if not exists then return {'created', 'registering'} end
-return {'resumed', 'registering', stored[4] or ''}
+if not exists then return {'created', NodeStatus.REGISTERING} end
+return {'resumed', NodeStatus.REGISTERING, stored[4] or ''}

@@ -9,15 +9,19 @@
 --    cancel_on_node, only_if_offline (node loss: not if it resumed),
 --    only_if_due (timeout: not before the deadline), retention_ms, wake_channel,
 --    job_health (see note_job_outcome; given for a timeout, which counts against the node)
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.result, J.finished_failed; K.node, K.liveness, K.warmup, K[status], K.queue,
+--         K.node_transitions, K.transitions, K.capacity_index, K.assigned, K.cancels, K.drains,
+--         K.offline_since
 -- Returns: {"retry", worker, degraded} | {"failed", outcome JSON, degraded}
 --          degraded: the JobFailures reason when this release degraded the node, else ""
 --          {"kept"}: the condition no longer holds
 --          {"gone"}: the job is not on a node any more | {"moved"}: read again
 
 local job = job_get(LIFE_FIELDS)
-if job.state ~= 'assigned' and job.state ~= 'running' then return {'gone'} end
+if job.state ~= JobState.ASSIGNED and job.state ~= JobState.RUNNING then return {'gone'} end
 if job.node_id ~= P.node_id then return {'moved'} end
-if P.only_if_offline and redis.call('HGET', K.node, 'status') ~= 'offline' then return {'kept'} end
+if P.only_if_offline and redis.call('HGET', K.node, 'status') ~= NodeStatus.OFFLINE then return {'kept'} end
 if P.only_if_due then
   local due = redis.call('ZSCORE', J.deadlines, P.job_id)
   if not due or tonumber(due) > P.now_ms then return {'kept'} end
@@ -30,6 +34,6 @@ if tonumber(job.attempt) < tonumber(job.max_attempts) then
   back_to_waiting(job, P.code, now, {'last_error', cjson.encode({code = P.code, message = P.message})})
   return {'retry', job.worker or '', degraded}
 end
-local outcome = finish(job, 'failed', {state = 'failed', code = P.code, message = P.message, node_id = node_id,
-  attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)
-return {'failed', cjson.encode(outcome), degraded}
+local outcome = finish(job, JobState.FAILED, {state = JobState.FAILED, code = P.code, message = P.message,
+  node_id = node_id, attempt = tonumber(job.attempt), max_attempts = tonumber(job.max_attempts)}, now)
+return {JobState.FAILED, cjson.encode(outcome), degraded}

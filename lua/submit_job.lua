@@ -12,6 +12,8 @@
 --    require_gpu, public, timeout_seconds, timeout_ms, max_attempts,
 --    dispatch_timeout_ms, priority, node_selector (JSON text), needs (JSON
 --    text of the kind's needs), worker (the Celery worker's hostname, for task events)
+-- Writes: J.job, J.waiting, J.waiting_class, J.waiting_classes, J.waiting_needs, J.deadlines,
+--         J.capacity_index; and the chosen node's assigned jobs and queue (named from P.node_key)
 -- Returns: {"assigned", node id, attempt, exclusions JSON}
 --          {"waiting", exclusions JSON}: no candidate fits; the job waits
 --          {"queued"}: a job waiting ahead of it could take the node: it waits behind it
@@ -22,7 +24,7 @@ local state = job_get({'state'}).state
 if state then return {'exists', state} end
 -- Celery marks a task it was told to revoke before any worker had it: that final state stands.
 local prior = redis.call('GET', J.result)
-if prior and cjson.decode(prior).status == 'REVOKED' then return {'revoked'} end
+if prior and cjson.decode(prior).status == CeleryState.REVOKED then return {'revoked'} end
 local f, now = P.fields, P.now_ms
 local job = {job_type = f.job_type, payload = f.payload, required_models = f.required_models,
   require_gpu = f.require_gpu and '1' or '0', public = f.public and '1' or '0',
@@ -38,7 +40,7 @@ local function record(...)
 end
 
 local function wait()
-  record('state', 'waiting', 'attempt', 0, 'node_id', '')
+  record('state', JobState.WAITING, 'attempt', 0, 'node_id', '')
   wait_enter(P.job_id, P.queue_score, P.needs_class, f.needs)
   redis.call('ZADD', J.deadlines, now + f.dispatch_timeout_ms, P.job_id)
 end
@@ -52,10 +54,10 @@ if pick and waiting_could_take(pick.n, 7, P.queue_score) then
 end
 if pick then
   local attempt = assign(job, pick, now)
-  record('state', 'assigned', 'attempt', attempt, 'node_id', pick.node_id, 'assigned_ms', now,
-    'last_decision', cjson.encode({outcome = 'assigned', node_id = pick.node_id, at_ms = now,
+  record('state', JobState.ASSIGNED, 'attempt', attempt, 'node_id', pick.node_id, 'assigned_ms', now,
+    'last_decision', cjson.encode({outcome = JobState.ASSIGNED, node_id = pick.node_id, at_ms = now,
       examined = pick.index, counts = exclusions.counts, examples = exclusions.examples}))
-  return {'assigned', pick.node_id, attempt, cjson.encode(exclusions)}
+  return {JobState.ASSIGNED, pick.node_id, attempt, cjson.encode(exclusions)}
 end
 wait()
-return {'waiting', cjson.encode(exclusions)}
+return {JobState.WAITING, cjson.encode(exclusions)}

@@ -4,6 +4,7 @@
 --
 -- KEYS: the node bundle, then the set of cordoned nodes
 -- P: node_id, now_ms
+-- Writes: K.node, K.capacity_index; and KEYS[NEXT], the set of cordoned nodes
 -- Returns: {"uncordoned", status} | {"not_cordoned", status} | {"unknown"}
 
 local n = redis.call('HMGET', K.node, 'status', 'cordoned')
@@ -11,5 +12,5 @@ if n[1] == false then return {'unknown'} end
 redis.call('SREM', KEYS[NEXT], P.node_id)
 if n[2] ~= '1' then return {'not_cordoned', n[1]} end
 redis.call('HDEL', K.node, 'cordoned', 'cordon_reason', 'cordoned_by', 'cordoned_ms')
-if n[1] == 'ready' then refresh_capacity(P.node_id, P.now_ms) end
+if n[1] == NodeStatus.READY then refresh_capacity(P.node_id, P.now_ms) end
 return {'uncordoned', n[1]}

@@ -6,6 +6,8 @@
 --
 -- KEYS: the node bundle
 -- P: node_id, now_ms, requested_by, wake_channel
+-- Writes: K.node, K.liveness, K.warmup, K[status], K.queue, K.node_transitions, K.transitions,
+--         K.capacity_index, K.drains, K.offline_since
 -- Returns: {"resumed", status} | {"reconnect"} | {"refused", status} | {"unknown"}
 --          {"cancelled"}: the node is away mid-drain; it will not drain when it comes back
 
@@ -13,17 +15,18 @@ local fields = redis.call('HMGET', K.node, 'status', 'last_healthy', 'drain_outc
   'job_cooldown_until_ms')
 local status = fields[1]
 if status == false then return {'unknown'} end
+-- (drain_outcome's words, 'cancelled' among them, are the drain's: not a job state)
 local reason = 'drain ended by ' .. P.requested_by
-if status == 'draining' then
+if status == NodeStatus.DRAINING then
   redis.call('ZREM', K.drains, P.node_id)
   redis.call('HSET', K.node, 'drain_ended_ms', P.now_ms, 'drain_outcome', 'cancelled', 'drain_pending', '0')
-  local to = (fields[2] == '0' or cooling_down(fields[5], P.now_ms)) and 'degraded' or 'ready'
+  local to = (fields[2] == '0' or cooling_down(fields[5], P.now_ms)) and NodeStatus.DEGRADED or NodeStatus.READY
   transition(P.node_id, to, reason, P.now_ms)
   return {'resumed', to}
 end
-if status == 'offline' and fields[3] == 'drained' then
+if status == NodeStatus.OFFLINE and fields[3] == 'drained' then
   redis.call('HSET', K.node, 'drain_outcome', 'undrained')
-  end_session(P.node_id, 4002, 'drain ended: register again')
+  end_session(P.node_id, CloseCode.NODE_OFFLINE, 'drain ended: register again')
   return {'reconnect'}
 end
 if fields[4] == '1' then
