@@ -29,7 +29,7 @@ from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.messages import JobAck, JobProgress, JobResult
 from dispatcher.publish import Publisher
-from dispatcher.records import as_int, as_json
+from dispatcher.records import JobRecord, as_int, as_json
 from dispatcher.registry import transitioned
 from dispatcher.scripts import Scripts
 from dispatcher.settings import Settings
@@ -288,8 +288,8 @@ class Jobs:
         if outcome == "failed":
             self.publisher.finished(job_id, as_json(reply[1], {}))
         elif outcome == "retry":
-            last_error = self.client.hget(self.keys.job(job_id), "last_error") or "{}"
-            self.publisher.retried(job_id, json.loads(last_error).get("message", ""), str(reply[1]))
+            job = JobRecord.from_hash({"last_error": self.client.hget(self.keys.job(job_id), "last_error")})
+            self.publisher.retried(job_id, (job.last_error or {}).get("message", ""), str(reply[1]))
             self.note_requeued(job_id)
         if outcome in ("failed", "retry") and self.client.exists(self.keys.waiting()):
             self.dispatch_waiting()
