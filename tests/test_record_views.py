@@ -149,3 +149,38 @@ def test_the_needs_of_a_job_record() -> None:
     assert job_needs(odd) == JobNeeds(("a",), True, False, (("zone", "eu"),))
     assert job_needs(JobRecord.from_hash({"required_models": "{", "node_selector": "["})) == JobNeeds()
 
+
+class _Api:
+    """Answers the CLI's calls with the views of one stored node and one stored job."""
+
+    def __init__(self, node: dict[str, Any], job: dict[str, Any]) -> None:
+        self.node, self.job = json.loads(json.dumps(node)), json.loads(json.dumps(job))
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        if path.startswith("/api/nodes?"):
+            return {"nodes": [self.node], "next_cursor": None, "counts": {"ready": 1}}
+        if path.endswith("/eligibility"):
+            return {"eligible": True, "first_failure": None, "steps": []}
+        if path.startswith("/api/nodes/"):
+            return {**self.node, "transitions": [{"from": None, "to": "ready", "reason": "x", "at_ms": NOW}, {}]}
+        return {"jobs": [self.job], "next_cursor": None}
+
+
+@pytest.mark.parametrize("text", [*HOSTILE, '[{"model_id": 1}]', '[{"status": "ready"}]', '{"gpus": [{}, 1]}',
+                                  '{"gpus": 5}', '{"memory_gb": "x", "cpu_cores": null}'], ids=lambda t: t[:12])
+@pytest.mark.parametrize("every_field", [True, False])
+def test_the_cli_shows_any_record(text: str, every_field: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """``dispatcher nodes``, ``node`` and ``jobs`` show a node and a job whatever their fields hold
+    (the text in every field, or in each field alone)."""
+    from dispatcher import cli
+
+    cases = [({f: text for f in NODE}, {f: text for f in JOB})] if every_field else \
+        [({**NODE, f: text}, JOB) for f in NODE] + [(NODE, {**JOB, f: text}) for f in JOB] + \
+        [({"node_id": "n-1", "hardware": text}, {"state": text})]  # (the others absent)
+    for node_hash, job_hash in cases:
+        node, job = NodeRecord.from_hash(node_hash), JobRecord.from_hash(job_hash)
+        api = _Api(node_view(node, ["j-1"], NOW), listed_view("j-1", job))
+        cli.show_nodes(api, None)  # type: ignore[arg-type]
+        cli.show_node(api, "n-1", None)  # type: ignore[arg-type]
+        cli.show_jobs(api, None, None, 50)  # type: ignore[arg-type]
+    assert capsys.readouterr().out
