@@ -75,13 +75,39 @@ class Api:
 # --- output ----------------------------------------------------------------------------
 
 
+def _seconds(at_ms: Any) -> float | None:
+    """A time in ms since the epoch, in seconds; None when unknown, or when a corrupt record's
+    is no number or past a float's range."""
+    if not isinstance(at_ms, (int, float)):
+        return None
+    try:
+        return at_ms / 1000
+    except OverflowError:
+        return None
+
+
 def _since_s(at_ms: float | None) -> float | None:
     """Seconds from a time in ms since the epoch to now (None stays None)."""
-    return None if at_ms is None else time.time() - at_ms / 1000
+    at_s = _seconds(at_ms)
+    return None if at_s is None else time.time() - at_s
 
 
 def _until_s(at_ms: float | None) -> float | None:
-    return None if at_ms is None else at_ms / 1000 - time.time()
+    at_s = _seconds(at_ms)
+    return None if at_s is None else at_s - time.time()
+
+
+def _gb(value: Any) -> str:
+    """A size in GB as the node reported it ("?" for anything but a number)."""
+    return f"{value:g}" if isinstance(value, (int, float)) else "?"
+
+
+def _hardware(hardware: dict[str, Any]) -> tuple[str, str]:
+    """The node's hardware in words: (cores and memory, its GPUs)."""
+    gpus = hardware.get("gpus")
+    named = [f"{g.get('name', '?')} {_gb(g.get('memory_gb'))} GB" for g in (gpus if isinstance(gpus, list) else [])
+             if isinstance(g, dict)]
+    return f"{hardware.get('cpu_cores', 0)} cores, {_gb(hardware.get('memory_gb', 0))} GB", ", ".join(named) or "none"
 
 
 def _pct(value: float | None) -> str:
@@ -112,9 +138,9 @@ def show_nodes(api: Api, status: str | None) -> None:
     rows = []
     for n in listed:
         usage = n["resource_usage"]
-        ready = sum(1 for m in n["models"] if m["status"] == "ready")
+        ready = sum(1 for m in n["models"] if m.get("status") == "ready")
         # A cordoned node keeps its status (like kubectl's Ready,SchedulingDisabled).
-        shown_status = n["status"] + (",cordoned" if n.get("cordon") else "")
+        shown_status = f"{n['status']}" + (",cordoned" if n.get("cordon") else "")
         rows.append([n["node_id"], shown_status, f"{len(n['assigned_jobs'])}/{n['max_concurrent_jobs']}",
                      _pct(usage["cpu_percent"]), _pct(usage["gpu_percent"]), _pct(usage["mem_percent"]),
                      f"{ready}/{len(n['models'])}", duration(n["last_heartbeat_age_s"], compact=True),
@@ -151,12 +177,11 @@ def show_node(api: Api, node_id: str, job_id: str | None) -> None:
     print(f"Connected:     {'yes' if n['connected'] else 'no'} (web {n['web_id']}), last heartbeat "
           f"{ago(n['last_heartbeat_age_s'])}")
     print(f"Agent:         {n['version'] or '-'} (schema {n['capability_schema_version']})")
-    gpus = ", ".join(f"{g['name']} {g['memory_gb']:g} GB" for g in n["hardware"].get("gpus", [])) or "none"
-    print(f"Hardware:      {n['hardware'].get('cpu_cores', 0)} cores, {n['hardware'].get('memory_gb', 0):g} GB, "
-          f"GPUs: {gpus} (available: {'yes' if n['gpu_available'] else 'no'})")
+    machine, gpus = _hardware(n["hardware"])
+    print(f"Hardware:      {machine}, GPUs: {gpus} (available: {'yes' if n['gpu_available'] else 'no'})")
     print(f"Usage:         cpu {_pct(usage['cpu_percent'])}, gpu {_pct(usage['gpu_percent'])}, "
           f"mem {_pct(usage['mem_percent'])}, running {usage['running_jobs']} (node's count)")
-    models = ", ".join(f"{m['model_id']} ({m['status']})" for m in n["models"]) or "none"
+    models = ", ".join(f"{m.get('model_id')} ({m.get('status')})" for m in n["models"]) or "none"
     labels = ", ".join(f"{k}={v}" for k, v in n["labels"].items()) or "none"
     print(f"Models:        {models}")
     print(f"Labels:        {labels}")
@@ -180,8 +205,8 @@ def show_node(api: Api, node_id: str, job_id: str | None) -> None:
               f"{drain['jobs_left']} of {plural(drain['jobs_at_start'], 'job')} left{deadline}")
     print("Transitions:")
     for t in n["transitions"][:10]:
-        when = ago(_since_s(t["at_ms"]))
-        print(f"  {when:>10}  {t['from'] or '(new)'} -> {t['to']}: {t['reason']}")
+        when = ago(_since_s(t.get("at_ms")))
+        print(f"  {when:>10}  {t.get('from') or '(new)'} -> {t.get('to')}: {t.get('reason')}")
     query = f"?job={job_id}" if job_id else ""
     why = api.call("GET", f"/api/nodes/{node_id}/eligibility{query}")
     print(f"Why not {'job ' + job_id if job_id else 'a job without requirements'}: "

@@ -27,7 +27,7 @@ from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
-from dispatcher.records import as_int, as_json
+from dispatcher.records import NodeRecord
 from dispatcher.scripts import Assigned, NotWaiting, Scripts, Search
 from dispatcher.settings import Settings
 from dispatcher.tally import TALLY
@@ -240,14 +240,13 @@ class Dispatcher:
 def _could_take(needs: JobNeeds, accept_public: str | None, labels: str | None, gpu_count: str | None,
                 models: str | None) -> bool:
     """Whether a node with these stored fields could take the job once ready and free."""
-    if needs.public and accept_public != "1":
+    node = NodeRecord.from_hash({"accept_public": accept_public, "labels": labels, "gpu_count": gpu_count,
+                                 "models": models})
+    if needs.public and not node.accept_public:
         return False
-    stored_labels = as_json(labels, {})
-    if not isinstance(stored_labels, dict):
+    if any(node.labels.get(key) != value for key, value in needs.node_selector):
         return False
-    if any(stored_labels.get(key) != value for key, value in needs.node_selector):
+    if needs.require_gpu and not node.gpu_count > 0:
         return False
-    if needs.require_gpu and not (as_int(gpu_count) or 0) > 0:
-        return False
-    installed = {m.get("model_id") for m in as_json(models, []) if isinstance(m, dict)}
+    installed = {m.get("model_id") for m in node.models if isinstance(m.get("model_id"), str)}
     return all(model in installed for model in needs.required_models)

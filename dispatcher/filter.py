@@ -8,11 +8,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.records import as_float, as_json
+from dispatcher.records import NodeRecord
 from dispatcher.vocabulary import Exclusion
 
 #: The node hash fields the filter reads.
@@ -69,43 +70,47 @@ class Step:
     detail: str
 
 
-def _number(value: str | None) -> float:
-    return as_float(value) or 0.0
+def _seconds(ms: float) -> float:
+    """Milliseconds in seconds; past a float's range (a corrupt record's time), infinite, as Lua reads it."""
+    try:
+        return ms / 1000
+    except OverflowError:
+        return math.inf if ms > 0 else -math.inf
 
 
-def evaluate(node: Mapping[str, str], assigned: int, needs: JobNeeds, now_ms: int,
+def evaluate(node: NodeRecord | Mapping[str, str | None], assigned: int, needs: JobNeeds, now_ms: int,
              heartbeat_timeout_ms: int, resource_threshold: float) -> list[Step]:
-    """Every step of the filter for one stored node (``node`` holds NODE_FIELDS)."""
-    status = node.get("status") or "unknown"
-    silent_ms = now_ms - _number(node.get("last_seen_ms"))
-    labels = as_json(node.get("labels"), {})
-    ready_models = {m.get("model_id") for m in as_json(node.get("models"), []) if isinstance(m, dict)
-                    and m.get("status") == "ready"}
-    missing_labels = [f"{k}={v}" for k, v in needs.node_selector if labels.get(k) != v]
+    """Every step of the filter for one stored node (its record, or its NODE_FIELDS as read)."""
+    if not isinstance(node, NodeRecord):
+        node = NodeRecord.from_hash(node)
+    status = node.status_text or "unknown"
+    silent_ms = now_ms - (node.last_seen_ms or 0)
+    # (a model id that is not a text matches no required model, and may not be hashable)
+    ready_models = {m.get("model_id") for m in node.models if m.get("status") == "ready"
+                    and isinstance(m.get("model_id"), str)}
+    missing_labels = [f"{k}={v}" for k, v in needs.node_selector if node.labels.get(k) != v]
     missing_models = [m for m in needs.required_models if m not in ready_models]
-    max_jobs = int(_number(node.get("max_concurrent_jobs")) or 1)
-    usage = {"cpu": _number(node.get("cpu_percent")), "gpu": _number(node.get("gpu_percent")),
-             "mem": _number(node.get("mem_percent"))}
+    max_jobs = node.max_concurrent_jobs or 1
+    usage = {"cpu": node.cpu_percent or 0.0, "gpu": node.gpu_percent or 0.0, "mem": node.mem_percent or 0.0}
     over = [f"{k} {v:g}% >= {resource_threshold:g}%" for k, v in usage.items() if v >= resource_threshold]
     return [
         Step("status", "StatusNotReady", status == "ready", f"status {status}"),
         Step("online", "StatusNotReady", silent_ms < heartbeat_timeout_ms,
-             f"last heard {silent_ms / 1000:.1f} s ago (timeout {heartbeat_timeout_ms / 1000:g} s)"),
-        Step("public_pool", "NotInPublicPool", not needs.public or node.get("accept_public") == "1",
+             f"last heard {_seconds(silent_ms):.1f} s ago (timeout {heartbeat_timeout_ms / 1000:g} s)"),
+        Step("public_pool", "NotInPublicPool", not needs.public or node.accept_public,
              "job is not public" if not needs.public else
-             f"accepts public jobs: {'yes' if node.get('accept_public') == '1' else 'no'}"),
+             f"accepts public jobs: {'yes' if node.accept_public else 'no'}"),
         Step("node_selector", "NodeSelectorMismatch", not missing_labels,
              f"missing labels {', '.join(missing_labels)}" if missing_labels else
              ("labels match" if needs.node_selector else "no selector")),
-        Step("gpu", "GpuUnavailable", not needs.require_gpu or node.get("gpu_available") == "1",
+        Step("gpu", "GpuUnavailable", not needs.require_gpu or node.gpu_available,
              "job needs no GPU" if not needs.require_gpu else
-             f"GPU available: {'yes' if node.get('gpu_available') == '1' else 'no'}"),
+             f"GPU available: {'yes' if node.gpu_available else 'no'}"),
         Step("models", "ModelNotAvailable", not missing_models,
              f"not ready: {', '.join(missing_models)}" if missing_models else
              (f"ready: {', '.join(needs.required_models)}" if needs.required_models else "no models required")),
-        Step("cordon", "NodeCordoned", node.get("cordoned") != "1",
-             f"cordoned: {node.get('cordon_reason') or 'no reason given'}" if node.get("cordoned") == "1"
-             else "not cordoned"),
+        Step("cordon", "NodeCordoned", not node.cordoned,
+             f"cordoned: {node.cordon_reason or 'no reason given'}" if node.cordoned else "not cordoned"),
         Step("capacity", "CapacityExceeded", assigned < max_jobs, f"{assigned}/{max_jobs} slots used"),
         Step("resources", "ResourceThresholdExceeded", not over,
              "; ".join(over) if over else

@@ -13,105 +13,120 @@ from dispatcher.filter import JobNeeds, evaluate
 from dispatcher.keys import Keys
 from dispatcher.vocabulary import NodeStatus
 from dispatcher.messages import NodeStatusMessage
-from dispatcher.records import as_float, as_int, as_json
+from dispatcher.records import JobRecord, NodeRecord, as_int, as_json
 from dispatcher.settings import Settings
 
 #: Ids looked at per listed node when listing one status (see ``Fleet.nodes``).
 _FILTER_FACTOR = 10
 
 
-def node_view(raw: dict[str, str], assigned: list[str], now: int) -> dict[str, Any]:
+def node_view(node: NodeRecord, assigned: list[str], now: int) -> dict[str, Any]:
     """The public shape of one stored node."""
-    last_heartbeat = as_int(raw.get("last_heartbeat_ms"))
-    window = raw.get("window", "")
+    last_heartbeat = node.last_heartbeat_ms
     return {
-        "node_id": raw["node_id"],
-        "status": raw.get("status"),
-        "previous_status": raw.get("previous_status") or None,
-        "reason": raw.get("status_reason", ""),
-        "status_since_ms": as_int(raw.get("status_since_ms")),
-        "registered_at_ms": as_int(raw.get("registered_at_ms")),
+        "node_id": node.node_id,
+        "status": node.status_text,
+        "previous_status": node.previous_status_text,
+        "reason": node.status_reason,
+        "status_since_ms": node.status_since_ms,
+        "registered_at_ms": node.registered_at_ms,
         "last_heartbeat_ms": last_heartbeat,
-        "last_heartbeat_age_s": None if last_heartbeat is None else round((now - last_heartbeat) / 1000, 1),
-        "connected": raw.get("connected") == "1",
-        "web_id": raw.get("web_id"),
-        "version": raw.get("version", ""),
-        "capability_schema_version": raw.get("capability_schema_version", ""),
-        "advanced_features": as_json(raw.get("advanced_features"), {}),
-        "hardware": as_json(raw.get("hardware"), {}),
-        "gpu_available": raw.get("gpu_available") == "1",
+        "last_heartbeat_age_s": _age_s(now, last_heartbeat),
+        "connected": node.connected,
+        "web_id": node.web_id,
+        "version": node.version,
+        "capability_schema_version": node.capability_schema_version,
+        "advanced_features": node.advanced_features,
+        "hardware": node.hardware,
+        "gpu_available": node.gpu_available,
         "resource_usage": {
-            "cpu_percent": as_float(raw.get("cpu_percent")),
-            "gpu_percent": as_float(raw.get("gpu_percent")),
-            "mem_percent": as_float(raw.get("mem_percent")),
-            "running_jobs": as_int(raw.get("running_jobs")),
+            "cpu_percent": node.cpu_percent,
+            "gpu_percent": node.gpu_percent,
+            "mem_percent": node.mem_percent,
+            "running_jobs": node.running_jobs,
         },
-        "models": [m for m in as_json(raw.get("models"), []) if isinstance(m, dict)],
-        "labels": as_json(raw.get("labels"), {}),
-        "accept_public_jobs": raw.get("accept_public") == "1",
-        "max_concurrent_jobs": as_int(raw.get("max_concurrent_jobs")),
+        "models": node.models,
+        "labels": node.labels,
+        "accept_public_jobs": node.accept_public,
+        "max_concurrent_jobs": node.max_concurrent_jobs,
         "assigned_jobs": sorted(assigned),
         "health": {
-            "window": window,
-            "window_failures": window.count("0"),
-            "consecutive_ok": as_int(raw.get("consecutive_ok")) or 0,
-            "consecutive_fail": as_int(raw.get("consecutive_fail")) or 0,
-            "last_healthy": {"1": True, "0": False}.get(raw.get("last_healthy", "")),
-            "last_reason": raw.get("last_health_reason", ""),
+            "window": node.window,
+            "window_failures": node.window.count("0"),
+            "consecutive_ok": node.consecutive_ok,
+            "consecutive_fail": node.consecutive_fail,
+            "last_healthy": node.last_healthy,
+            "last_reason": node.last_health_reason,
         },
-        "job_health": _job_health_view(raw, now),
-        "running_jobs_mismatch": _mismatch_view(raw, len(assigned)),
-        "drain": _drain_view(raw, len(assigned)),
-        "cordon": _cordon_view(raw),
+        "job_health": _job_health_view(node, now),
+        "running_jobs_mismatch": _mismatch_view(node, len(assigned)),
+        "drain": _drain_view(node, len(assigned)),
+        "cordon": _cordon_view(node),
     }
 
 
-def _cordon_view(raw: dict[str, str]) -> dict[str, Any] | None:
-    """Set while an operator keeps the node from new jobs (its status is unchanged)."""
-    if raw.get("cordoned") != "1":
+def _age_s(now: int, at_ms: int | None) -> float | None:
+    """Seconds since ``at_ms``, to a tenth; None when unknown (or past a float's range: a corrupt record's)."""
+    if at_ms is None:
         return None
-    return {"reason": raw.get("cordon_reason") or "", "requested_by": raw.get("cordoned_by") or "",
-            "at_ms": as_int(raw.get("cordoned_ms"))}
+    try:
+        return round((now - at_ms) / 1000, 1)
+    except OverflowError:
+        return None
 
 
-def _job_health_view(raw: dict[str, str], now: int) -> dict[str, Any]:
+def _cordon_view(node: NodeRecord) -> dict[str, Any] | None:
+    """Set while an operator keeps the node from new jobs (its status is unchanged)."""
+    if not node.cordoned:
+        return None
+    return {"reason": node.cordon_reason, "requested_by": node.cordoned_by, "at_ms": node.cordoned_ms}
+
+
+def _job_health_view(node: NodeRecord, now: int) -> dict[str, Any]:
     """The node's job window: its last outcomes, oldest first ("1" good, "0" its own failure:
     a node_fault error or a timeout), and the JobFailures cool-down while it lasts."""
-    window = raw.get("job_window", "")
-    cooldown_until = as_int(raw.get("job_cooldown_until_ms"))
+    window = node.job_window
+    cooldown_until = node.job_cooldown_until_ms
     return {
         "window": window,
         "window_failures": window.count("0"),
         "consecutive_failures": len(window) - len(window.rstrip("0")),
-        "last_failure": as_json(raw.get("job_last_failure"), {}) or None,
+        "last_failure": node.job_last_failure,
         "cooldown_until_ms": cooldown_until if cooldown_until and cooldown_until > now else None,
     }
 
 
-def _mismatch_view(raw: dict[str, str], assigned: int) -> dict[str, Any] | None:
+def _mismatch_view(node: NodeRecord, assigned: int) -> dict[str, Any] | None:
     """The node's running_jobs disagreeing with its assigned jobs, while an episode lasts
-    (field ``running_mismatch``: heartbeats in a row, then ":" and when the episode began)."""
-    beats, _, since = raw.get("running_mismatch", "").partition(":")
-    if as_int(since) is None:
+    (from the heartbeat that began it)."""
+    if node.mismatch_since_ms is None:
         return None
-    return {"since_ms": as_int(since), "heartbeats": as_int(beats) or 0,
-            "running_jobs": as_int(raw.get("running_jobs")), "assigned_jobs": assigned}
+    return {"since_ms": node.mismatch_since_ms, "heartbeats": node.mismatch_heartbeats,
+            "running_jobs": node.running_jobs, "assigned_jobs": assigned}
 
 
-def _drain_view(raw: dict[str, str], jobs_left: int) -> dict[str, Any] | None:
-    if not raw.get("drain_requested_ms"):
+def _drain_view(node: NodeRecord, jobs_left: int) -> dict[str, Any] | None:
+    if not node.drain_requested:
         return None
     return {
-        "in_progress": raw.get("drain_pending") == "1",
+        "in_progress": node.drain_pending,
         "jobs_left": jobs_left,
-        "requested_by": raw.get("drain_requested_by"),
-        "reason": raw.get("drain_reason"),
-        "requested_at_ms": as_int(raw.get("drain_requested_ms")),
-        "deadline_ms": as_int(raw.get("drain_deadline_ms")),
-        "jobs_at_start": as_int(raw.get("drain_jobs_at_start")),
-        "ended_at_ms": as_int(raw.get("drain_ended_ms")),
-        "outcome": raw.get("drain_outcome") or None,
+        "requested_by": node.drain_requested_by,
+        "reason": node.drain_reason,
+        "requested_at_ms": node.drain_requested_ms,
+        "deadline_ms": node.drain_deadline_ms,
+        "jobs_at_start": node.drain_jobs_at_start,
+        "ended_at_ms": node.drain_ended_ms,
+        "outcome": node.drain_outcome,
     }
+
+
+def job_needs(job: JobRecord) -> JobNeeds:
+    """A job's needs as the filter reads them, from its record: what its record cannot say
+    (a model that is not a name, a label value that is not a text) it is taken not to ask.
+    (``JobNeeds.from_stored`` refuses such a record: a view must not.)"""
+    return JobNeeds(tuple(m for m in job.required_models if isinstance(m, str)), job.require_gpu, job.public,
+                    tuple(sorted((k, v) for k, v in job.node_selector.items() if isinstance(v, str))))
 
 
 class Fleet:
@@ -132,7 +147,7 @@ class Fleet:
         raw, assigned, history = pipe.execute()
         if not raw:
             return None
-        view = node_view(raw, assigned, self.clock())
+        view = node_view(NodeRecord.from_hash(raw), assigned, self.clock())
         view["transitions"] = [as_json(entry, {}) for entry in history]
         return view
 
@@ -170,20 +185,23 @@ class Fleet:
             start = f"({ids[-1]}"
         return page, start[1:]
 
-    def _raw(self, node_ids: list[str]) -> dict[str, tuple[dict[str, str], list[str]]]:
-        """Each node's stored hash and assigned job ids, in one round trip."""
+    def _records(self, node_ids: list[str]) -> dict[str, tuple[NodeRecord | None, list[str]]]:
+        """Each node's record (None: no such node) and assigned job ids, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for node_id in node_ids:
             pipe.hgetall(self.keys.node(node_id))
             pipe.hkeys(self.keys.assigned(node_id))
         replies = pipe.execute()
-        return {node_id: (replies[2 * i], replies[2 * i + 1]) for i, node_id in enumerate(node_ids)}
+        return {node_id: (NodeRecord.from_hash(replies[2 * i]) if replies[2 * i] else None, replies[2 * i + 1])
+                for i, node_id in enumerate(node_ids)}
 
     def _views(self, node_ids: list[str],
-               raws: dict[str, tuple[dict[str, str], list[str]]] | None = None) -> dict[str, dict[str, Any] | None]:
-        raws = self._raw(node_ids) if raws is None else raws
+               records: dict[str, tuple[NodeRecord | None, list[str]]] | None = None,
+               ) -> dict[str, dict[str, Any] | None]:
+        records = self._records(node_ids) if records is None else records
         now = self.clock()
-        return {node_id: node_view(raw, assigned, now) if raw else None for node_id, (raw, assigned) in raws.items()}
+        return {node_id: None if node is None else node_view(node, assigned, now)
+                for node_id, (node, assigned) in records.items()}
 
     def counts_by_status(self) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)
@@ -198,13 +216,13 @@ class Fleet:
         raw = self.client.hgetall(self.keys.scan_state())
         return {k: as_int(v) for k, v in raw.items()}
 
-    def why_idle(self, raw: dict[str, str], assigned: int, head: JobNeeds | None) -> list[str]:
+    def why_idle(self, node: NodeRecord, assigned: int, head: JobNeeds | None) -> list[str]:
         """Why a ready node gets no job: the steps it fails for any job, then those it
         fails only for the first waiting job (``ResourceThresholdExceeded: gpu 80% >= 25%``)."""
         s = self.settings
 
         def failing(needs: JobNeeds) -> list[str]:
-            steps = evaluate(raw, assigned, needs, self.clock(), int(s.heartbeat_timeout_seconds * 1000),
+            steps = evaluate(node, assigned, needs, self.clock(), int(s.heartbeat_timeout_seconds * 1000),
                              s.resource_threshold_percent)
             return [f"{step.reason}: {step.detail}" for step in steps if not step.passed]
         reasons = failing(JobNeeds())
@@ -216,20 +234,22 @@ class Fleet:
         head = self.client.zrange(self.keys.waiting(), 0, 0)
         if not head:
             return None
-        return JobNeeds.from_values(self.client.hmget(self.keys.job(head[0]), JobNeeds.FIELDS))
+        values = self.client.hmget(self.keys.job(head[0]), JobNeeds.FIELDS)
+        return None if values[0] is None else job_needs(JobRecord.from_hash(dict(zip(JobNeeds.FIELDS, values))))
 
     def status_reports(self, node_ids: list[str]) -> dict[str, NodeStatusMessage]:
         """The periodic node_status frame of each node, with its health summary, its
         jobs and, for a ready node, why it gets no (more) work."""
         reports = {}
-        raws = self._raw(node_ids)
+        records = self._records(node_ids)
         head = self._first_waiting()
-        for node_id, view in self._views(node_ids, raws).items():
-            if view is None:
+        for node_id, view in self._views(node_ids, records).items():
+            node = records[node_id][0]
+            if view is None or node is None:
                 continue
             idle = None
-            if view["status"] == "ready":
-                idle = self.why_idle(raws[node_id][0], len(view["assigned_jobs"]), head)
+            if node.status is NodeStatus.READY:
+                idle = self.why_idle(node, len(view["assigned_jobs"]), head)
             try:
                 reports[node_id] = NodeStatusMessage(
                     node_id=node_id,

@@ -28,7 +28,7 @@ from dispatcher.jobspec import MAX_PRIORITY, QUEUE_BAND
 from dispatcher.keys import Keys
 from dispatcher.vocabulary import FINAL_STATES, JobState
 from dispatcher.messages import valid_job_id
-from dispatcher.records import as_float, as_int, as_json
+from dispatcher.records import JobRecord
 
 #: The states a listing takes, in a job's lifecycle order.
 LIST_STATES = (JobState.WAITING, JobState.RUNNING, *FINAL_STATES)
@@ -39,6 +39,25 @@ _CHUNK = 500
 #: Fields of a job shown in a listing (the full record is GET /api/jobs/<id>).
 _FIELDS = ("state", "job_type", "priority", "required_models", "node_id", "attempt", "max_attempts",
            "submitted_ms", "assigned_ms", "finished_ms", "progress", "outcome")
+
+
+def listed_view(job_id: str, job: JobRecord) -> dict[str, Any]:
+    """A job as a listing shows it (its ``_FIELDS``)."""
+    return {
+        "job_id": job_id,
+        "state": job.state_text,
+        "job_type": job.job_type,
+        "priority": job.priority,
+        "required_models": job.required_models,
+        "node_id": job.node_id,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "submitted_ms": job.submitted_ms,
+        "assigned_ms": job.assigned_ms,
+        "finished_ms": job.finished_ms,
+        "progress": job.progress,
+        "outcome": job.outcome,
+    }
 
 
 @dataclass(frozen=True, order=True)
@@ -158,9 +177,10 @@ class JobList:
             pipe = self.client.pipeline(transaction=False)
             for job_id in ids[start:start + _CHUNK]:
                 pipe.hmget(self.keys.job(job_id), "state", "submitted_ms")
-            for job_id, (state, submitted) in zip(ids[start:start + _CHUNK], pipe.execute()):
-                if state in ("assigned", "running"):
-                    positions.append(Position(as_int(submitted) or 0, job_id))
+            for job_id, values in zip(ids[start:start + _CHUNK], pipe.execute()):
+                job = JobRecord.from_hash(dict(zip(("state", "submitted_ms"), values)))
+                if job.state in (JobState.ASSIGNED, JobState.RUNNING):
+                    positions.append(Position(job.submitted_ms or 0, job_id))
         positions = sorted((p for p in positions if after is None or p < after), reverse=True)
         return (positions[:limit], positions[limit - 1]) if len(positions) > limit else (positions, None)
 
@@ -170,24 +190,10 @@ class JobList:
             pipe.hmget(self.keys.job(p.job_id), _FIELDS)
         views = []
         for p, values in zip(positions, pipe.execute()):
-            raw = dict(zip(_FIELDS, values))
-            if raw["state"] is None:
+            job = JobRecord.from_hash(dict(zip(_FIELDS, values)))
+            if job.state_text is None:
                 continue  # its record expired before the scan trimmed its index entry
-            views.append({
-                "job_id": p.job_id,
-                "state": raw["state"],
-                "job_type": raw["job_type"],
-                "priority": as_int(raw["priority"]),
-                "required_models": as_json(raw["required_models"], []),
-                "node_id": raw["node_id"] or None,
-                "attempt": as_int(raw["attempt"]),
-                "max_attempts": as_int(raw["max_attempts"]),
-                "submitted_ms": as_int(raw["submitted_ms"]),
-                "assigned_ms": as_int(raw["assigned_ms"]),
-                "finished_ms": as_int(raw["finished_ms"]),
-                "progress": as_float(raw["progress"]),
-                "outcome": as_json(raw["outcome"], {}) or None,
-            })
+            views.append(listed_view(p.job_id, job))
         return views
 
     def trim(self, now_ms: int, retention_ms: int) -> int:

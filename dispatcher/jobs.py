@@ -31,7 +31,7 @@ from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.messages import JobAck, JobProgress, JobResult
 from dispatcher.publish import Publisher
-from dispatcher.records import as_int
+from dispatcher.records import JobRecord, as_int
 from dispatcher.registry import transitioned
 from dispatcher.scripts import (
     AlreadyFinished,
@@ -318,8 +318,8 @@ class Jobs:
         if isinstance(reply, OutOfAttempts):
             self.publisher.finished(job_id, reply.outcome)
         else:
-            last_error = self.client.hget(self.keys.job(job_id), "last_error") or "{}"
-            self.publisher.retried(job_id, json.loads(last_error).get("message", ""), reply.worker)
+            job = JobRecord.from_hash({"last_error": self.client.hget(self.keys.job(job_id), "last_error")})
+            self.publisher.retried(job_id, (job.last_error or {}).get("message", ""), reply.worker)
             self.note_requeued(job_id)
         if self.client.exists(self.keys.waiting()):
             self.dispatch_waiting()

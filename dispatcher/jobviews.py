@@ -6,8 +6,10 @@ from typing import Any
 
 from dispatcher.dispatch import Decision
 from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, first_failure
+from dispatcher.fleet import job_needs
 from dispatcher.jobs import Jobs
-from dispatcher.records import as_float, as_int, as_json
+from dispatcher.records import JobRecord, NodeRecord
+from dispatcher.vocabulary import JobState
 
 
 class JobViews:
@@ -27,7 +29,7 @@ class JobViews:
         if stored[0] is None:
             return None
         s = self.jobs.settings
-        steps = evaluate(dict(zip(NODE_FIELDS, stored)), assigned, needs, self.jobs.clock(),
+        steps = evaluate(NodeRecord.from_hash(dict(zip(NODE_FIELDS, stored))), assigned, needs, self.jobs.clock(),
                          int(s.heartbeat_timeout_seconds * 1000), s.resource_threshold_percent)
         failed = first_failure(steps)
         return {
@@ -44,43 +46,49 @@ class JobViews:
         raw = self.client.hgetall(self.keys.job(job_id))
         if not raw:
             return None
+        job = JobRecord.from_hash(raw)
+        view = job_view(job_id, job)
+        if job.state is JobState.WAITING:
+            view["why_waiting"] = self._why_waiting(job_id, job)
+        return view
 
-        def number(name: str) -> int | None:
-            return as_int(raw.get(name))
-        attempts = [a for a in as_json(raw.get("attempts"), []) if isinstance(a, dict)]
-        if raw.get("state") in ("assigned", "running") and raw.get("node_id"):
-            attempts.append({"attempt": number("attempt"), "node_id": raw["node_id"],
-                             "assigned_ms": number("assigned_ms"), "acked_ms": number("acked_ms")})
-        return {
-            "job_id": job_id,
-            "state": raw.get("state"),
-            "job_type": raw.get("job_type"),
-            "priority": number("priority"),
-            "required_models": as_json(raw.get("required_models"), []),
-            "require_gpu": raw.get("require_gpu") == "1",
-            "public": raw.get("public") == "1",
-            "node_selector": as_json(raw.get("node_selector"), {}),
-            "timeout_seconds": as_float(raw.get("timeout_seconds")),
-            "max_attempts": number("max_attempts"),
-            "payload_bytes": len(raw.get("payload") or ""),
-            "attempt": number("attempt"),
-            "node_id": raw.get("node_id") or None,
-            "submitted_ms": number("submitted_ms"),
-            "assigned_ms": number("assigned_ms"),
-            "acked_ms": number("acked_ms"),
-            "finished_ms": number("finished_ms"),
-            "progress": as_float(raw.get("progress")),
-            "progress_message": raw.get("progress_message") or None,
-            "avoid_nodes": as_json(raw.get("avoid"), []),
-            "outcome": as_json(raw.get("outcome"), {}) or None,
-            "last_error": as_json(raw.get("last_error"), {}) or None,
-            "last_decision": as_json(raw.get("last_decision"), {}) or None,
-            "attempts": attempts,
-            "why_waiting": self._why_waiting(raw) if raw.get("state") == "waiting" else None,
-        }
-
-    def _why_waiting(self, raw: dict[str, str]) -> dict[str, Any]:
+    def _why_waiting(self, job_id: str, job: JobRecord) -> dict[str, Any]:
         """Asked about a waiting job: walk the fleet now, with examples."""
-        eligible, total, exclusions = self.jobs.dispatcher.explain(JobNeeds.from_stored(raw))
-        decision = Decision(raw["job_id"], "waiting", exclusions=exclusions, eligible=eligible, total=total)
+        eligible, total, exclusions = self.jobs.dispatcher.explain(job_needs(job))
+        decision = Decision(job_id, "waiting", exclusions=exclusions, eligible=eligible, total=total)
         return {"eligible": eligible, "total": total, "summary": decision.summary(), **exclusions}
+
+
+def job_view(job_id: str, job: JobRecord) -> dict[str, Any]:
+    """The public shape of one stored job (``why_waiting`` None: the caller adds it for a waiting job)."""
+    attempts = list(job.attempts)
+    if job.state in (JobState.ASSIGNED, JobState.RUNNING) and job.node_id:
+        attempts.append({"attempt": job.attempt, "node_id": job.node_id, "assigned_ms": job.assigned_ms,
+                         "acked_ms": job.acked_ms})
+    return {
+        "job_id": job_id,
+        "state": job.state_text,
+        "job_type": job.job_type,
+        "priority": job.priority,
+        "required_models": job.required_models,
+        "require_gpu": job.require_gpu,
+        "public": job.public,
+        "node_selector": job.node_selector,
+        "timeout_seconds": job.timeout_seconds,
+        "max_attempts": job.max_attempts,
+        "payload_bytes": len(job.payload or ""),
+        "attempt": job.attempt,
+        "node_id": job.node_id,
+        "submitted_ms": job.submitted_ms,
+        "assigned_ms": job.assigned_ms,
+        "acked_ms": job.acked_ms,
+        "finished_ms": job.finished_ms,
+        "progress": job.progress,
+        "progress_message": job.progress_message,
+        "avoid_nodes": job.avoid,
+        "outcome": job.outcome,
+        "last_error": job.last_error,
+        "last_decision": job.last_decision,
+        "attempts": attempts,
+        "why_waiting": None,
+    }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from dispatcher.records import NodeRecord
 from dispatcher.vocabulary import Exclusion, FINAL_STATES
 from dispatcher.tally import TALLY
 
@@ -223,6 +225,14 @@ def _histogram(metric: FleetCounter, _: dict[str, str], histograms: dict[str, st
 _NODE_FIELDS = ("status", "max_concurrent_jobs", *(f"finished_{state}" for state in FINAL_STATES))
 
 
+def _sample(value: int) -> float:
+    """A stored integer as a sample: one past a float's range (an operator's HSET) is infinite."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def node_series(client: Any, keys: Any, limit: int) -> Iterator[Metric]:
     """Series per node for the first ``limit`` nodes in id order: its status, its slots
     used and offered, its jobs finished by state; and how many nodes were left out."""
@@ -241,14 +251,14 @@ def node_series(client: Any, keys: Any, limit: int) -> Iterator[Metric]:
             pipe.hlen(keys.assigned(node_id))
         replies = pipe.execute()
         for i, node_id in enumerate(chunk):
-            record, assigned = dict(zip(_NODE_FIELDS, replies[2 * i])), replies[2 * i + 1]
-            if record["status"] is None:
+            node, assigned = NodeRecord.from_hash(dict(zip(_NODE_FIELDS, replies[2 * i]))), replies[2 * i + 1]
+            if node.status_text is None:
                 continue  # deleted since the id was read
-            status.add_metric([node_id, record["status"]], 1)
+            status.add_metric([node_id, node.status_text], 1)
             used.add_metric([node_id], assigned)
-            slots.add_metric([node_id], int(record["max_concurrent_jobs"] or 0))
+            slots.add_metric([node_id], _sample(node.max_concurrent_jobs or 0))
             for state in FINAL_STATES:
-                finished.add_metric([node_id, state], int(record[f"finished_{state}"] or 0))
+                finished.add_metric([node_id, state], _sample(node.finished[state]))
     yield from (status, used, slots, finished)
     yield GaugeMetricFamily("dispatcher_node_series_omitted",
                             "Nodes left out of the per-node series (past metrics_node_series).",
