@@ -16,7 +16,7 @@ from typing import TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dispatcher.localredis import LocalRedis, free_port  # noqa: E402
+from dispatcher.localrun.redis_server import LocalRedis, free_port  # noqa: E402
 
 T = TypeVar("T")
 

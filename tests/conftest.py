@@ -23,7 +23,7 @@ from celery import Celery
 from celery.worker import WorkController
 
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis
+from dispatcher.localrun.redis_server import LocalRedis
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings, get_settings, load_settings
 from tests.support import NodeClient, RawSocket, WebServer, clean_env
@@ -368,7 +368,7 @@ class Flower:
     """The Procfile's flower process on the shared system, its API open."""
 
     def __init__(self, system: System, logs_dir: Path) -> None:
-        from dispatcher.localredis import free_port
+        from dispatcher.localrun.redis_server import free_port
         from tests.support import clean_env, start_procfile, wait_for
 
         self.port = free_port()

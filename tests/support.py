@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from dispatcher.keys import STATUSES, Keys
-from dispatcher.localredis import free_port
+from dispatcher.localrun.redis_server import free_port
 
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent

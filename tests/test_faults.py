@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis
+from dispatcher.localrun.redis_server import LocalRedis
 from tests.conftest import client_app
 from tests.support import Process, WebServer, clean_env, job_attempts, start_procfile, wait_for
 
