@@ -18,7 +18,6 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -47,8 +46,8 @@ def _applies(requirement: Requirement, extras: set[str]) -> bool:
     """Whether a requirement holds here, for a package installed with these extras."""
     if requirement.marker is None:
         return True
-    environment = dict(default_environment())
-    return any(requirement.marker.evaluate({**environment, "extra": extra}) for extra in (extras or {""}))
+    # evaluate() starts from this interpreter's environment and adds what it is given.
+    return any(requirement.marker.evaluate({"extra": extra}) for extra in (extras or {""}))
 
 
 def pinned(requirements: list[Requirement]) -> dict[str, str]:
@@ -57,7 +56,7 @@ def pinned(requirements: list[Requirement]) -> dict[str, str]:
     ValueError for an installed version the requirement does not allow."""
     versions: dict[str, str] = {}
     extras_seen: dict[str, set[str]] = {}
-    pending = [(requirement, set()) for requirement in requirements]
+    pending: list[tuple[Requirement, set[str]]] = [(requirement, set()) for requirement in requirements]
     while pending:
         requirement, parent_extras = pending.pop()
         if not _applies(requirement, parent_extras):
