@@ -264,7 +264,13 @@ class NodeAgent:
         """The runner's way out, from its threads: a frame as its model's JSON object (what the
         runner's journal keeps), made that model again here and sent as the model writes it."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._send, _node_frames.validate_python(frame))
+        try:
+            message = _node_frames.validate_python(frame)
+        except ValidationError as exc:  # a journal written by another version of the agent
+            log.error("frame not sent: the contract refuses it", extra={
+                "event": "frame_refused", "type": str(frame.get("type")), "error": describe_validation_error(exc)})
+            return
+        self._loop.call_soon_threadsafe(self._send, message)
 
     def _models(self) -> list[InstalledModel]:
         models = installed_models(self.config.models)  # checked at start (AgentConfig)
