@@ -27,6 +27,7 @@ Logs stay in the printed folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import signal
 import sys
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
 from chaos_checks import detail_of, failed, figures_of, read_evidence, report
 from chaos_client import StateWatch, Submitter, settle
 from chaos_system import (
@@ -94,10 +96,8 @@ def submit_through_faults(args: argparse.Namespace, system: System, job_ids: lis
     watch.start()
     settle(watch, system.supervisor, killer_done, submitter, window_s + args.settle_minutes * 60)
     watch.stop()
-    try:
+    with contextlib.suppress(redis.RedisError):
         watch.look()  # one last look, so a change seen now still counts
-    except redis.RedisError:
-        pass
     return submitter, watch
 
 

@@ -16,11 +16,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as GetTimeout
+
 from chaos_client import FINAL_JOB_STATES, StateWatch, Submitter
 from chaos_system import KEYS, Supervisor, System, wait_nodes_ready
 from common import chunks
@@ -103,22 +104,23 @@ def records(r: redis.Redis, job_ids: list[str]) -> dict[str, Record]:
         pipe = r.pipeline(transaction=False)
         for job_id in chunk:
             pipe.hmget(KEYS.job(job_id), "state", "attempts")
-        for job_id, (state, attempts) in zip(chunk, pipe.execute()):
+        for job_id, (state, attempts) in zip(chunk, pipe.execute(), strict=True):
             found[job_id] = (state, json.loads(attempts or "[]"))
     return found
 
 
 def fleet_figures(r: redis.Redis) -> dict[str, Any]:
     """Assignments left, nodes whose slots are not all free, leftovers in the job queues."""
+    # Replies are str: the client decodes them (decode_responses), which redis-py's types do not know.
     assigned_left: dict[str, list[str]] = {}
     for key in r.scan_iter(match=f"{KEYS.prefix}:node:*:assigned", count=1000):
-        jobs = r.hkeys(key)
+        jobs = cast(list[str], r.hkeys(key))
         if jobs:
             assigned_left[key] = jobs
     statuses: Counter[str] = Counter()
     not_free: dict[str, Any] = {}
-    for node_id in r.zrange(KEYS.nodes(), 0, -1):
-        status = r.hget(KEYS.node(node_id), "status") or "missing"
+    for node_id in cast(list[str], r.zrange(KEYS.nodes(), 0, -1)):
+        status = cast(str | None, r.hget(KEYS.node(node_id), "status")) or "missing"
         statuses[status] += 1
         if status == "ready":
             # The score is the load (assigned / max_concurrent_jobs) plus a tie-break below 1e-4
@@ -213,8 +215,9 @@ def evaluate(job_ids: list[str], answers: dict[str, Any], recs: dict[str, Record
             outcome = entry.get("outcome")
             if outcome not in (None, "succeeded"):
                 retried[outcome] += 1
-                if (job_id, entry.get("attempt")) in ends:
-                    finished_but_retried[(job_id, entry.get("attempt"))] = outcome
+                attempt = entry.get("attempt")
+                if isinstance(attempt, int) and (job_id, attempt) in ends:
+                    finished_but_retried[(job_id, attempt)] = outcome
     lost = sorted(set(unanswered) | set(missing) | set(not_final))
     # Why a (job, attempt) ran twice: one agent process ran it twice (its dedupe failed), two
     # nodes ran it (the dispatcher sent one attempt to two nodes), or one node ran it again
@@ -226,7 +229,8 @@ def evaluate(job_ids: list[str], answers: dict[str, Any], recs: dict[str, Record
     return {
         "outcomes": dict(outcomes), "unanswered": unanswered, "missing": missing, "not_final": not_final,
         "lost": lost, "completed_twice": twice, "wrong_output": wrong, "ran_twice": ran_twice,
-        "ran_twice_same_process": same_process, "ran_twice_two_nodes": two_nodes, "attempts_hist": dict(sorted(attempts_hist.items())),
+        "ran_twice_same_process": same_process, "ran_twice_two_nodes": two_nodes,
+        "attempts_hist": dict(sorted(attempts_hist.items())),
         "retried_attempts": dict(retried), "finished_but_retried": finished_but_retried,
     }
 

@@ -7,6 +7,7 @@ id (submission is idempotent per task id).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import redis
 from celery import Celery
+
 from chaos_system import KEYS, Supervisor, log
 from common import chunks
 from dispatcher.completions import unapplied
@@ -108,10 +110,8 @@ class StateWatch(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.wait(2.0):
-            try:
+            with contextlib.suppress(redis.RedisError):  # Redis is down for a moment; look again next round
                 self.look()
-            except redis.RedisError:
-                pass  # Redis is down for a moment; look again next round
 
     def look(self) -> None:
         ids = self.job_ids[:self.submitter.sent + len(self.submitter.gave_up)]
@@ -122,7 +122,7 @@ class StateWatch(threading.Thread):
                 pipe.hget(KEYS.job(job_id), "state")
                 pipe.get(f"celery-task-meta-{job_id}")
             replies = pipe.execute()
-            for job_id, state, meta in zip(chunk, replies[::2], replies[1::2]):
+            for job_id, state, meta in zip(chunk, replies[::2], replies[1::2], strict=True):
                 states[state or "no record"] += 1
                 self._remember(job_id, "record", state, self.first_final, FINAL_JOB_STATES)
                 status = json.loads(meta)["status"] if meta else None

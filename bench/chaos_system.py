@@ -8,6 +8,7 @@ restarts a crashed dyno, and the killer SIGKILLs them on a seeded schedule.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import random
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
 from common import (
     ROOT,
     LocalRedis,
@@ -34,7 +36,6 @@ from common import (
     procfile_command,
     start,
 )
-
 from dispatcher.keys import Keys
 
 #: Fast settings, so that a fault resolves in seconds rather than minutes.
@@ -180,10 +181,8 @@ class Supervisor:
         for proc in procs:
             if proc.popen is None or proc.kind == "redis":
                 continue
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             killpg(proc.popen.pid)  # whatever is left of the group
             proc.popen.wait()
         for proc in procs:

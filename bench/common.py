@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -10,13 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dispatcher.localredis import LocalRedis, free_port  # noqa: E402
+from dispatcher.localrun.redis_server import LocalRedis, free_port  # noqa: E402
 
 T = TypeVar("T")
 
@@ -26,7 +28,8 @@ def env_for(redis_url: str, port: int, **settings: str) -> dict[str, str]:
     env.update({"REDIS_URL": redis_url, "PORT": str(port), "PYTHONUNBUFFERED": "1"})
     if os.environ.get("BENCH_GEVENT_MONITOR"):
         # gevent reports any greenlet that blocks the loop longer than this, with its stack.
-        env.update({"GEVENT_MONITOR_THREAD_ENABLE": "true", "GEVENT_MAX_BLOCKING_TIME": os.environ["BENCH_GEVENT_MONITOR"]})
+        env.update({"GEVENT_MONITOR_THREAD_ENABLE": "true",
+                    "GEVENT_MAX_BLOCKING_TIME": os.environ["BENCH_GEVENT_MONITOR"]})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update({f"DISPATCHER_{k.upper()}": v for k, v in settings.items()})
     return env
@@ -57,10 +60,8 @@ def start(args: list[str], env: dict[str, str], log: Path, append: bool = False)
 
 def killpg(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal the process group ``start`` made (its id is the leader's pid)."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone already
 
 
 def raise_open_files_limit() -> int:
@@ -93,7 +94,7 @@ def chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)

@@ -44,7 +44,7 @@ from websockets.asyncio.client import connect
 from common import ROOT, LocalRedis, env_for, free_port, start, wait_http
 
 sys.path.insert(0, str(ROOT))
-from dispatcher.scripts import script_sources  # noqa: E402
+from dispatcher.scripts import script_sources
 
 #: Heartbeats every 5 s: the nodes' own traffic stays small beside the jobs'.
 NODE_SETTINGS = {"require_gpu": "false", "resource_threshold_percent": "100", "heartbeat_interval_seconds": "5",
@@ -278,6 +278,7 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     pinned = not args.no_pin and len(cores) >= 2
     if pinned:
+        assert store.process is not None  # start() made it
         # Redis time is what one Redis core spends per job: on a 2-core machine the Python
         # processes would otherwise take turns on Redis's core and inflate it (both kinds alike).
         os.sched_setaffinity(store.process.pid, {cores[0]})

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import redis
 from celery import Celery
-from selection import NOW_MS, LocalRedis
 
 from dispatcher.completions import Completions
 from dispatcher.jobs import Jobs
 from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message
 from dispatcher.registry import Registry
 from dispatcher.settings import load_settings
+from selection import NOW_MS, LocalRedis
 
 MODELS = [{"model_id": "whisper-large-v3", "status": "ready"}, {"model_id": "nllb-200", "status": "ready"}]
 PAYLOAD = {"audio_url": "https://example.com/a/" + "x" * 60}

@@ -32,12 +32,12 @@ from websockets.exceptions import ConnectionClosed
 from common import ROOT, LocalRedis, env_for, free_port, start, wait_http
 
 sys.path.insert(0, str(ROOT))
-from celery import Celery  # noqa: E402
+from celery import Celery
 
-from dispatcher.jobs import Jobs  # noqa: E402
-from dispatcher.keys import Keys  # noqa: E402
-from dispatcher.settings import load_settings  # noqa: E402
-from tests.fuzzing import Targets, check_answer, check_log, check_records, random_frame  # noqa: E402
+from dispatcher.jobs import Jobs
+from dispatcher.keys import Keys
+from dispatcher.settings import load_settings
+from tests.fuzzing import Targets, check_answer, check_log, check_records, random_frame
 
 #: Frames per session; sessions end with a short quiet read.
 BATCH = 100

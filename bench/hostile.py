@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from common import raise_open_files_limit
 from hostile_attacks import ATTACKER_ADDRESSES, ATTACKS, run_attacker
 from hostile_harness import CaseSpec, Harness, run_case
@@ -139,7 +140,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 generation += 1
                 harness = Harness(args, log_dir / f"system-{generation}", extra_settings)
                 harness.start()
-    except (Exception, KeyboardInterrupt) as exc:  # the cases done so far are still reported
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the cases done so far are still reported
         aborted = f"{type(exc).__name__}: {exc}"
         print(f"bench aborted: {aborted}", file=sys.stderr, flush=True)
     finally:

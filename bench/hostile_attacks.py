@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -26,10 +27,11 @@ from typing import Any
 
 import redis
 from celery import Celery
-from common import chunks, raise_open_files_limit
-from hostile_honest import register_frame
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from common import chunks, raise_open_files_limit
+from hostile_honest import register_frame
 
 #: Attackers spread over these source addresses; honest traffic uses 127.0.0.1.
 ATTACKER_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 251)]
@@ -142,10 +144,8 @@ def attack_unread(opts: argparse.Namespace, tally: Tally, stop: threading.Event)
     stop.wait()
     with lock:
         for sock in open_socks:  # wakes a sendall blocked on a full buffer
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def idle_options() -> dict[str, Any]:
@@ -200,14 +200,17 @@ async def flood_session(opts: argparse.Namespace, tally: Tally) -> None:
         try:
             async with connect(opts.ws_url, local_addr=(ATTACKER_ADDRESSES[0], 0), **idle_options()) as ws:
                 tally.add("connects")
-                _reader = asyncio.create_task(read(ws))  # held: the loop keeps only a weak reference
+                reader = asyncio.create_task(read(ws))  # held: the loop keeps only a weak reference
                 next_tick = time.monotonic()
-                while True:
-                    for k in range(per_tick):
-                        await ws.send(heartbeat if k % 2 else junk)
-                    tally.add("frames_sent", per_tick)
-                    next_tick += 0.01
-                    await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+                try:
+                    while True:
+                        for k in range(per_tick):
+                            await ws.send(heartbeat if k % 2 else junk)
+                        tally.add("frames_sent", per_tick)
+                        next_tick += 0.01
+                        await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+                finally:
+                    reader.cancel()
         except ConnectionClosed as exc:
             tally.add("closed_by_server")
             tally.set("last_close_code", exc.rcvd.code if exc.rcvd else None)

@@ -4,6 +4,7 @@ stopped together, and one case run against them (the attacker a child process of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common import start
 from hostile_honest import HonestClient, HonestNode, RegistrationProbes
@@ -27,6 +28,8 @@ from hostile_report import (
     web_log_events,
 )
 from hostile_system import GROUPS, System
+
+T = TypeVar("T")
 
 #: The attacker child is this bench's entry point run with --attack.
 ENTRY_POINT = Path(__file__).resolve().with_name("hostile.py")
@@ -43,34 +46,54 @@ class Harness:
     def __init__(self, args: argparse.Namespace, log_dir: Path, extra_settings: dict[str, str]) -> None:
         self.args = args
         self.system = System(log_dir, extra_settings)
-        self.node: HonestNode | None = None
-        self.client: HonestClient | None = None
-        self.healthz: HttpProber | None = None
-        self.nodes_api: HttpProber | None = None
-        self.watch: WebWatch | None = None
+        # The honest side and the probes exist from start() on: see the properties below.
+        self._node: HonestNode | None = None
+        self._client: HonestClient | None = None
+        self._healthz: HttpProber | None = None
+        self._nodes_api: HttpProber | None = None
+        self._watch: WebWatch | None = None
         self.started_rss_mb = 0.0
 
     def start(self) -> None:
         self.system.start()
-        self.watch = WebWatch(self.system, self.args.rss_cap_mb, self.args.min_available_mb)
-        self.watch.start()
-        self.node = HonestNode(self.system.ws_url)
-        self.node.start()
-        if not self.node.ready.wait(60):
+        self._watch = WebWatch(self.system, self.args.rss_cap_mb, self.args.min_available_mb)
+        self._watch.start()
+        self._node = HonestNode(self.system.ws_url)
+        self._node.start()
+        if not self._node.ready.wait(60):
             raise RuntimeError("the honest node did not become ready")
-        self.client = HonestClient(self.system.redis_url, queue=self.args.honest_queue)
-        self.client.start()
+        self._client = HonestClient(self.system.redis_url, queue=self.args.honest_queue)
+        self._client.start()
         self._wait_warm()
-        self.healthz = HttpProber(f"{self.system.http_url}/healthz", 0.25, self.args.healthz_timeout_seconds)
-        self.nodes_api = HttpProber(f"{self.system.http_url}/api/nodes", 2.0, 30.0)
-        self.healthz.start()
-        self.nodes_api.start()
+        self._healthz = HttpProber(f"{self.system.http_url}/healthz", 0.25, self.args.healthz_timeout_seconds)
+        self._nodes_api = HttpProber(f"{self.system.http_url}/api/nodes", 2.0, 30.0)
+        self._healthz.start()
+        self._nodes_api.start()
         time.sleep(0.5)
-        self.started_rss_mb = self.watch.latest().get("rss_mb") or 0.0
+        self.started_rss_mb = self._watch.latest().get("rss_mb") or 0.0
+
+    @property
+    def node(self) -> HonestNode:
+        return _started(self._node)
+
+    @property
+    def client(self) -> HonestClient:
+        return _started(self._client)
+
+    @property
+    def healthz(self) -> HttpProber:
+        return _started(self._healthz)
+
+    @property
+    def nodes_api(self) -> HttpProber:
+        return _started(self._nodes_api)
+
+    @property
+    def watch(self) -> WebWatch:
+        return _started(self._watch)
 
     def _wait_warm(self) -> None:
         """Until three honest jobs went through: worker pools and connections are warm."""
-        assert self.client is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if sum(1 for r in self.client.between(0, now_s()) if r.done and r.error is None) >= 3:
@@ -79,12 +102,10 @@ class Harness:
         raise RuntimeError("no honest job went through within 60 s")
 
     def stop(self) -> None:
-        for part in (self.healthz, self.nodes_api, self.client, self.node, self.watch):
+        for part in (self._healthz, self._nodes_api, self._client, self._node, self._watch):
             if part is not None:
-                try:
+                with contextlib.suppress(Exception):  # cleanup goes on whatever one part says
                     part.stop()
-                except Exception:  # noqa: BLE001 - cleanup goes on whatever one part says
-                    pass
         # Celery results of failed jobs sit in reference cycles; their finalizers unsubscribe
         # from Redis, so they must run while Redis is still up.
         gc.collect()
@@ -220,3 +241,9 @@ def print_progress(h: Harness, spec: CaseSpec, elapsed_s: float, log_dir: Path) 
     print(f"  [{spec.name} +{elapsed_s:4.0f} s] web RSS {latest.get('rss_mb') or 0:.0f} MiB, /healthz {healthz}, "
           f"honest jobs done (last 5 s) {len(done)}, attacker {json.dumps(attack)[:200]}",
           file=sys.stderr, flush=True)
+
+
+def _started(part: T | None) -> T:
+    if part is None:
+        raise RuntimeError("the harness is not started")
+    return part

@@ -6,6 +6,7 @@ Their latencies and failures during an attack are what the bench judges.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -15,10 +16,11 @@ from queue import Queue
 from typing import Any
 
 from celery import Celery
-from hostile_probes import Loop, Samples, now_s
-from hostile_system import HONEST_TOKEN
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from hostile_probes import Loop, Samples, now_s
+from hostile_system import HONEST_TOKEN
 
 
 def register_frame(token: str, node_id: str | None = None, secret: str | None = None, **extra: Any) -> str:
@@ -159,10 +161,8 @@ class HonestNode:
 def release(result: Any) -> None:
     """Unsubscribe from the result now, in the thread that owns its consumer. Left to the
     finalizer it happens whenever the GC gets there, from any thread, possibly after Redis stopped."""
-    try:
+    with contextlib.suppress(Exception):  # a consumer that lost Redis has nothing left to release
         result.backend.remove_pending_result(result)
-    except Exception:  # noqa: BLE001 - a consumer that lost Redis has nothing left to release
-        pass
     result.backend = None  # the finalizer does nothing then
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+
 from hostile_system import System
 
 

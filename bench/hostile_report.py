@@ -92,7 +92,7 @@ def web_log_events(path: Path, offset: int, limit_bytes: int = 64 << 20) -> dict
 def summarize_jobs(records: list[JobRecord], http_url: str | None = None) -> dict[str, Any]:
     ok_ms = [r.latency_ms for r in records if r.done and r.error is None and r.latency_ms is not None]
     failed = [r for r in records if not r.done or r.error is not None]
-    summary = {"n": len(records), **latency_figures(ok_ms), "failures": len(failed),
+    summary: dict[str, Any] = {"n": len(records), **latency_figures(ok_ms), "failures": len(failed),
                "failure_examples": sorted(Counter((r.error or "no answer").split(":")[0] for r in failed).items())[:5]}
     if failed and http_url:
         summary["failed_job_states"] = failed_job_states(failed, http_url)

@@ -6,6 +6,7 @@ Celery pool child or a gunicorn worker never outlives the bench.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import redis
+
 from common import (
     LocalRedis,
     answers_http,
@@ -45,16 +47,12 @@ class ProcessGroups:
         """SIGTERM to the group, SIGKILL to whatever is left of it after ``grace_s``."""
         if proc.poll() is None:
             killpg(proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         # Also after the leader is gone: its children (Celery's pool) may outlive it.
         killpg(proc.pid)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
         with self._lock:
             if proc in self._procs:
                 self._procs.remove(proc)

@@ -255,7 +255,7 @@ def main() -> None:
               f"p99 {f['submit_to_assign_ms']['p99']:7.2f} ms   ({f['ratio_p99']:.2f}x, p99s)")
     w = figures["waiting"]
     print(f"waiting jobs: {w['jobs']} jobs on {w['slots']} slots held {args.hold_ms:.0f} ms; {w['waited']} waited")
-    print(f"  slot freed (result sent) -> next job_assign on that node  "
+    print("  slot freed (result sent) -> next job_assign on that node  "
           + summary(freed_to_assign_ms) if freed_to_assign_ms else "  (none waited)")
     print(json.dumps({"jobs": args.jobs, "nodes": args.nodes, "slots": args.slots, "web": args.web,
                       "workers": args.workers, "concurrency": args.concurrency, **figures,

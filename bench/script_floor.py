@@ -31,8 +31,8 @@ import redis
 from common import ROOT, LocalRedis
 
 sys.path.insert(0, str(ROOT))
-from dispatcher.keys import JOB_BUNDLE, NODE_BUNDLE  # noqa: E402
-from dispatcher.scripts import _expand, _lua_folder  # noqa: E402
+from dispatcher.keys import JOB_BUNDLE, NODE_BUNDLE
+from dispatcher.scripts import _expand, _lua_folder
 
 
 def variants() -> dict[str, tuple[str, int]]:

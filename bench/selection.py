@@ -42,14 +42,14 @@ import redis
 from common import ROOT, LocalRedis, pct
 
 sys.path.insert(0, str(ROOT))
-from celery import Celery  # noqa: E402
+from celery import Celery
 
-from dispatcher.completions import Completions  # noqa: E402
-from dispatcher.jobs import Jobs  # noqa: E402
-from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message  # noqa: E402
-from dispatcher.registry import Registry  # noqa: E402
-from dispatcher.scripts import script_sources  # noqa: E402
-from dispatcher.settings import load_settings  # noqa: E402
+from dispatcher.completions import Completions
+from dispatcher.jobs import Jobs
+from dispatcher.messages import NodeHeartbeat, NodeRegister, decode_node_message
+from dispatcher.registry import Registry
+from dispatcher.scripts import script_sources
+from dispatcher.settings import load_settings
 
 NOW_MS = 1_800_000_000_000
 KINDS = {"common": ["everyone"], "few": ["few"], "rare": ["rare"], "hopeless": ["nobody"]}
@@ -79,7 +79,7 @@ def dispatch_usec(client: redis.Redis, jobs: Jobs, models: list[str], n: int, sh
     """Server time of each submit_job script (µs), and the last decision's outcome."""
     client.slowlog_reset()
     outcome = ""
-    for i in range(n):
+    for _ in range(n):
         job_id = f"probe-{models[0]}-{time.monotonic_ns()}"
         decision = jobs.submit(job_id, {"job_type": "bench", "required_models": models})
         outcome = decision.outcome if decision else "queued"
@@ -175,7 +175,7 @@ def main() -> None:
     store = LocalRedis(tmp / "redis", append_only=False).start()
     client = redis.Redis.from_url(store.url, decode_responses=True)
     sha = hashlib.sha1(script_sources()["submit_job"].encode()).hexdigest()
-    figures: dict[int, dict[str, dict[str, Any]]] = {}
+    figures: dict[int, dict[str, Any]] = {}  # kind -> its figures, and fleet_built_s
     try:
         client.config_set("slowlog-log-slower-than", 0)
         client.config_set("slowlog-max-len", 100 * args.jobs)
@@ -195,7 +195,7 @@ def main() -> None:
                 durations, outcome = dispatch_usec(client, jobs, models, args.jobs, sha)
                 figures[size][kind] = {"median_us": statistics.median(durations), "p99_us": pct(durations, 0.99),
                                        "outcome": outcome, "measured": len(durations)}
-            figures[size]["fleet_built_s"] = round(built_s, 1)  # type: ignore[assignment]
+            figures[size]["fleet_built_s"] = round(built_s, 1)
             jobs.dispatcher.flush()
         backlog = backlog_figures(client, jobs, registry, args.backlog, args.jobs) if args.backlog else None
     finally:
@@ -211,7 +211,7 @@ def main() -> None:
         ratios[str(size)] = {kind: row[kind]["median_us"] / figures[base][kind]["median_us"] for kind in KINDS}
         print(f"{size:8d} " + " ".join(f"{row[k]['median_us']:>12.0f} / {row[k]['p99_us']:<7.0f}" for k in KINDS)
               + " " + " ".join(f"{ratios[str(size)][k]:8.2f}x" for k in KINDS))
-    print(f"\nOutcomes: " + ", ".join(f"{k}: {figures[sizes[-1]][k]['outcome']}" for k in KINDS)
+    print("\nOutcomes: " + ", ".join(f"{k}: {figures[sizes[-1]][k]['outcome']}" for k in KINDS)
           + f"; ratios are medians against {base} nodes.")
     if backlog:
         print(f"\nWith {backlog['waiting']:,} jobs waiting that no node can take (100 nodes), per job:")

@@ -29,7 +29,6 @@ import argparse
 import json
 import multiprocessing
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -153,7 +152,7 @@ def _clients(mode: str, n: int, port: int, clients: int, t0: float, t1: float, t
 
 def _gather(clients: list[Any], stage: str, timeout_s: float) -> list[dict[str, Any]]:
     replies = []
-    for process, pipe in clients:
+    for _process, pipe in clients:
         if not pipe.poll(timeout_s):
             raise SystemExit(f"a client process did not report {stage} in {timeout_s:.0f} s")
         kind, data = pipe.recv()
@@ -172,7 +171,7 @@ def _merged(replies: list[dict[str, Any]], key: str) -> Any:
 
 
 def _finish(clients: list[Any]) -> None:
-    for process, pipe in clients:
+    for _process, pipe in clients:
         pipe.send("close")
     for process, _ in clients:
         process.join(30)
@@ -272,11 +271,14 @@ def report(row: dict[str, Any]) -> None:
     n, e, d = row["sessions"], row["echo"], row["dispatcher"]
     print(f"\n{n} sessions on one gunicorn gevent worker ({psutil.cpu_count()} cores), logs in {row['logs']}\n")
     table = [
-        ("sessions open / registered", f"{n} in {e['open_s']} s", f"{d['registered']} (last at {d['last_registered_s']} s)"),
+        ("sessions open / registered", f"{n} in {e['open_s']} s",
+         f"{d['registered']} (last at {d['last_registered_s']} s)"),
         ("handshakes refused, retried", e["refused"], d["refused"]),
         ("storm: ready / not ready", "", f"{d['ready']} / {d['not_ready']}"),
-        ("storm: last ready after start", "", f"{d['last_ready_s']} s (p50 {d['ready_p50_s']} s, p99 {d['ready_p99_s']} s)"),
-        ("storm: 3rd heartbeat -> ready", "", f"p50 {d['third_to_ready_p50_ms']} ms  p99 {d['third_to_ready_p99_ms']} ms"),
+        ("storm: last ready after start", "",
+         f"{d['last_ready_s']} s (p50 {d['ready_p50_s']} s, p99 {d['ready_p99_s']} s)"),
+        ("storm: 3rd heartbeat -> ready", "",
+         f"p50 {d['third_to_ready_p50_ms']} ms  p99 {d['third_to_ready_p99_ms']} ms"),
         ("steady: heartbeat -> node_status", f"echo p50 {e['echo_p50_ms']} ms  p99 {e['echo_p99_ms']} ms",
          f"p50 {d['flap_p50_ms']} ms  p99 {d['flap_p99_ms']} ms (n={d['flap_samples']}, missed {d['flap_missed']})"),
         ("steady: GC pauses >= 10 / >= 50 ms", "", f"{d['steady_gc_pauses_10ms']} / {d['steady_gc_pauses_50ms']}, "
@@ -284,14 +286,16 @@ def report(row: dict[str, Any]) -> None:
                                                     f"(CPU {d['steady_gc_longest_cpu_ms']} ms)"),
         ("storm: GC pauses >= 10 ms", "", f"{d['storm_gc_pauses_10ms']}, longest {d['storm_gc_longest_ms']} ms"),
         ("Redis connections (most seen)", "", d["redis_connections_max"]),
-        ("RSS idle -> with sessions", f"{e['rss_idle_mib']} -> {e['rss_mib']} MiB", f"{d['rss_idle_mib']} -> {d['rss_mib']} MiB"),
+        ("RSS idle -> with sessions", f"{e['rss_idle_mib']} -> {e['rss_mib']} MiB",
+         f"{d['rss_idle_mib']} -> {d['rss_mib']} MiB"),
         ("RSS per session", f"{e['rss_per_session_kib']} KiB", f"{d['rss_per_session_kib']} KiB ({row['rss_ratio']}x)"),
-        ("Python objects per session", e["objects_per_session"], f"{d['objects_per_session']} ({row['objects_ratio']}x)"),
+        ("Python objects per session", e["objects_per_session"],
+         f"{d['objects_per_session']} ({row['objects_ratio']}x)"),
         ("frozen cyclic garbage per ended session", "", f"{d['frozen_garbage_per_closed_session']} objects"),
     ]
     print(f"{'':38s} {'bare flask-sock echo':34s} dispatcher")
     for label, bare, mine in table:
-        print(f"{label:38s} {str(bare):34s} {mine}")
+        print(f"{label:38s} {bare!s:34s} {mine}")
 
 
 def _figure(path: Path, sizes: list[int], series: list[tuple[list[Any], str, str]], ylabel: str,
@@ -336,7 +340,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=10000)
     parser.add_argument("--sweep", help="comma-separated session counts, one full run each, then the plots")
-    parser.add_argument("--storm-s", type=float, default=50.0, help="seconds given to the storm before the steady phase")
+    parser.add_argument("--storm-s", type=float, default=50.0,
+                        help="seconds given to the storm before the steady phase")
     parser.add_argument("--steady-s", type=float, default=180.0, help="seconds of steady heartbeats")
     parser.add_argument("--open-s", type=float, default=30.0, help="seconds given to the echo sessions to open")
     parser.add_argument("--clients", type=int, default=2, help="client processes")

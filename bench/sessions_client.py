@@ -31,16 +31,30 @@ _REGISTER = b'{"type":"node_register","max_concurrent_jobs":2,"installed_models"
 
 
 def _heartbeat(node_id: str, healthy: bool) -> bytes:
-    return ('{"type":"node_heartbeat","node_id":"%s","timestamp":%d,"resource_usage":{"cpu_percent":5,'
-            '"gpu_percent":1,"mem_percent":10,"running_jobs":0},"installed_models":[{"model_id":"m","status":"%s"}]}'
-            % (node_id, time.time() * 1000, "ready" if healthy else "error")).encode()
+    status = "ready" if healthy else "error"
+    return (f'{{"type":"node_heartbeat","node_id":"{node_id}","timestamp":{int(time.time() * 1000)},'
+            '"resource_usage":{"cpu_percent":5,"gpu_percent":1,"mem_percent":10,"running_jobs":0},'
+            f'"installed_models":[{{"model_id":"m","status":"{status}"}}]}}').encode()
 
 
 class Node:
     """One simulated node: its session, its status as told, and what was timed."""
 
-    __slots__ = ("k", "flapping", "session", "node_id", "status", "ack", "ready", "sent_s", "window", "fail_run",
-                 "expect", "statuses", "errors")
+    __slots__ = (
+        "ack",
+        "errors",
+        "expect",
+        "fail_run",
+        "flapping",
+        "k",
+        "node_id",
+        "ready",
+        "sent_s",
+        "session",
+        "status",
+        "statuses",
+        "window",
+    )
 
     def __init__(self, k: int, flapping: bool) -> None:
         self.k = k
@@ -165,7 +179,11 @@ async def _echo_life(spec: dict[str, Any], k: int, out: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     await _sleep_until(spec["t0"])
     echoed: asyncio.Future[None] = loop.create_future()
-    session = await _connect(spec, k, lambda _: echoed.done() or echoed.set_result(None), out["counts"])
+    def on_echo(_: bytes) -> None:
+        if not echoed.done():
+            echoed.set_result(None)
+
+    session = await _connect(spec, k, on_echo, out["counts"])
     out["connected"] += 1
     if out["connected"] == out["nodes"]:
         out["storm_over"].set()
@@ -206,6 +224,6 @@ def run(spec: dict[str, Any], pipe: Connection) -> None:
     """A client process's main: drive ``spec["indices"]`` through the schedule, reporting on ``pipe``."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(_drive(spec, pipe))

@@ -14,6 +14,7 @@ import base64
 import os
 import random
 from collections.abc import Callable
+from typing import cast
 
 _PONG = 0xA
 _HEADER_END = b"\r\n\r\n"
@@ -26,7 +27,7 @@ class Refused(Exception):
 class Session(asyncio.Protocol):
     """One WebSocket. ``on_text(payload)`` runs for each text frame from the server."""
 
-    __slots__ = ("transport", "on_text", "opened", "closed", "_buf", "_request")
+    __slots__ = ("_buf", "_request", "closed", "on_text", "opened", "transport")
 
     def __init__(self, request: bytes, on_text: Callable[[bytes], None]) -> None:
         self.transport: asyncio.Transport | None = None
@@ -38,7 +39,7 @@ class Session(asyncio.Protocol):
         self._request = request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # create_connection makes a stream transport
         self.transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     api = Api(args.url, args.token)
     try:
         if args.command == "up":
-            from dispatcher.local import run_local
+            from dispatcher.localrun.run import run_local
 
             return run_local(project_root(), demo_nodes=args.nodes)
         if args.command == "nodes":

@@ -2,6 +2,10 @@
 # machine needs, installed only when missing. Re-runs take a second.
 set -euo pipefail
 
+#: The extras of the checkout's .venv, one for scripts/up and scripts/test alike: the server,
+#: the agent (the local run's demo nodes, the tests' agents) and the test tools.
+DEV_EXTRAS="server,agent,test"
+
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[setup]\033[0m %s\n' "$*" >&2; exit 1; }
 

@@ -23,7 +23,7 @@ from celery import Celery
 from celery.worker import WorkController
 
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis, free_port
+from dispatcher.localrun.redis_server import LocalRedis, free_port
 from dispatcher.registry import Registry
 from dispatcher.settings import Settings, get_settings, load_settings
 from tests.support import (

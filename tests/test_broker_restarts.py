@@ -16,7 +16,7 @@ import pytest
 import redis
 from celery import Celery
 
-from dispatcher.localredis import LocalRedis
+from dispatcher.localrun.redis_server import LocalRedis
 from tests.support import Process, clean_env, start_procfile, unacked_ids, wait_for
 
 RESTARTS = 5

@@ -16,7 +16,7 @@ import redis
 import trustme
 
 from dispatcher.keys import Keys
-from dispatcher.localredis import free_port, redis_server_binary
+from dispatcher.localrun.redis_server import free_port, redis_server_binary
 from tests.support import PYTHON, ROOT, Process, clean_env, client_app, start_procfile, wait_for, wait_for_scans
 
 FAST = {"require_gpu": False, "resource_threshold_percent": 100, "heartbeat_interval_seconds": 0.3,
@@ -117,7 +117,7 @@ def redis_clients(server: Any, processes: dict[str, Process]) -> dict[str, int]:
 @pytest.mark.slow
 def test_web_worker_and_beat_stay_within_a_small_redis_plans_connections(tmp_path: Path, logs_dir: Path,
                                                                          agents: Any) -> None:
-    from dispatcher.localredis import LocalRedis
+    from dispatcher.localrun.redis_server import LocalRedis
 
     server = LocalRedis(tmp_path / "redis", append_only=False).start()
     env = clean_env(server.url, **FAST)  # the Procfile's commands with the default pool sizes

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis
+from dispatcher.localrun.redis_server import LocalRedis
 from tests.support import Process, WebServer, clean_env, client_app, job_attempts, start_procfile, wait_for
 
 FAST = {"require_gpu": False, "resource_threshold_percent": 100, "heartbeat_interval_seconds": 0.3,

@@ -18,7 +18,7 @@ from dispatcher.errors import InvalidJob, StoreError
 from dispatcher.filter import JobNeeds
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis
+from dispatcher.localrun.redis_server import LocalRedis
 from dispatcher.messages import MAX_JSON_DEPTH, decode_node_message, decode_server_message
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry

@@ -17,8 +17,8 @@ import psutil
 import pytest
 import redis
 
-from dispatcher.local import SUBMIT_EXAMPLE, run_local
-from dispatcher.localredis import free_port
+from dispatcher.localrun.redis_server import free_port
+from dispatcher.localrun.run import SUBMIT_EXAMPLE, run_local
 from tests.support import PYTHON, ROOT, Process, clean_env, wait_for
 
 README = (ROOT / "README.md").read_text()

@@ -133,7 +133,7 @@ def test_a_web_process_shows_what_a_worker_elsewhere_counted_and_nothing_of_othe
     env = clean_env(url, **fast)
     worker = start_procfile("worker", {**env, "WORKER_CONCURRENCY": "1",
                                        "PROMETHEUS_MULTIPROC_DIR": str(folders["worker"])}, logs_dir)
-    from dispatcher.localredis import free_port
+    from dispatcher.localrun.redis_server import free_port
 
     flower = start_procfile("flower", {**env, "FLOWER_PORT": str(free_port()),
                                        "PROMETHEUS_MULTIPROC_DIR": str(folders["web"])}, logs_dir)

@@ -17,7 +17,7 @@ import redis
 from dispatcher.completions import CLAIM_IDLE_MS, Completions, unapplied
 from dispatcher.jobs import Jobs
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis
+from dispatcher.localrun.redis_server import LocalRedis
 from dispatcher.messages import decode_node_message
 from dispatcher.recovery import Recovery
 from dispatcher.registry import Registry

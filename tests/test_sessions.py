@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from dispatcher.keys import Keys
-from dispatcher.localredis import LocalRedis
+from dispatcher.localrun.redis_server import LocalRedis
 from dispatcher.registry import Registry
 from tests.support import WebServer, assert_consistent, integral_floats, ready_node, wait_for
 

@@ -136,7 +136,7 @@ def test_variables_are_matched_as_the_settings_read_them(monkeypatch: pytest.Mon
 def test_the_variables_of_the_cli_and_the_agent_are_not_refused() -> None:
     """They share the servers' environment in a local run and on a platform: a server
     process refusing them would not start beside an agent."""
-    sources = [ROOT / "dispatcher" / "cli.py", ROOT / "dispatcher" / "local.py",
+    sources = [ROOT / "dispatcher" / "cli.py", ROOT / "dispatcher" / "localrun" / "run.py",
                *(ROOT / "dispatcher" / "agent").glob("*.py")]
     read = {name for path in sources for name in re.findall(r"\bDISPATCHER_[A-Z_]*[A-Z]\b", path.read_text())}
     assert {"DISPATCHER_URL", "DISPATCHER_NODE_URL", "DISPATCHER_REGISTRATION_TOKEN"} <= read

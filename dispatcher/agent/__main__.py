@@ -17,20 +17,26 @@ from dispatcher.agent.runner import load_handler
 
 
 def _pairs(values: list[str], what: str, default: str | None = None) -> dict[str, str]:
-    pairs = {}
+    pairs: dict[str, str] = {}
     for value in values:
         key, sep, val = value.partition("=")
-        if not sep and default is None:
+        if sep:
+            pairs[key] = val
+        elif default is not None:
+            pairs[key] = default
+        else:
             raise argparse.ArgumentTypeError(f"{what} {value!r} must look like key=value")
-        pairs[key] = val if sep else default
     return pairs
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dispatcher-agent", description="Connect this machine to the dispatcher as a GPU node.")
-    p.add_argument("--url", default=os.environ.get("DISPATCHER_NODE_URL", f"ws://127.0.0.1:{os.environ.get('PORT', '8000')}/ws/node"),
+    p = argparse.ArgumentParser(prog="dispatcher-agent",
+                                description="Connect this machine to the dispatcher as a GPU node.")
+    local_url = f"ws://127.0.0.1:{os.environ.get('PORT', '8000')}/ws/node"
+    p.add_argument("--url", default=os.environ.get("DISPATCHER_NODE_URL", local_url),
                    help="the dispatcher's node endpoint (env DISPATCHER_NODE_URL)")
-    p.add_argument("--state-file", type=Path, default=Path(os.environ.get("DISPATCHER_AGENT_STATE", "~/.dispatcher-agent.json")).expanduser(),
+    state_file = Path(os.environ.get("DISPATCHER_AGENT_STATE", "~/.dispatcher-agent.json")).expanduser()
+    p.add_argument("--state-file", type=Path, default=state_file,
                    help="where node_id and node_secret are kept (mode 0600)")
     p.add_argument("--model", action="append", default=[], metavar="ID[=STATUS]",
                    help="an installed model, ready unless a status is given (repeatable)")

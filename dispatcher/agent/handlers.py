@@ -6,7 +6,9 @@ progress, see cancellation) and returns the job's output, any JSON value. A
 raised ``JobFailed`` carries an error code, whether a retry may help and whether
 the node is to blame (``node_fault``); any other exception is reported as
 ``HANDLER_ERROR``, retryable, unless it is an out-of-memory or CUDA error
-(``OUT_OF_MEMORY``, ``CUDA_ERROR``: the node's fault).
+(``OUT_OF_MEMORY``, ``CUDA_ERROR``: the node's fault). An output the contract refuses
+(NaN or Infinity, nested deeper than 64 levels) or JSON cannot carry (an object of the
+handler's own) fails the job with ``INVALID_OUTPUT``, not retryable.
 """
 
 from __future__ import annotations
@@ -57,6 +59,6 @@ def demo(job: dict[str, Any], ctx: JobContext) -> Any:
         raise JobFailed("UNSUPPORTED_JOB_TYPE", f"this demo node runs {', '.join(handlers)}", retryable=False)
     started = time.monotonic()
     output = handler(job, ctx)
-    if isinstance(output, dict):
-        output = {**output, "handled_in_s": round(time.monotonic() - started, 3)} if job["job_type"] != "echo" else output
+    if isinstance(output, dict) and job["job_type"] != "echo":
+        output = {**output, "handled_in_s": round(time.monotonic() - started, 3)}
     return output

@@ -3,12 +3,14 @@
 Per session: register (resuming with the saved node_id and secret), then
 heartbeat every ``heartbeat_interval_seconds`` (as the ack says), log every
 node_status, run assigned jobs and send their results. Frames produced while
-disconnected (job results) wait in the outbox for the next session.
+disconnected (job results) wait in the outbox for the next session. Every frame it
+sends is a model of ``dispatcher.messages``, written by the model (``encode()``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -25,18 +28,29 @@ from dispatcher.agent.probe import Probe
 from dispatcher.agent.runner import Handler, JobRunner
 from dispatcher.agent.state import Identity, StateFile
 from dispatcher.messages import (
+    MAX_MODELS,
     DecodeError,
     ErrorMessage,
+    Hardware,
+    InstalledModel,
     JobAssign,
     JobCancel,
+    NodeDrain,
+    NodeHeartbeat,
+    NodeMessage,
+    NodeRegister,
     NodeRegisterAck,
     NodeStatusMessage,
     decode_server_message,
+    describe_validation_error,
 )
 
 log = logging.getLogger("dispatcher.agent")
 
 AGENT_VERSION = "dispatcher-agent/0.1.0"
+
+#: The frames the runner hands over (job_ack, job_progress, job_result) as JSON objects, back to their models.
+_node_frames: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
 
 
 class Fatal(Exception):
@@ -63,6 +77,38 @@ class AgentConfig:
     #: A session that lasted this long resets the backoff.
     stable_session_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        # What the server would refuse in every node_register (a label, a model, the token), refused
+        # now, naming the field, rather than by the server on every reconnection.
+        models = installed_models(self.models)
+        try:
+            register_frame(self, Identity(), models)
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc)) from None
+
+
+def installed_models(models: dict[str, str]) -> list[InstalledModel]:
+    """``{model_id: status}`` as the frames carry it (a status in any case, as the server reads
+    it); raises ValueError naming the first model the contract refuses."""
+    listed = []
+    for model_id, status in sorted(models.items()):
+        try:
+            # Not strict: the status is text, which the model's own validator reads in any case.
+            listed.append(InstalledModel.model_validate({"model_id": model_id, "status": status}, strict=False))
+        except ValidationError as exc:
+            raise ValueError(f"model {str(model_id)[:128]!r}: {describe_validation_error(exc)}") from None
+    return listed
+
+
+def register_frame(config: AgentConfig, identity: Identity, models: list[InstalledModel],
+                   hardware: Hardware | None = None) -> NodeRegister:
+    """The first frame of a session: this node as configured, resuming with ``identity`` when it has one."""
+    return NodeRegister(
+        type="node_register", node_id=identity.node_id, node_secret=identity.node_secret,
+        registration_token=config.registration_token, version=AGENT_VERSION, capability_schema_version="1.0",
+        hardware=hardware or Hardware(), installed_models=models, accept_public_jobs=config.accept_public_jobs,
+        max_concurrent_jobs=config.max_concurrent_jobs, labels=config.labels)
+
 
 class NodeAgent:
     def __init__(self, config: AgentConfig, handler: Handler, probe: Probe | None = None) -> None:
@@ -74,7 +120,7 @@ class NodeAgent:
         self.status: str | None = None
         self.node_id: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: asyncio.Queue[dict[str, Any]] | None = None
+        self._outbox: asyncio.Queue[NodeMessage] | None = None
         self._stopping = asyncio.Event()
         self._draining = False
 
@@ -105,10 +151,8 @@ class NodeAgent:
             # Full jitter: a fleet that lost the server together does not come back in step.
             delay_s = random.uniform(0, min(self.config.reconnect_max_s, self.config.reconnect_base_s * 2 ** failures))
             log.info("reconnecting", extra={"event": "reconnecting", "in_s": round(delay_s, 2)})
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay_s)
-            except TimeoutError:
-                pass
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Ask to be drained, let running jobs finish (up to the timeout), then stop."""
@@ -116,7 +160,7 @@ class NodeAgent:
             self._stopping.set()
             return
         self._draining = True
-        self._send({"type": "node_drain", "reason": "agent shutting down"})
+        self._send(NodeDrain(type="node_drain", reason="agent shutting down"))
         await asyncio.to_thread(self.runner.wait_idle, drain_timeout_s)
         await asyncio.sleep(0.2)  # let the last results leave
         self._stopping.set()
@@ -125,12 +169,12 @@ class NodeAgent:
 
     async def _session(self, ws: ClientConnection) -> None:
         identity = self.state.load()
-        await ws.send(json.dumps(self._register_frame(identity)))
+        await ws.send(register_frame(self.config, identity, self._models(), self.probe.hardware()).encode())
         ack = await self._await_ack(ws)
         self.node_id, self.status = ack.node_id, ack.status.value
         self.state.save(Identity(ack.node_id, ack.node_secret))
-        log.info("registered", extra={"event": "registered", "node_id": ack.node_id, "resumed": ack.node_id == identity.node_id,
-                                      "status": self.status})
+        log.info("registered", extra={"event": "registered", "node_id": ack.node_id,
+                                      "resumed": ack.node_id == identity.node_id, "status": self.status})
         tasks = [asyncio.create_task(self._heartbeats(ws, ack.heartbeat_interval_seconds)),
                  asyncio.create_task(self._sender(ws)),
                  asyncio.create_task(self._stopping.wait())]
@@ -144,21 +188,6 @@ class NodeAgent:
             for task in (receiver, *tasks):
                 task.cancel()
             self.status = None
-
-    def _register_frame(self, identity: Identity) -> dict[str, Any]:
-        return {
-            "type": "node_register",
-            "node_id": identity.node_id,
-            "node_secret": identity.node_secret,
-            "registration_token": self.config.registration_token,
-            "version": AGENT_VERSION,
-            "capability_schema_version": "1.0",
-            "hardware": self.probe.hardware(),
-            "installed_models": self._models(),
-            "accept_public_jobs": self.config.accept_public_jobs,
-            "max_concurrent_jobs": self.config.max_concurrent_jobs,
-            "labels": self.config.labels,
-        }
 
     async def _await_ack(self, ws: ClientConnection) -> NodeRegisterAck:
         while True:
@@ -178,15 +207,10 @@ class NodeAgent:
 
     async def _heartbeats(self, ws: ClientConnection, interval_s: float) -> None:
         while True:
-            frame = {
-                "type": "node_heartbeat",
-                "node_id": self.node_id,
-                "timestamp": int(time.time() * 1000),
-                "resource_usage": self.probe.usage(len(self.runner.running_job_ids())),
-                "installed_models": self._models(),
-                "gpu_available": self.probe.gpu_available(),
-            }
-            await ws.send(json.dumps(frame))
+            frame = NodeHeartbeat(type="node_heartbeat", node_id=self.node_id, timestamp=int(time.time() * 1000),
+                                  resource_usage=self.probe.usage(len(self.runner.running_job_ids())),
+                                  installed_models=self._models(), gpu_available=self.probe.gpu_available())
+            await ws.send(frame.encode())
             await asyncio.sleep(interval_s)
 
     async def _sender(self, ws: ClientConnection) -> None:
@@ -194,7 +218,7 @@ class NodeAgent:
         while True:
             frame = await self._outbox.get()
             try:
-                await ws.send(json.dumps(frame))
+                await ws.send(frame.encode())
             except ConnectionClosed:
                 self._outbox.put_nowait(frame)  # keep it for the next session
                 raise
@@ -232,19 +256,42 @@ class NodeAgent:
 
     # --- outgoing frames -------------------------------------------------------
 
-    def _send(self, frame: dict[str, Any]) -> None:
+    def _send(self, frame: NodeMessage) -> None:
         assert self._outbox is not None
         self._outbox.put_nowait(frame)
 
     def _send_threadsafe(self, frame: dict[str, Any]) -> None:
+        """The runner's way out, from its threads: a frame as its model's JSON object (what the
+        runner's journal keeps), made that model again here and sent as the model writes it."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._send, frame)
+        try:
+            message = _node_frames.validate_python(frame)
+        except ValidationError as exc:  # a journal written by another version of the agent
+            log.error("frame not sent: the contract refuses it", extra={
+                "event": "frame_refused", "type": str(frame.get("type")), "error": describe_validation_error(exc)})
+            return
+        self._loop.call_soon_threadsafe(self._send, message)
 
-    def _models(self) -> list[dict[str, str]]:
-        models = dict(self.config.models)
-        if self.config.models_file is not None:
+    def _models(self) -> list[InstalledModel]:
+        models = installed_models(self.config.models)  # checked at start (AgentConfig)
+        if self.config.models_file is None:
+            return models
+        try:
+            listed = json.loads(self.config.models_file.read_text())
+            if not isinstance(listed, dict):
+                raise ValueError('not a JSON object {"model_id": "status"}')
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the models file", extra={"event": "models_file_unreadable", "error": str(exc)})
+            return models
+        found = {model.model_id: model for model in models}
+        for model_id, status in listed.items():
             try:
-                models.update(json.loads(self.config.models_file.read_text()))
-            except (OSError, ValueError) as exc:
-                log.warning("cannot read the models file", extra={"event": "models_file_unreadable", "error": str(exc)})
-        return [{"model_id": model_id, "status": status} for model_id, status in sorted(models.items())]
+                (found[model_id],) = installed_models({model_id: status})
+            except ValueError as exc:
+                # Left out rather than sent: the server would refuse the whole heartbeat.
+                log.warning("a model of the models file is left out",
+                            extra={"event": "models_file_invalid", "error": str(exc)})
+        if len(found) > MAX_MODELS:
+            log.warning("too many models: the first ones only are reported",
+                        extra={"event": "models_file_too_long", "models": len(found), "reported": MAX_MODELS})
+        return [found[model_id] for model_id in sorted(found)[:MAX_MODELS]]

@@ -4,6 +4,11 @@ At most ``max_concurrent_jobs`` run at once, each on its own thread. Delivery
 is at least once, so a job seen again (same ``job_id`` and ``attempt``) is not
 run twice: a running one is acknowledged again, a finished one has its result
 sent again.
+
+Every frame is built as its model of ``dispatcher.messages`` (what the contract refuses
+is refused here, in the agent, not by the server) and handed to ``send`` as the model's
+JSON object: what the journal keeps on disk, and what the session turns back into the
+model to send.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
+
 from dispatcher.agent.journal import JobJournal
-from dispatcher.messages import JobAssign
+from dispatcher.messages import JobAck, JobAssign, JobProgress, JobResult, NodeJobError, describe_validation_error
 
 log = logging.getLogger("dispatcher.agent.runner")
 
@@ -30,6 +38,7 @@ _REMEMBERED = 1000
 NODE_FAULT_CODES = frozenset({"CUDA_ERROR", "OUT_OF_MEMORY", "MODEL_CRASHED"})
 
 Handler = Callable[[dict[str, Any], "JobContext"], Any]
+#: Takes one frame, as its model's JSON object (``model_dump(mode="json")``).
 Send = Callable[[dict[str, Any]], None]
 
 
@@ -66,9 +75,10 @@ class JobContext:
     def progress(self, fraction: float | None, message: str | None = None) -> None:
         """Report progress (0 to 1) to the server; cheap to call often."""
         if self._send is not None and not self.cancelled.is_set():
-            self._send({"type": "job_progress", "job_id": self.job_id, "attempt": self.attempt,
-                        "progress": None if fraction is None else max(0.0, min(1.0, fraction)),
-                        "message": message})
+            self._send(wire(JobProgress(
+                type="job_progress", job_id=self.job_id, attempt=self.attempt,
+                progress=None if fraction is None else max(0.0, min(1.0, float(fraction))),
+                message=None if message is None else str(message)[:1000])))
 
 
 def load_handler(spec: str) -> Handler:
@@ -108,7 +118,7 @@ class JobRunner:
                 self._send(self._finished[key])
                 return
             if key in self._running:
-                self._send({"type": "job_ack", "job_id": msg.job_id, "attempt": msg.attempt})
+                self._send(wire(JobAck(type="job_ack", job_id=msg.job_id, attempt=msg.attempt)))
                 return
             if self._journal is not None and self._from_journal(key):
                 return
@@ -121,7 +131,7 @@ class JobRunner:
             self._running[key] = ctx
         if self._journal is not None:
             self._journal.started(msg.job_id, msg.attempt)  # on disk before it runs
-        self._send({"type": "job_ack", "job_id": msg.job_id, "attempt": msg.attempt})
+        self._send(wire(JobAck(type="job_ack", job_id=msg.job_id, attempt=msg.attempt)))
         log.info("job started", extra={"event": "job_started", "job_id": msg.job_id, "attempt": msg.attempt,
                                        "job_type": msg.job_type})
         self._pool.submit(self._run, msg, ctx)
@@ -158,14 +168,14 @@ class JobRunner:
         job = msg.model_dump(mode="json", exclude={"type"})
         try:
             output = self.handler(job, ctx)
-            frame = {"type": "job_result", "job_id": msg.job_id, "attempt": msg.attempt, "success": True,
-                     "output": output, "duration_ms": int((time.monotonic() - started) * 1000)}
         except JobFailed as exc:
             frame = _failure(msg.job_id, msg.attempt, exc.code, str(exc), exc.retryable, exc.node_fault)
-        except Exception as exc:  # noqa: BLE001 - the handler is the operator's code; report, don't die
+        except Exception as exc:  # the handler is the operator's code: report, don't die
             log.exception("handler failed", extra={"event": "handler_failed", "job_id": msg.job_id})
             code, node_fault = classify(exc)
             frame = _failure(msg.job_id, msg.attempt, code, f"{type(exc).__name__}: {exc}", True, node_fault)
+        else:
+            frame = self._success(msg, output, time.monotonic() - started)
         key = (msg.job_id, msg.attempt)
         if self._journal is not None:
             self._journal.ended(msg.job_id, msg.attempt, frame)  # on disk before the result leaves
@@ -180,6 +190,21 @@ class JobRunner:
                                         "success": frame["success"]})
         self._send(frame)
 
+    @staticmethod
+    def _success(msg: JobAssign, output: Any, duration_s: float) -> dict[str, Any]:
+        """The result frame of a handler's output; a failure (``INVALID_OUTPUT``, not retryable: it would
+        come out the same) when the output is one the contract refuses or JSON cannot carry."""
+        try:
+            return wire(JobResult(type="job_result", job_id=msg.job_id, attempt=msg.attempt, success=True,
+                                  output=output, duration_ms=int(duration_s * 1000)))
+        except ValidationError as exc:
+            why = describe_validation_error(exc)
+        except PydanticSerializationError as exc:
+            why = str(exc)
+        log.warning("output refused", extra={"event": "invalid_output", "job_id": msg.job_id, "error": why})
+        return _failure(msg.job_id, msg.attempt, "INVALID_OUTPUT", f"the handler's output cannot be sent: {why}",
+                        retryable=False)
+
     def wait_idle(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -190,9 +215,12 @@ class JobRunner:
         return False
 
 
+def wire(frame: BaseModel) -> dict[str, Any]:
+    """A frame's JSON object, as its model writes it."""
+    return frame.model_dump(mode="json")
+
+
 def _failure(job_id: str, attempt: int, code: str, message: str, retryable: bool,
              node_fault: bool = False) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": code, "message": message, "retryable": retryable}
-    if node_fault:
-        error["node_fault"] = True
-    return {"type": "job_result", "job_id": job_id, "attempt": attempt, "success": False, "error": error}
+    error = NodeJobError(code=code[:100], message=message[:10_000], retryable=retryable, node_fault=node_fault)
+    return wire(JobResult(type="job_result", job_id=job_id, attempt=attempt, success=False, error=error))

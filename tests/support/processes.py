@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from dispatcher.localredis import free_port
+from dispatcher.localrun.redis_server import free_port
 from tests.support.waiting import wait_for
 
 PYTHON = sys.executable

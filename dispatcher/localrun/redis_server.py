@@ -13,7 +13,6 @@ import redis
 
 from dispatcher.errors import ConfigError
 
-
 #: Ports handed out for servers, below Linux's default ephemeral range (32768-60999): a
 #: port the kernel picked for us would be free now but may be any client's a moment later.
 _SERVER_PORTS = range(20000, 32768)

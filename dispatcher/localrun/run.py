@@ -20,7 +20,7 @@ from typing import Any
 from honcho.environ import parse_procfile
 from honcho.manager import Manager
 
-from dispatcher.localredis import LocalRedis, free_port
+from dispatcher.localrun.redis_server import LocalRedis, free_port
 
 #: Settings the local run uses unless the environment says otherwise: a laptop
 #: has no GPU, is busy with other things, and a newcomer should not wait 45 s.
