@@ -21,7 +21,7 @@ from typing import Any
 
 from dispatcher.errors import DispatcherError
 from dispatcher.joblist import LIST_STATES
-from dispatcher.vocabulary import NodeStatus
+from dispatcher.vocabulary import CeleryState, ModelState, NodeStatus
 from dispatcher.wording import ago, duration, plural
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNAUTHORIZED, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
@@ -138,7 +138,7 @@ def show_nodes(api: Api, status: str | None) -> None:
     rows = []
     for n in listed:
         usage = n["resource_usage"]
-        ready = sum(1 for m in n["models"] if m.get("status") == "ready")
+        ready = sum(1 for m in n["models"] if m.get("status") == ModelState.READY)
         # A cordoned node keeps its status (like kubectl's Ready,SchedulingDisabled).
         shown_status = f"{n['status']}" + (",cordoned" if n.get("cordon") else "")
         rows.append([n["node_id"], shown_status, f"{len(n['assigned_jobs'])}/{n['max_concurrent_jobs']}",
@@ -234,7 +234,7 @@ def drain(api: Api, node_id: str, deadline_s: float | None, reason: str) -> None
     if deadline_s is not None:
         body["deadline_seconds"] = deadline_s
     answer = api.call("POST", f"/api/nodes/{node_id}/drain", body)
-    left = f"; {plural(answer['jobs_left'], 'job')} left to finish" if answer["status"] == "draining" else ""
+    left = f"; {plural(answer['jobs_left'], 'job')} left to finish" if answer["status"] == NodeStatus.DRAINING else ""
     print(f"node {node_id} is {answer['status']}{left}")
 
 
@@ -251,7 +251,7 @@ def cordon(api: Api, node_id: str, reason: str) -> None:
 
 def uncordon(api: Api, node_id: str) -> None:
     answer = api.call("DELETE", f"/api/nodes/{node_id}/cordon")
-    then = "takes new jobs again" if answer["status"] == "ready" else f"takes new jobs once ready (now {answer['status']})"
+    then = "takes new jobs again" if answer["status"] == NodeStatus.READY else f"takes new jobs once ready (now {answer['status']})"
     print(f"node {node_id} is uncordoned: it {then}")
 
 
@@ -322,11 +322,11 @@ def follow(api: Api, result: Any) -> int:
     while not result.ready():
         state, info = result.state, result.info if isinstance(result.info, dict) else {}
         left = ""
-        if state == "STARTED":
+        if state == CeleryState.STARTED:
             progress = info.get("progress")
             bar = f" {progress * 100:3.0f}%" if progress is not None else ""
             line = f"running on {info.get('node_id')} (attempt {info.get('attempt')}){bar} {info.get('message') or ''}"
-        elif state == "WAITING":
+        elif state == CeleryState.WAITING:
             line = "waiting for a node: " + summarize(info.get("eligible", 0), info.get("total", 0),
                                                       info.get("exclusions", {}), info.get("examples", {}))
             if info.get("deadline_ms"):

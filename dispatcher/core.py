@@ -35,7 +35,6 @@ from dispatcher.settings import Settings
 from dispatcher.store import store_client, unwrapped
 
 
-
 @dataclass(frozen=True)
 class Core:
     """One process's parts, on one client, one ``Keys`` and one ``Scripts``."""

@@ -11,7 +11,6 @@ change before it acts, so a job is never parked while capacity goes unused.
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import time
@@ -23,7 +22,6 @@ import redis
 
 from dispatcher.clock import Clock
 from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, explanation, first_failure, summarize
-from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.keys import Keys
 from dispatcher.logs import log_event
 from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
@@ -31,6 +29,7 @@ from dispatcher.records import NodeRecord
 from dispatcher.scripts import Assigned, NotWaiting, Scripts, Search
 from dispatcher.settings import Settings
 from dispatcher.tally import TALLY
+from dispatcher.vocabulary import DecisionOutcome, Exclusion, NodeStatus
 
 log = logging.getLogger("dispatcher.dispatch")
 
@@ -42,17 +41,6 @@ _EXAMPLES_BUDGET = 512
 _EVER_KEEP_S = 1.0
 #: Nodes read per pipeline when explaining a failure over the whole fleet.
 _WALK_CHUNK = 500
-
-
-class DecisionOutcome(enum.StrEnum):
-    """What one dispatch decision came to (the ``outcome`` of its log line and metric)."""
-
-    ASSIGNED = "assigned"
-    WAITING = "waiting"
-    #: The job no longer waits (placed or ended meanwhile): nothing to record.
-    NOT_WAITING = "not_waiting"
-    #: No node could take it in time (or ever: fail_fast).
-    FAILED = "failed"
 
 
 @dataclass

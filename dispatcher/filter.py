@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.records import NodeRecord
-from dispatcher.vocabulary import Exclusion
+from dispatcher.vocabulary import Exclusion, ModelState, NodeStatus
 
 #: The node hash fields the filter reads.
 NODE_FIELDS = ("status", "last_seen_ms", "accept_public", "labels", "gpu_available", "models",
@@ -86,7 +86,7 @@ def evaluate(node: NodeRecord | Mapping[str, str | None], assigned: int, needs: 
     status = node.status_text or "unknown"
     silent_ms = now_ms - (node.last_seen_ms or 0)
     # (a model id that is not a text matches no required model, and may not be hashable)
-    ready_models = {m.get("model_id") for m in node.models if m.get("status") == "ready"
+    ready_models = {m.get("model_id") for m in node.models if m.get("status") == ModelState.READY
                     and isinstance(m.get("model_id"), str)}
     missing_labels = [f"{k}={v}" for k, v in needs.node_selector if node.labels.get(k) != v]
     missing_models = [m for m in needs.required_models if m not in ready_models]
@@ -94,25 +94,25 @@ def evaluate(node: NodeRecord | Mapping[str, str | None], assigned: int, needs: 
     usage = {"cpu": node.cpu_percent or 0.0, "gpu": node.gpu_percent or 0.0, "mem": node.mem_percent or 0.0}
     over = [f"{k} {v:g}% >= {resource_threshold:g}%" for k, v in usage.items() if v >= resource_threshold]
     return [
-        Step("status", "StatusNotReady", status == "ready", f"status {status}"),
-        Step("online", "StatusNotReady", silent_ms < heartbeat_timeout_ms,
+        Step("status", Exclusion.STATUS_NOT_READY, status == NodeStatus.READY, f"status {status}"),
+        Step("online", Exclusion.STATUS_NOT_READY, silent_ms < heartbeat_timeout_ms,
              f"last heard {_seconds(silent_ms):.1f} s ago (timeout {heartbeat_timeout_ms / 1000:g} s)"),
-        Step("public_pool", "NotInPublicPool", not needs.public or node.accept_public,
+        Step("public_pool", Exclusion.NOT_IN_PUBLIC_POOL, not needs.public or node.accept_public,
              "job is not public" if not needs.public else
              f"accepts public jobs: {'yes' if node.accept_public else 'no'}"),
-        Step("node_selector", "NodeSelectorMismatch", not missing_labels,
+        Step("node_selector", Exclusion.NODE_SELECTOR_MISMATCH, not missing_labels,
              f"missing labels {', '.join(missing_labels)}" if missing_labels else
              ("labels match" if needs.node_selector else "no selector")),
-        Step("gpu", "GpuUnavailable", not needs.require_gpu or node.gpu_available,
+        Step("gpu", Exclusion.GPU_UNAVAILABLE, not needs.require_gpu or node.gpu_available,
              "job needs no GPU" if not needs.require_gpu else
              f"GPU available: {'yes' if node.gpu_available else 'no'}"),
-        Step("models", "ModelNotAvailable", not missing_models,
+        Step("models", Exclusion.MODEL_NOT_AVAILABLE, not missing_models,
              f"not ready: {', '.join(missing_models)}" if missing_models else
              (f"ready: {', '.join(needs.required_models)}" if needs.required_models else "no models required")),
-        Step("cordon", "NodeCordoned", not node.cordoned,
+        Step("cordon", Exclusion.NODE_CORDONED, not node.cordoned,
              f"cordoned: {node.cordon_reason or 'no reason given'}" if node.cordoned else "not cordoned"),
-        Step("capacity", "CapacityExceeded", assigned < max_jobs, f"{assigned}/{max_jobs} slots used"),
-        Step("resources", "ResourceThresholdExceeded", not over,
+        Step("capacity", Exclusion.CAPACITY_EXCEEDED, assigned < max_jobs, f"{assigned}/{max_jobs} slots used"),
+        Step("resources", Exclusion.RESOURCE_THRESHOLD_EXCEEDED, not over,
              "; ".join(over) if over else
              f"cpu {usage['cpu']:g}%, gpu {usage['gpu']:g}%, mem {usage['mem']:g}% < {resource_threshold:g}%"),
     ]

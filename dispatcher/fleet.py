@@ -11,10 +11,10 @@ from pydantic import ValidationError
 from dispatcher.clock import Clock, now_ms
 from dispatcher.filter import JobNeeds, evaluate
 from dispatcher.keys import Keys
-from dispatcher.vocabulary import NodeStatus
 from dispatcher.messages import NodeStatusMessage
 from dispatcher.records import JobRecord, NodeRecord, as_int, as_json
 from dispatcher.settings import Settings
+from dispatcher.vocabulary import NodeStatus
 
 #: Ids looked at per listed node when listing one status (see ``Fleet.nodes``).
 _FILTER_FACTOR = 10

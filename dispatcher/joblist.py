@@ -26,9 +26,9 @@ import redis
 
 from dispatcher.jobspec import MAX_PRIORITY, QUEUE_BAND
 from dispatcher.keys import Keys
-from dispatcher.vocabulary import FINAL_STATES, JobState
 from dispatcher.messages import valid_job_id
 from dispatcher.records import JobRecord
+from dispatcher.vocabulary import FINAL_STATES, JobState
 
 #: The states a listing takes, in a job's lifecycle order.
 LIST_STATES = (JobState.WAITING, JobState.RUNNING, *FINAL_STATES)
@@ -117,11 +117,11 @@ class JobList:
     def _sources(self, state: str | None, node_id: str | None) -> list[Callable[[Position | None, int], Found]]:
         k = self.keys
         sources: list[Callable[[Position | None, int], Found]] = []
-        if state in (None, "waiting") and node_id is None:
+        if state in (None, JobState.WAITING) and node_id is None:
             for priority in range(MAX_PRIORITY + 1):
                 band = (MAX_PRIORITY - priority) * QUEUE_BAND
                 sources.append(lambda after, limit, band=band: self._from_sorted_set(k.waiting(), after, limit, band))
-        if state in (None, "running"):
+        if state in (None, JobState.RUNNING):
             sources.append(lambda after, limit: self._running(node_id, after, limit))
         for final in FINAL_STATES:
             if state in (None, final):

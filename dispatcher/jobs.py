@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 
 from dispatcher.clock import Clock, now_ms
-from dispatcher.dispatch import Decision, DecisionOutcome, Dispatcher
+from dispatcher.dispatch import Decision, Dispatcher
 from dispatcher.errors import JobMoved, KindNeeded, StoreError, UnknownJob
 from dispatcher.filter import JobNeeds
 from dispatcher.health import job_failure_rules
@@ -47,7 +47,7 @@ from dispatcher.scripts import (
 )
 from dispatcher.settings import Settings
 from dispatcher.store import store_client, unwrapped
-from dispatcher.vocabulary import JobState, NodeStatus
+from dispatcher.vocabulary import DecisionOutcome, JobState, NodeStatus
 
 log = logging.getLogger("dispatcher.jobs")
 

@@ -9,7 +9,7 @@ from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, first_failure
 from dispatcher.fleet import job_needs
 from dispatcher.jobs import Jobs
 from dispatcher.records import JobRecord, NodeRecord
-from dispatcher.vocabulary import JobState
+from dispatcher.vocabulary import DecisionOutcome, JobState
 
 
 class JobViews:
@@ -55,7 +55,7 @@ class JobViews:
     def _why_waiting(self, job_id: str, job: JobRecord) -> dict[str, Any]:
         """Asked about a waiting job: walk the fleet now, with examples."""
         eligible, total, exclusions = self.jobs.dispatcher.explain(job_needs(job))
-        decision = Decision(job_id, "waiting", exclusions=exclusions, eligible=eligible, total=total)
+        decision = Decision(job_id, DecisionOutcome.WAITING, exclusions=exclusions, eligible=eligible, total=total)
         return {"eligible": eligible, "total": total, "summary": decision.summary(), **exclusions}
 
 

@@ -29,8 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dispatcher.records import NodeRecord
-from dispatcher.vocabulary import Exclusion, FINAL_STATES
 from dispatcher.tally import TALLY
+from dispatcher.vocabulary import FINAL_STATES, DecisionOutcome, Exclusion
 
 #: The fleet's counters and histograms, in the order /metrics shows them.
 FLEET_METRICS: list[Any] = []
@@ -123,7 +123,7 @@ RUNNING_JOBS_MISMATCHES = FleetCounter("dispatcher_running_jobs_mismatches_total
                                        "Episodes of a node's running_jobs disagreeing with the jobs assigned to it "
                                        "for running_jobs_mismatch_heartbeats heartbeats in a row.")
 DECISIONS = FleetCounter("dispatcher_dispatch_decisions_total", "Dispatch decisions, by outcome.", ["outcome"],
-                         field="decisions", known=[["assigned"], ["waiting"], ["failed"]])
+                         field="decisions", known=[[o] for o in (DecisionOutcome.ASSIGNED, DecisionOutcome.WAITING, DecisionOutcome.FAILED)])
 EXCLUSIONS = FleetCounter("dispatcher_exclusions_total", "Nodes excluded by dispatch decisions, by reason.",
                           ["reason"], field="excluded", known=[[reason] for reason in Exclusion])
 JOBS_FINISHED = FleetCounter("dispatcher_jobs_finished_total", "Jobs that ended, by final state.", ["state"],

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.completions import Completions
-from dispatcher.dispatch import Decision, DecisionOutcome
+from dispatcher.dispatch import Decision
+from dispatcher.errors import JobMoved
 from dispatcher.filter import JobNeeds
 from dispatcher.joblist import JobList
-from dispatcher.errors import JobMoved
 from dispatcher.jobs import RETENTION_MS, AttemptOutcome, Jobs
 from dispatcher.logs import log_event
 from dispatcher.scripts import DispatchExpired, OutOfAttempts, Reply, Requeued
-from dispatcher.vocabulary import FailureCode, JobState, NodeStatus
+from dispatcher.vocabulary import DecisionOutcome, FailureCode, JobState, NodeStatus
 
 log = logging.getLogger("dispatcher.recovery")
 

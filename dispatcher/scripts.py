@@ -23,8 +23,8 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -537,7 +537,7 @@ class Scripts:
                     return Reply.UNKNOWN
                 case ["superseded"]:
                     return Reply.SUPERSEDED
-                case ["offline"]:
+                case [Reply.OFFLINE]:
                     return Reply.OFFLINE
                 case ["retry", stored]:
                     raise ScriptRetry("record_heartbeat", stored=stored)
@@ -551,7 +551,7 @@ class Scripts:
             "reassign_grace_ms": reassign_grace_ms})
         with self._parsing("close_session", reply):
             match reply:
-                case ["offline", previous]:
+                case [NodeStatus.OFFLINE, previous]:
                     return WentOffline(NodeStatus(previous), reason)
                 case ["ignored"]:
                     return Reply.IGNORED
@@ -565,7 +565,7 @@ class Scripts:
             "reassign_grace_ms": reassign_grace_ms})
         with self._parsing("expire_node", reply):
             match reply:
-                case ["offline", previous, reason]:
+                case [NodeStatus.OFFLINE, previous, reason]:
                     return WentOffline(NodeStatus(previous), str(reason))
                 case ["alive"]:
                     return Reply.ALIVE
@@ -580,9 +580,9 @@ class Scripts:
             "node_id": node_id, "now_ms": now_ms, "warmup_ms": warmup_ms})
         with self._parsing("expire_warmup", reply):
             match reply:
-                case ["degraded", reason]:
+                case [NodeStatus.DEGRADED, reason]:
                     return WarmupDegraded(str(reason))
-                case ["waiting"]:
+                case [Reply.WAITING]:
                     return Reply.WAITING
                 case ["gone"]:
                     return Reply.GONE
@@ -596,7 +596,7 @@ class Scripts:
             "deadline_ms": deadline_ms})
         with self._parsing("drain_node", reply):
             match reply:
-                case ["draining", jobs_left, previous]:
+                case [NodeStatus.DRAINING, jobs_left, previous]:
                     return DrainStarted(NodeStatus(previous), int(jobs_left), drained=False)
                 case ["drained", 0, previous]:
                     return DrainStarted(NodeStatus(previous), 0, drained=True)
@@ -620,7 +620,7 @@ class Scripts:
                     return Refused(NodeStatus(status))
                 case ["reconnect"]:
                     return Reply.RECONNECT
-                case ["cancelled"]:
+                case [Reply.CANCELLED]:
                     return Reply.CANCELLED
                 case ["unknown"]:
                     return Reply.UNKNOWN
@@ -727,9 +727,9 @@ class Scripts:
             extra_keys=search.sets)
         with self._parsing("submit_job", reply):
             match reply:
-                case ["assigned", node_id, attempt, exclusions]:
+                case [JobState.ASSIGNED, node_id, attempt, exclusions]:
                     return Assigned(str(node_id), int(attempt), _object(exclusions))
-                case ["waiting", exclusions]:
+                case [JobState.WAITING, exclusions]:
                     return Waiting(_object(exclusions))
                 case ["queued"]:
                     return Reply.QUEUED
@@ -746,9 +746,9 @@ class Scripts:
                                extra_keys=search.sets)
         with self._parsing("dispatch_job", reply):
             match reply:
-                case ["assigned", node_id, attempt, exclusions, waited_ms]:
+                case [JobState.ASSIGNED, node_id, attempt, exclusions, waited_ms]:
                     return Assigned(str(node_id), int(attempt), _object(exclusions), int(waited_ms))
-                case ["waiting", exclusions]:
+                case [JobState.WAITING, exclusions]:
                     return Waiting(_object(exclusions))
                 case ["not_waiting", state]:
                     return NotWaiting(_job_state(state))
@@ -768,7 +768,7 @@ class Scripts:
             match reply:
                 case ["started", kind, worker]:
                     return Acked(True, str(kind), str(worker))
-                case ["running", kind, *worker] if len(worker) <= 1:
+                case [JobState.RUNNING, kind, *worker] if len(worker) <= 1:
                     return Acked(False, str(kind), str(worker[0]) if worker else "")
                 case ["stale", state]:
                     return Stale(_job_state(state))
@@ -785,7 +785,7 @@ class Scripts:
             "retention_ms": retention_ms, "job_health": job_health}, node_id=node_id)
         with self._parsing("complete_job", reply):
             match reply:
-                case [("succeeded" | "failed") as state, kick, outcome, assigned_ms, degraded]:
+                case [(JobState.SUCCEEDED | JobState.FAILED) as state, kick, outcome, assigned_ms, degraded]:
                     return Completed(JobState(state), _object(outcome), as_int(assigned_ms), _flag(kick),
                                      str(degraded))
                 case ["retry", "1", worker, degraded]:
@@ -812,7 +812,7 @@ class Scripts:
             match reply:
                 case ["retry", worker, degraded]:
                     return Requeued(str(worker), str(degraded))
-                case ["failed", outcome, degraded]:
+                case [JobState.FAILED, outcome, degraded]:
                     return OutOfAttempts(_object(outcome), str(degraded))
                 case ["kept"]:
                     return Reply.KEPT
@@ -831,7 +831,7 @@ class Scripts:
             node_id=node_id)
         with self._parsing("cancel_job", reply):
             match reply:
-                case ["cancelled", on_node, outcome]:
+                case [JobState.CANCELLED, on_node, outcome]:
                     return Cancelled(str(on_node), _object(outcome))
                 case ["finished", state]:
                     return AlreadyFinished(JobState(state))
@@ -868,7 +868,7 @@ class Scripts:
             "at_once": at_once})
         with self._parsing("expire_dispatch", reply):
             match reply:
-                case ["failed", outcome]:
+                case [JobState.FAILED, outcome]:
                     return DispatchExpired(_object(outcome))
                 case ["kept"]:
                     return Reply.KEPT

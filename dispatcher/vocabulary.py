@@ -1,5 +1,6 @@
-"""The dispatcher's words, each defined once: node statuses, job states, exclusion reasons,
-failure codes, wire error codes and WebSocket close codes.
+"""The dispatcher's words, each defined once: node statuses, model states, job states, Celery
+states, exclusion reasons, dispatch decision outcomes, failure codes, wire error codes and
+WebSocket close codes.
 
 Python uses these enums; the Lua scripts get the same values as constant tables in the
 preamble ``dispatcher.scripts`` generates (``lua_constants``), so the two cannot drift. Code
@@ -75,6 +76,17 @@ class Exclusion(enum.StrEnum):
     RESOURCE_THRESHOLD_EXCEEDED = "ResourceThresholdExceeded"
 
 
+class DecisionOutcome(enum.StrEnum):
+    """What one dispatch decision came to (the ``outcome`` of its log line and metric)."""
+
+    ASSIGNED = "assigned"
+    WAITING = "waiting"
+    #: The job no longer waits (placed or ended meanwhile): nothing to record.
+    NOT_WAITING = "not_waiting"
+    #: No node could take it in time (or ever: fail_fast).
+    FAILED = "failed"
+
+
 class FailureCode(enum.StrEnum):
     """Why the dispatcher ended an attempt or a job without the node's result."""
 
@@ -111,8 +123,8 @@ class CloseCode(enum.IntEnum):
 
 #: Every enum the Lua preamble carries, by the name Lua knows it under.
 LUA_ENUMS: dict[str, type[enum.Enum]] = {
-    "NodeStatus": NodeStatus, "JobState": JobState, "CeleryState": CeleryState, "Exclusion": Exclusion,
-    "FailureCode": FailureCode, "CloseCode": CloseCode,
+    "NodeStatus": NodeStatus, "ModelState": ModelState, "JobState": JobState, "CeleryState": CeleryState,
+    "Exclusion": Exclusion, "FailureCode": FailureCode, "CloseCode": CloseCode,
 }
 
 

@@ -268,7 +268,7 @@ local function static_reason(needs, n, first)
   if #needs.models > 0 then
     local ready = {}
     for _, model in ipairs(cjson.decode(n[first + 3] or '[]')) do
-      if model.status == 'ready' then ready[model.model_id] = true end  -- a model's status, not a node's
+      if model.status == ModelState.READY then ready[model.model_id] = true end
     end
     for _, model_id in ipairs(needs.models) do
       if not ready[model_id] then return Exclusion.MODEL_NOT_AVAILABLE end

@@ -48,7 +48,7 @@ if P.models ~= cjson.null and P.models ~= stored_models then
   end
   local ready = {}
   for _, model in ipairs(cjson.decode(P.models)) do
-    if model.status == 'ready' then ready[model.model_id] = true end  -- a model's status, not a node's
+    if model.status == ModelState.READY then ready[model.model_id] = true end
   end
   for i, model_id in ipairs(P.index_models) do
     if ready[model_id] then

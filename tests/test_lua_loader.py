@@ -164,8 +164,6 @@ def test_a_script_without_include_is_its_own_text() -> None:
 #: Literals that equal a domain word but are not one, by file: how many, and what they are.
 #: Anything else equal to a value of LUA_ENUMS is a literal that should be a constant.
 NOT_DOMAIN_WORDS = {
-    ("_job.lua", "ready"): (1, "a model's status (ModelState, which the preamble does not carry)"),
-    ("record_heartbeat.lua", "ready"): (1, "a model's status"),
     ("expire_warmup.lua", "waiting"): (1, "its reply: the warmup is not over"),
     ("undrain_node.lua", "cancelled"): (3, "drain_outcome's word, and the reply saying so"),
 }
