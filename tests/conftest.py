@@ -9,6 +9,7 @@ the suite is organised.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -147,7 +148,8 @@ _spare_dbs = itertools.cycle(range(SYSTEM_DB + 1, TASKS_DB))
 
 @pytest.fixture
 def own_redis(redis_server: LocalRedis) -> Iterator[tuple[str, redis.Redis]]:
-    """A Redis database of its own (neither db 0 nor the shared system's), for a test that starts its own web, worker and beat processes."""
+    """A Redis database of its own (neither db 0 nor the shared system's), for a test that starts
+    its own web, worker and beat processes."""
     url = f"redis://127.0.0.1:{redis_server.port}/{next(_spare_dbs)}"
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
@@ -272,10 +274,8 @@ def nodes(r: redis.Redis) -> Iterator[Any]:
         return client
     yield open_session
     for client in opened:
-        try:
+        with contextlib.suppress(Exception):  # the server may have closed it already
             client.close()
-        except Exception:  # noqa: BLE001 - the server may have closed it already
-            pass
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -340,10 +340,8 @@ def live_nodes(r: redis.Redis) -> Iterator[Any]:
         return node
     yield open_node
     for node in opened:
-        try:
+        with contextlib.suppress(Exception):  # the server may have closed it already
             node.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def random_frame(rng: random.Random, own_id: str | None, targets: Targets) -> st
         return json.dumps({"type": rng.choice([_text(rng, 12), 5, None, ["node_register"]]), "x": _value(rng)})
     if pick < 0.78:
         depth = rng.choice([60, 190, 250, 5000])
-        return '{"type": "%s", "output": ' % kind + "[" * depth + "]" * depth + "}"
+        return f'{{"type": "{kind}", "output": ' + "[" * depth + "]" * depth + "}"
     if pick < 0.83:
         return text.replace("0", "NaN", 1).replace("1", "Infinity", 1)
     if pick < 0.88:
@@ -125,7 +125,8 @@ def random_frame(rng: random.Random, own_id: str | None, targets: Targets) -> st
         return json.dumps(_value(rng))
     if pick < 0.96:
         return text[:-1] + ', "' + _text(rng, 5) + '": ' + json.dumps(_value(rng)) + "}"
-    return '{"type": "%s", "pad": "%s"}' % (kind, "z" * rng.choice([1000, 60_000, 200_000]))
+    pad = "z" * rng.choice([1000, 60_000, 200_000])
+    return f'{{"type": "{kind}", "pad": "{pad}"}}'
 
 
 def check_answer(frame: dict[str, Any]) -> str | None:

@@ -127,7 +127,8 @@ def test_agent_drains_itself_on_sigterm(start_web: Any, agents: Any, tmp_path: P
     state = tmp_path / "agent.json"
     agent = agents(server, state)
     node_id = wait_for(lambda: state.exists() and json.loads(state.read_text())["node_id"], what="registered")
-    wait_for(lambda: any(e["status"] == "ready" for e in log_events(agent, "node_status")), what="agent knows it is ready")
+    wait_for(lambda: any(e["status"] == "ready" for e in log_events(agent, "node_status")),
+             what="agent knows it is ready")
     agent.signal(signal.SIGTERM)
     assert agent.popen.wait(20) == 0
     node = r.hgetall(Keys().node(node_id))
@@ -196,7 +197,7 @@ def test_runner_dedups_redelivered_jobs_and_enforces_its_capacity() -> None:
     assert kinds.count(("job_ack", "j1", None, None)) == 2
     assert ("job_result", "j2", False, "NODE_AT_CAPACITY") in kinds
     assert kinds.count(("job_result", "j1", True, None)) == 2
-    assert [f for f in sent if f["type"] == "job_result" and f["job_id"] == "j1"][0]["output"] == {"n": 1}
+    assert next(f for f in sent if f["type"] == "job_result" and f["job_id"] == "j1")["output"] == {"n": 1}
 
 
 def test_a_restarted_runner_never_runs_an_attempt_twice(tmp_path: Path) -> None:

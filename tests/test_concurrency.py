@@ -6,6 +6,7 @@ the race went more than one way."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections import Counter
@@ -78,7 +79,7 @@ def test_heartbeat_racing_the_scan_applies_one_story(registry: Registry, r: redi
         else:
             assert status == "ready" and results["beat"].outcome.status == "ready"
         history = _history(r, keys, node_id)
-        assert all(a["to"] == b["from"] for a, b in zip(history, history[1:])), history
+        assert all(a["to"] == b["from"] for a, b in itertools.pairwise(history)), history
         assert_consistent(r, keys)
         outcomes["expired" if expired else "kept alive"] += 1
     assert outcomes["expired"] >= 1 and outcomes["kept alive"] >= 1, f"the race never went both ways: {outcomes}"

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 import redis
-from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, event, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, first_failure
 from dispatcher.jobs import Jobs
@@ -22,6 +24,7 @@ from dispatcher.registry import Registry
 from dispatcher.scripts import Assigned, Waiting
 from dispatcher.vocabulary import Exclusion
 from tests.support import CORE_PREFIX, T0, add_node, apply_result, client_app, forget_everything
+
 
 @pytest.fixture
 def core(make_settings: Any, r: redis.Redis, db_url: str) -> tuple[Registry, Jobs]:
@@ -215,7 +218,7 @@ def test_the_script_and_the_explanation_agree_on_every_node(core: tuple[Registry
     fill(r, keys, node_id, node["assigned"])
     if not node["cordoned"]:  # ("often" True: cordoned now and then)
         registry.cordon(node_id, "operator", "maintenance")
-    stored = dict(zip(NODE_FIELDS, r.hmget(keys.node(node_id), NODE_FIELDS)))
+    stored = dict(zip(NODE_FIELDS, r.hmget(keys.node(node_id), NODE_FIELDS), strict=True))
     needs = JobNeeds(tuple(job["required_models"]), job["require_gpu"], job["public"],
                      tuple(sorted(job["node_selector"].items())))
     expected = first_failure(evaluate(stored, node["assigned"], needs, T0 + 10_000, 45_000, 80))

@@ -158,7 +158,8 @@ def test_node_killed_mid_job(own_redis: Any, logs_dir: Path, tmp_path: Path, age
     worker, beat = start_procfile("worker", env, logs_dir), start_procfile("beat", env, logs_dir)
     try:
         first = agents(web, tmp_path / "a.json")
-        node_a = wait_for(lambda: (tmp_path / "a.json").exists() and json.loads((tmp_path / "a.json").read_text())["node_id"],
+        state_file = tmp_path / "a.json"
+        node_a = wait_for(lambda: state_file.exists() and json.loads(state_file.read_text())["node_id"],
                           what="first node registered")
         wait_for(lambda: r.sismember(Keys().status_set("ready"), node_a), what="first node ready")
         result = submit(client, "sleep", seconds=2)

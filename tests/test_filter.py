@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dispatcher.vocabulary import Exclusion
 from dispatcher.filter import JobNeeds, evaluate, explanation, first_failure, summarize
+from dispatcher.vocabulary import Exclusion
 
 NOW = 1_800_000_000_000
 #: A ready node that passes every step of a job needing model "a", a GPU, the public pool and zone=1.

@@ -11,7 +11,8 @@ import random
 from typing import Any
 
 import redis
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
 from dispatcher.jobs import Jobs

@@ -154,7 +154,7 @@ def test_jobs_no_node_can_take_do_not_slow_completions_or_submissions(core: tupl
     assert quiet_redis.zcard(Keys().waiting()) == 2000
     many_waiting = one_job("behind-a-backlog")
     # (A few commands of slack: the statistics flusher writes once a second, whenever that falls.)
-    assert all(m <= o + 6 for m, o in zip(many_waiting, one_waiting)), (
+    assert all(m <= o + 6 for m, o in zip(many_waiting, one_waiting, strict=True)), (
         "the cost does not grow with the jobs waiting", one_waiting, many_waiting)
     assert many_waiting[0] <= 2 * none_waiting[0] and many_waiting[1] <= 2 * none_waiting[1], (
         none_waiting, many_waiting)

@@ -10,11 +10,11 @@ import pytest
 import redis
 
 from dispatcher import joblist
-from dispatcher.jobs import RETENTION_MS, Jobs
 from dispatcher.joblist import JobList
-from dispatcher.vocabulary import FINAL_STATES
+from dispatcher.jobs import RETENTION_MS, Jobs
 from dispatcher.messages import decode_node_message
 from dispatcher.registry import Registry
+from dispatcher.vocabulary import FINAL_STATES
 from tests.support import CORE_PREFIX, T0, add_node, apply_result, client_app
 
 

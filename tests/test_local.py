@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -99,8 +100,6 @@ def test_the_readme_examples_go_through_against_the_local_run(tmp_path: Path, lo
             assert response.status == 200
     finally:
         up.signal(signal.SIGINT)  # Ctrl-C, as a person stops it
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             up.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
         up.stop()

@@ -33,7 +33,7 @@ def kept() -> Iterator[Kept]:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     yield handler
-    for logger, level in zip(loggers, levels):
+    for logger, level in zip(loggers, levels, strict=True):
         logger.removeHandler(handler)
         logger.setLevel(level)
 

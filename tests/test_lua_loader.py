@@ -23,8 +23,8 @@ from dispatcher.registry import Registry, hash_secret
 from dispatcher.scripts import (
     DrainExpired,
     DrainStarted,
-    Scripts,
     ScriptError,
+    Scripts,
     Source,
     WentOffline,
     _expanded,
@@ -34,7 +34,8 @@ from dispatcher.scripts import (
 )
 from dispatcher.vocabulary import LUA_ENUMS, CloseCode, FailureCode
 from tests.conftest import client_app
-from tests.test_dispatch import T0 as FLEET_T0, add_node
+from tests.test_dispatch import T0 as FLEET_T0
+from tests.test_dispatch import add_node
 
 LUA = Path(__file__).resolve().parent.parent / "lua"
 T0 = 1_700_000_000_000

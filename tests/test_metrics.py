@@ -19,7 +19,18 @@ from dispatcher.registry import Registry
 from dispatcher.scripts import Scripts
 from dispatcher.settings import Settings
 from dispatcher.tally import TALLY
-from tests.support import Samples, WebServer, clean_env, client_app, parse_metrics, register, scrape, start_procfile, wait_for
+from tests.support import (
+    Samples,
+    WebServer,
+    clean_env,
+    client_app,
+    parse_metrics,
+    register,
+    scrape,
+    start_procfile,
+    wait_for,
+)
+
 
 def fleet_text(r: redis.Redis, settings: Settings) -> Samples:
     """/metrics as a web process would answer it, read from Redis in this process."""

@@ -217,7 +217,7 @@ def test_a_node_cooling_down_stays_out_of_ready_when_it_reconnects(world: tuple[
 
 def test_a_running_jobs_mismatch_is_told_once_per_episode(world: tuple[Registry, Jobs, redis.Redis], keys: Keys,
                                                           clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
-    registry, jobs, r = world
+    registry, _jobs, r = world
     reg = join(registry, clock)
     node_id = reg.node.node_id
     fleet = Fleet(r, registry.settings, clock=clock)

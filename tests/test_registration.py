@@ -35,7 +35,7 @@ def test_an_unknown_valid_node_id_is_accepted_as_given(registry: Registry) -> No
 
 @pytest.mark.parametrize("node_id", ["", "has space", "x" * 65, "slash/no", "ü", "victim-1\n", "x" * 190_000])
 def test_an_invalid_node_id_is_refused_naming_the_field(node_id: str) -> None:
-    with pytest.raises(DecodeError, match="^node_id: String should match") as raised:
+    with pytest.raises(DecodeError, match=r"^node_id: String should match") as raised:
         decode_node_message(json.dumps({"type": "node_register", "node_id": node_id}))
     assert len(str(raised.value)) < 200, "the answer does not echo the id"
 

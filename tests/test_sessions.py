@@ -74,7 +74,8 @@ def records(r: redis.Redis) -> dict[str, Any]:
     ({"type": "node_teleport"}, "unknown message type"),
     ({"type": "node_heartbeat", "resource_usage": {"cpu_percent": "high"}}, "resource_usage.cpu_percent"),
     ({"type": "node_heartbeat", "resource_usage": {"mem_percent": 140}}, "resource_usage.mem_percent"),
-    ({"type": "node_heartbeat", "installed_models": [{"model_id": "w", "status": "warm"}]}, "installed_models.0.status"),
+    ({"type": "node_heartbeat", "installed_models": [{"model_id": "w", "status": "warm"}]},
+     "installed_models.0.status"),
     ({"type": "job_result", "job_id": "j", "attempt": 0, "success": True}, "attempt"),
 ])
 def test_invalid_frames_get_an_error_naming_the_field_and_change_nothing(

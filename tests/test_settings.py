@@ -56,7 +56,7 @@ def test_config_file_named_by_the_environment(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("DISPATCHER_CONFIG", str(path))
     assert load_settings().require_gpu is False
     monkeypatch.setenv("DISPATCHER_CONFIG", str(tmp_path / "missing.toml"))
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_settings()
 
 

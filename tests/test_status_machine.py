@@ -16,6 +16,7 @@ from dispatcher.keys import Keys
 from dispatcher.registry import Registry
 from tests.support import T0, assert_consistent, beat, make_ready, register
 
+
 def status(r: redis.Redis, keys: Keys, node_id: str) -> str:
     return r.hget(keys.node(node_id), "status")
 
@@ -188,7 +189,7 @@ def test_an_operator_forgets_an_offline_node_and_nothing_else(strict: Registry, 
     with pytest.raises(InvalidTransition, match="old-1 is ready: only an offline node can be forgotten"):
         strict.forget("old-1", "operator", now=now)
     assert strict.drain("old-1", "operator", "retire", now=now).status == "offline"
-    with pytest.raises(InvalidTransition, match="its session is open .a drained node.: its agent would register"):
+    with pytest.raises(InvalidTransition, match=r"its session is open .a drained node.: its agent would register"):
         strict.forget("old-1", "operator", now=now + 1000)
     r.hset(keys.assigned("old-1"), "job-1", "{}")  # not yet taken back
     strict.close_session("old-1", reg.node.session_id, now=now + 2000)

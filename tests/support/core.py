@@ -10,9 +10,9 @@ from typing import Any
 import redis
 
 from dispatcher.keys import Keys
-from dispatcher.vocabulary import NodeStatus
 from dispatcher.messages import NodeHeartbeat, NodeRegister
 from dispatcher.registry import Registration, Registry
+from dispatcher.vocabulary import NodeStatus
 
 #: The injected clock's start (ms since 1970, in 2027): no test depends on the real time.
 T0 = 1_800_000_000_000
@@ -62,7 +62,8 @@ def make_ready(registry: Registry, reg: Registration, now: int = T0) -> int:
     return now + 3000
 
 
-def add_node(registry: Registry, *, beats: int = 3, last_beat_ms: int = T0 + 9_000, models: dict[str, str] | None = None,
+def add_node(registry: Registry, *, beats: int = 3, last_beat_ms: int = T0 + 9_000,
+             models: dict[str, str] | None = None,
              labels: dict[str, str] | None = None, public: bool = False, gpu: bool = False, gpu_available: bool = True,
              max_jobs: int = 1, usage: tuple[float, float, float] = (5, 5, 5)) -> str:
     """A node registered at T0 with these capabilities, its last heartbeat at ``last_beat_ms``

@@ -151,7 +151,8 @@ class WebServer:
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         return self.request("GET", path, headers=headers)
 
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})

@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -210,7 +210,7 @@ class RawSocket:
     (never read, pick its source address, send any Origin). Every one opened during a
     test is closed after it (``close_all``), so a test may just drop the ones it holds."""
 
-    opened: list[RawSocket] = []
+    opened: ClassVar[list[RawSocket]] = []
 
     def __init__(self, port: int, source: str = "127.0.0.1", origin: str | None = None,
                  receive_buffer: int | None = None, path: str = "/ws/node") -> None:

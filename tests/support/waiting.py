@@ -18,7 +18,8 @@ import redis
 from dispatcher.keys import Keys
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10, interval_s: float = 0.02, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10, interval_s: float = 0.02,
+             what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -37,7 +38,7 @@ def wait_for_scans(client: redis.Redis, keys: Keys, after_ms: int, count: int = 
     that time between its nodes' part and its jobs' part: a second scan means the first ended."""
     seen = after_ms - 1
     for n in range(count):
-        seen = wait_for(lambda: (at := int(client.hget(keys.scan_state(), "at_ms") or 0)) > seen and at,
+        seen = wait_for(lambda last=seen: (at := int(client.hget(keys.scan_state(), "at_ms") or 0)) > last and at,
                         timeout_s, 0.05, what=f"scan {n + 1} of {count} after {after_ms}")
     return seen
 
