@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import beat_init, celeryd_after_setup, setup_logging
 
-import dispatcher.brokerfix  # noqa: F401 - patches kombu's Redis transport on import (see there)
+import dispatcher.brokerfix  # patches kombu's Redis transport on import (see there)
 import dispatcher.revoke  # noqa: F401 - Celery's revoke cancels the job (registers the worker's handler)
 from dispatcher.completions import CompletionStep
 from dispatcher.connection import say_if_unreachable

@@ -115,8 +115,9 @@ def _pct(value: float | None) -> str:
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = ["   ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in [headers, *rows]]
     return "\n".join(lines)
 
 
@@ -251,7 +252,8 @@ def cordon(api: Api, node_id: str, reason: str) -> None:
 
 def uncordon(api: Api, node_id: str) -> None:
     answer = api.call("DELETE", f"/api/nodes/{node_id}/cordon")
-    then = "takes new jobs again" if answer["status"] == NodeStatus.READY else f"takes new jobs once ready (now {answer['status']})"
+    status = answer["status"]
+    then = "takes new jobs again" if status == NodeStatus.READY else f"takes new jobs once ready (now {status})"
     print(f"node {node_id} is uncordoned: it {then}")
 
 
@@ -355,7 +357,8 @@ def follow(api: Api, result: Any) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dispatcher", description="Operate the GPU fleet dispatcher.")
-    p.add_argument("--url", default=os.environ.get("DISPATCHER_URL", f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"),
+    local_url = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}"
+    p.add_argument("--url", default=os.environ.get("DISPATCHER_URL", local_url),
                    help="the web process (env DISPATCHER_URL)")
     p.add_argument("--token", default=os.environ.get("DISPATCHER_ADMIN_TOKEN"),
                    help="the admin token, for drain, cordon, forget and their undoing (env DISPATCHER_ADMIN_TOKEN)")

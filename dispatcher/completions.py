@@ -88,6 +88,9 @@ class Completions:
                 raise
             self._group_made = False
             return []
+        if isinstance(reply, dict):
+            raise TypeError("XREADGROUP answered in RESP3's shape: the core's clients read RESP2's (legacy_responses)")
+        # [[stream, [(id, fields), ...]]], or None when nothing came in block_ms
         return [entry for _, entries in reply or [] for entry in entries]
 
     def apply(self, entries: list[Entry]) -> int:
@@ -130,7 +133,9 @@ class Completions:
     def trim(self) -> None:
         """Drop the results every worker is done with: those before the oldest still pending,
         or up to the last one handed out when none is."""
-        groups = {g["name"]: g for g in self.client.xinfo_groups(self.stream)} if self.client.exists(self.stream) else {}
+        if not self.client.exists(self.stream):
+            return
+        groups = {g["name"]: g for g in self.client.xinfo_groups(self.stream)}
         group = groups.get(RESULTS_GROUP)
         if group is None:
             return
@@ -153,7 +158,7 @@ class Completions:
                 log_event(log, "results_unreachable", logging.WARNING, error=str(exc)[:200], retry_in_s=pause_s)
                 stop.wait(pause_s)
                 pause_s = min(pause_s * 2, 5.0)
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one bad batch
+            except Exception as exc:  # the loop must outlive any one bad batch
                 log.exception("completion loop error: %s", exc)
                 stop.wait(1.0)
 
@@ -161,7 +166,7 @@ class Completions:
 class CompletionStep(bootsteps.StartStopStep):
     """Starts the completion loop in a worker's main process, once its pool has forked."""
 
-    requires = {"celery.worker.components:Pool"}
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

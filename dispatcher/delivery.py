@@ -10,6 +10,7 @@ pool, and no session holds a blocking Redis call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -53,7 +54,7 @@ class Outbox:
         pipe = self.client.pipeline(transaction=False)
         for node_id in ids:
             pipe.llen(self.keys.queue(node_id))
-        return [node_id for node_id, length in zip(ids, pipe.execute()) if length]
+        return [node_id for node_id, length in zip(ids, pipe.execute(), strict=True) if length]
 
 
 #: Queued frames starting with this are instructions for the web process, not frames for the node.
@@ -110,7 +111,5 @@ class WakeListener:
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
             finally:
-                try:
+                with contextlib.suppress(redis.RedisError):
                     pubsub.close()
-                except redis.RedisError:
-                    pass

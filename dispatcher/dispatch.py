@@ -28,6 +28,7 @@ from dispatcher.metrics import DECISIONS, EXCLUSIONS, SUBMIT_TO_ASSIGN
 from dispatcher.records import NodeRecord
 from dispatcher.scripts import Assigned, NotWaiting, Scripts, Search
 from dispatcher.settings import Settings
+from dispatcher.store import text_hash, texts
 from dispatcher.tally import TALLY
 from dispatcher.vocabulary import DecisionOutcome, Exclusion, NodeStatus
 
@@ -140,7 +141,7 @@ class Dispatcher:
         the one place where the dispatcher reads the whole fleet.
         """
         s = self.settings
-        node_ids = self.client.zrange(self.keys.nodes(), 0, -1)
+        node_ids = texts(self.client.zrange(self.keys.nodes(), 0, -1))
         now = self.clock()
         counts: Counter[str] = Counter()
         examples: dict[str, list[str]] = {}
@@ -153,7 +154,7 @@ class Dispatcher:
                 pipe.hlen(self.keys.assigned(node_id))
             replies = pipe.execute()
             for i, node_id in enumerate(chunk):
-                node = dict(zip(NODE_FIELDS, replies[2 * i]))
+                node = dict(zip(NODE_FIELDS, replies[2 * i], strict=True))
                 failed = first_failure(evaluate(node, replies[2 * i + 1], needs, now,
                                                 int(s.heartbeat_timeout_seconds * 1000), s.resource_threshold_percent))
                 if failed is None:
@@ -174,7 +175,7 @@ class Dispatcher:
         if now_s - self._ever.get(needs.kind, -_EVER_KEEP_S) < _EVER_KEEP_S:
             return True
         answer = False
-        node_ids = self.client.zrange(self.keys.nodes(), 0, -1)
+        node_ids = texts(self.client.zrange(self.keys.nodes(), 0, -1))
         for start in range(0, len(node_ids), _WALK_CHUNK):
             pipe = self.client.pipeline(transaction=False)
             for node_id in node_ids[start:start + _WALK_CHUNK]:
@@ -215,8 +216,8 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         self.flush()  # this process's latest decisions too
-        raw = self.client.hgetall(self.keys.stats())
-        examples = self.client.hgetall(self.keys.stats_examples())
+        raw = text_hash(self.client.hgetall(self.keys.stats()))
+        examples = text_hash(self.client.hgetall(self.keys.stats_examples()))
         return {
             "decisions": {k.split(":", 1)[1]: int(v) for k, v in raw.items() if k.startswith("decisions:")},
             "excluded": {r: int(raw.get(f"excluded:{r}", 0)) for r in Exclusion},

@@ -36,10 +36,10 @@ class JobNeeds:
     @classmethod
     def from_values(cls, values: list[str | None]) -> JobNeeds | None:
         """From an HMGET of ``FIELDS``; None when the job does not exist."""
-        return None if values[0] is None else cls.from_stored(dict(zip(cls.FIELDS, values)))
+        return None if values[0] is None else cls.from_stored(dict(zip(cls.FIELDS, values, strict=True)))
 
     @classmethod
-    def from_stored(cls, job: Mapping[str, str]) -> JobNeeds:
+    def from_stored(cls, job: Mapping[str, str | None]) -> JobNeeds:
         return cls(tuple(json.loads(job.get("required_models") or "[]")), job.get("require_gpu") == "1",
                    job.get("public") == "1", tuple(sorted(json.loads(job.get("node_selector") or "{}").items())))
 

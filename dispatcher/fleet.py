@@ -14,6 +14,7 @@ from dispatcher.keys import Keys
 from dispatcher.messages import NodeStatusMessage
 from dispatcher.records import JobRecord, NodeRecord, as_int, as_json
 from dispatcher.settings import Settings
+from dispatcher.store import optional_texts, text_hash, texts
 from dispatcher.vocabulary import NodeStatus
 
 #: Ids looked at per listed node when listing one status (see ``Fleet.nodes``).
@@ -159,7 +160,7 @@ class Fleet:
         more pages, never a long answer."""
         start = f"({after}" if after else "-"
         if status is None:
-            ids = self.client.zrange(self.keys.nodes(), start, "+", bylex=True, offset=0, num=limit + 1)
+            ids = texts(self.client.zrange(self.keys.nodes(), start, "+", bylex=True, offset=0, num=limit + 1))
             return ids[:limit], (ids[limit - 1] if len(ids) > limit else None)
         return self._page_with_status(status, start, limit)
 
@@ -173,10 +174,10 @@ class Fleet:
         page: list[str] = []
         budget = _FILTER_FACTOR * limit
         while budget > 0:
-            ids = self.client.zrange(self.keys.nodes(), start, "+", bylex=True, offset=0, num=min(budget, 500))
+            ids = texts(self.client.zrange(self.keys.nodes(), start, "+", bylex=True, offset=0, num=min(budget, 500)))
             if not ids:
                 return page, None
-            for node_id, member in zip(ids, self.client.smismember(self.keys.status_set(status), ids)):
+            for node_id, member in zip(ids, self.client.smismember(self.keys.status_set(status), ids), strict=True):
                 if member:
                     page.append(node_id)
                     if len(page) == limit:
@@ -207,13 +208,13 @@ class Fleet:
         pipe = self.client.pipeline(transaction=False)
         for status in NodeStatus:
             pipe.scard(self.keys.status_set(status))
-        return dict(zip(NodeStatus, pipe.execute()))
+        return dict(zip(NodeStatus, pipe.execute(), strict=True))
 
     def recent_transitions(self, limit: int = 50) -> list[dict[str, Any]]:
-        return [as_json(e, {}) for e in self.client.lrange(self.keys.transitions(), 0, limit - 1)]
+        return [as_json(e, {}) for e in texts(self.client.lrange(self.keys.transitions(), 0, limit - 1))]
 
     def last_scan(self) -> dict[str, Any]:
-        raw = self.client.hgetall(self.keys.scan_state())
+        raw = text_hash(self.client.hgetall(self.keys.scan_state()))
         return {k: as_int(v) for k, v in raw.items()}
 
     def why_idle(self, node: NodeRecord, assigned: int, head: JobNeeds | None) -> list[str]:
@@ -231,11 +232,13 @@ class Fleet:
         return reasons
 
     def _first_waiting(self) -> JobNeeds | None:
-        head = self.client.zrange(self.keys.waiting(), 0, 0)
+        head = texts(self.client.zrange(self.keys.waiting(), 0, 0))
         if not head:
             return None
-        values = self.client.hmget(self.keys.job(head[0]), JobNeeds.FIELDS)
-        return None if values[0] is None else job_needs(JobRecord.from_hash(dict(zip(JobNeeds.FIELDS, values))))
+        values = optional_texts(self.client.hmget(self.keys.job(head[0]), JobNeeds.FIELDS))
+        if values[0] is None:
+            return None
+        return job_needs(JobRecord.from_hash(dict(zip(JobNeeds.FIELDS, values, strict=True))))
 
     def status_reports(self, node_ids: list[str]) -> dict[str, NodeStatusMessage]:
         """The periodic node_status frame of each node, with its health summary, its

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -28,6 +29,7 @@ from dispatcher.jobspec import MAX_PRIORITY, QUEUE_BAND
 from dispatcher.keys import Keys
 from dispatcher.messages import valid_job_id
 from dispatcher.records import JobRecord
+from dispatcher.store import scored, texts
 from dispatcher.vocabulary import FINAL_STATES, JobState
 
 #: The states a listing takes, in a job's lifecycle order.
@@ -120,13 +122,12 @@ class JobList:
         if state in (None, JobState.WAITING) and node_id is None:
             for priority in range(MAX_PRIORITY + 1):
                 band = (MAX_PRIORITY - priority) * QUEUE_BAND
-                sources.append(lambda after, limit, band=band: self._from_sorted_set(k.waiting(), after, limit, band))
+                sources.append(partial(self._from_sorted_set, k.waiting(), band=band))
         if state in (None, JobState.RUNNING):
             sources.append(lambda after, limit: self._running(node_id, after, limit))
         for final in FINAL_STATES:
             if state in (None, final):
-                sources.append(lambda after, limit, final=final: self._from_sorted_set(
-                    k.finished(final), after, limit, None, node_id))
+                sources.append(partial(self._from_sorted_set, k.finished(final), band=None, node_id=node_id))
         return sources
 
     def _from_sorted_set(self, key: str, after: Position | None, limit: int, band: int | None,
@@ -140,8 +141,8 @@ class JobList:
         found: list[Position] = []
         looked, offset = 0, 0
         while True:
-            batch = self.client.zrange(key, top, low, byscore=True, desc=True, offset=offset, num=_CHUNK,
-                                       withscores=True)
+            batch = scored(self.client.zrange(key, top, low, byscore=True, desc=True, offset=offset, num=_CHUNK,
+                                              withscores=True))
             offset += len(batch)
             positions = [Position(int(score) - base, job_id) for job_id, score in batch]
             # (ties at the cursor's time: those not after it come first and are skipped)
@@ -150,7 +151,7 @@ class JobList:
                 pipe = self.client.pipeline(transaction=False)
                 for p in kept:
                     pipe.hget(self.keys.job(p.job_id), "node_id")
-                kept = [p for p, holder in zip(kept, pipe.execute()) if holder == node_id]
+                kept = [p for p, holder in zip(kept, pipe.execute(), strict=True) if holder == node_id]
             for p in kept:
                 found.append(p)
                 if len(found) == limit:
@@ -164,21 +165,21 @@ class JobList:
     def _running(self, node_id: str | None, after: Position | None, limit: int) -> Found:
         """Jobs on a node (its assigned jobs), or every job in flight."""
         if node_id is not None:
-            ids = self.client.hkeys(self.keys.assigned(node_id))
+            ids = texts(self.client.hkeys(self.keys.assigned(node_id)))
         else:
             ids = []
             for start in range(0, self.client.zcard(self.keys.deadlines()), _CHUNK):
-                chunk = self.client.zrange(self.keys.deadlines(), start, start + _CHUNK - 1)
+                chunk = texts(self.client.zrange(self.keys.deadlines(), start, start + _CHUNK - 1))
                 if chunk:
                     waiting = self.client.zmscore(self.keys.waiting(), chunk)
-                    ids += [job_id for job_id, score in zip(chunk, waiting) if score is None]
+                    ids += [job_id for job_id, score in zip(chunk, waiting, strict=True) if score is None]
         positions = []
         for start in range(0, len(ids), _CHUNK):
             pipe = self.client.pipeline(transaction=False)
             for job_id in ids[start:start + _CHUNK]:
                 pipe.hmget(self.keys.job(job_id), "state", "submitted_ms")
-            for job_id, values in zip(ids[start:start + _CHUNK], pipe.execute()):
-                job = JobRecord.from_hash(dict(zip(("state", "submitted_ms"), values)))
+            for job_id, values in zip(ids[start:start + _CHUNK], pipe.execute(), strict=True):
+                job = JobRecord.from_hash(dict(zip(("state", "submitted_ms"), values, strict=True)))
                 if job.state in (JobState.ASSIGNED, JobState.RUNNING):
                     positions.append(Position(job.submitted_ms or 0, job_id))
         positions = sorted((p for p in positions if after is None or p < after), reverse=True)
@@ -189,8 +190,8 @@ class JobList:
         for p in positions:
             pipe.hmget(self.keys.job(p.job_id), _FIELDS)
         views = []
-        for p, values in zip(positions, pipe.execute()):
-            job = JobRecord.from_hash(dict(zip(_FIELDS, values)))
+        for p, values in zip(positions, pipe.execute(), strict=True):
+            job = JobRecord.from_hash(dict(zip(_FIELDS, values, strict=True)))
             if job.state_text is None:
                 continue  # its record expired before the scan trimmed its index entry
             views.append(listed_view(p.job_id, job))

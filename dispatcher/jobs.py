@@ -46,7 +46,7 @@ from dispatcher.scripts import (
     Stale,
 )
 from dispatcher.settings import Settings
-from dispatcher.store import store_client, unwrapped
+from dispatcher.store import optional_text, optional_texts, store_client, texts, unwrapped
 from dispatcher.vocabulary import DecisionOutcome, JobState, NodeStatus
 
 log = logging.getLogger("dispatcher.jobs")
@@ -193,10 +193,11 @@ class Jobs:
         however many jobs wait that no node can take; the first job of each kind left
         waiting has its reasons noted (one more call per kind)."""
         self.client.delete(self.keys.kick())
-        placed, given_up = 0, set()
+        placed = 0
+        given_up: set[str] = set()
         free = self.dispatcher.free_slots_anywhere()
         while free:
-            kinds = self.client.zrange(self.keys.waiting_classes(), 0, len(given_up))
+            kinds = texts(self.client.zrange(self.keys.waiting_classes(), 0, len(given_up)))
             kind = next((k for k in kinds if k not in given_up), None)
             if kind is None:
                 break
@@ -238,8 +239,8 @@ class Jobs:
         and a result that cannot be the current attempt's is dropped here. Returns whether
         it was handed on."""
         if kind is None:
-            state, holder, attempt, kind = self.client.hmget(self.keys.job(msg.job_id), "state", "node_id",
-                                                             "attempt", "needs_class")
+            state, holder, attempt, kind = optional_texts(self.client.hmget(
+                self.keys.job(msg.job_id), "state", "node_id", "attempt", "needs_class"))
             if state not in (JobState.ASSIGNED, JobState.RUNNING) or holder != node_id or attempt != str(msg.attempt):
                 log_event(log, "job_frame_ignored", job_id=msg.job_id, node_id=node_id, attempt=msg.attempt,
                           ref_type="job_result", why=f"stale: the job is {state or 'unknown'}")
@@ -263,7 +264,7 @@ class Jobs:
             reply = self.scripts.complete_job(job_id, kind or None, node_id, attempt, self.clock(), result["meta"],
                                               result["output"], RETENTION_MS, self.job_health)
         except KindNeeded:
-            kind = self.client.hget(self.keys.job(job_id), "needs_class") or ""
+            kind = optional_text(self.client.hget(self.keys.job(job_id), "needs_class")) or ""
             reply = self.scripts.complete_job(job_id, kind or None, node_id, attempt, self.clock(), result["meta"],
                                               result["output"], RETENTION_MS, self.job_health)
         if isinstance(reply, Stale):
@@ -291,7 +292,7 @@ class Jobs:
         """Run a job+node script with the node the job is on (and the job's kind of
         needs), reading them again while the script raises JobMoved."""
         for _ in range(_ATTEMPTS):
-            node_id, kind = self.client.hmget(self.keys.job(job_id), "node_id", "needs_class")
+            node_id, kind = optional_texts(self.client.hmget(self.keys.job(job_id), "node_id", "needs_class"))
             try:
                 return call(node_id or "", kind or "")
             except JobMoved:
@@ -318,7 +319,8 @@ class Jobs:
         if isinstance(reply, OutOfAttempts):
             self.publisher.finished(job_id, reply.outcome)
         else:
-            job = JobRecord.from_hash({"last_error": self.client.hget(self.keys.job(job_id), "last_error")})
+            last_error = optional_text(self.client.hget(self.keys.job(job_id), "last_error"))
+            job = JobRecord.from_hash({"last_error": last_error})
             self.publisher.retried(job_id, (job.last_error or {}).get("message", ""), reply.worker)
             self.note_requeued(job_id)
         if self.client.exists(self.keys.waiting()):
@@ -334,7 +336,7 @@ class Jobs:
             self.dispatcher.record(decision)
 
     def needs_of(self, job_id: str) -> JobNeeds:
-        needs = JobNeeds.from_values(self.client.hmget(self.keys.job(job_id), JobNeeds.FIELDS))
+        needs = JobNeeds.from_values(optional_texts(self.client.hmget(self.keys.job(job_id), JobNeeds.FIELDS)))
         if needs is None:
             raise UnknownJob(f"no job {job_id}")
         return needs

@@ -9,6 +9,7 @@ from dispatcher.filter import NODE_FIELDS, JobNeeds, evaluate, first_failure
 from dispatcher.fleet import job_needs
 from dispatcher.jobs import Jobs
 from dispatcher.records import JobRecord, NodeRecord
+from dispatcher.store import text_hash
 from dispatcher.vocabulary import DecisionOutcome, JobState
 
 
@@ -29,8 +30,9 @@ class JobViews:
         if stored[0] is None:
             return None
         s = self.jobs.settings
-        steps = evaluate(NodeRecord.from_hash(dict(zip(NODE_FIELDS, stored))), assigned, needs, self.jobs.clock(),
-                         int(s.heartbeat_timeout_seconds * 1000), s.resource_threshold_percent)
+        node = NodeRecord.from_hash(dict(zip(NODE_FIELDS, stored, strict=True)))
+        steps = evaluate(node, assigned, needs, self.jobs.clock(), int(s.heartbeat_timeout_seconds * 1000),
+                         s.resource_threshold_percent)
         failed = first_failure(steps)
         return {
             "node_id": node_id,
@@ -43,7 +45,7 @@ class JobViews:
         }
 
     def view(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.client.hgetall(self.keys.job(job_id))
+        raw = text_hash(self.client.hgetall(self.keys.job(job_id)))
         if not raw:
             return None
         job = JobRecord.from_hash(raw)

@@ -22,15 +22,23 @@ import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dispatcher.records import NodeRecord
+from dispatcher.store import texts
 from dispatcher.tally import TALLY
 from dispatcher.vocabulary import FINAL_STATES, DecisionOutcome, Exclusion
+
+if TYPE_CHECKING:  # (both import this module: their metrics are defined here)
+    import redis
+
+    from dispatcher.fleet import Fleet
+    from dispatcher.jobs import Jobs
+    from dispatcher.keys import Keys
 
 #: The fleet's counters and histograms, in the order /metrics shows them.
 FLEET_METRICS: list[Any] = []
@@ -123,7 +131,8 @@ RUNNING_JOBS_MISMATCHES = FleetCounter("dispatcher_running_jobs_mismatches_total
                                        "Episodes of a node's running_jobs disagreeing with the jobs assigned to it "
                                        "for running_jobs_mismatch_heartbeats heartbeats in a row.")
 DECISIONS = FleetCounter("dispatcher_dispatch_decisions_total", "Dispatch decisions, by outcome.", ["outcome"],
-                         field="decisions", known=[[o] for o in (DecisionOutcome.ASSIGNED, DecisionOutcome.WAITING, DecisionOutcome.FAILED)])
+                         field="decisions", known=[[o] for o in (
+                             DecisionOutcome.ASSIGNED, DecisionOutcome.WAITING, DecisionOutcome.FAILED)])
 EXCLUSIONS = FleetCounter("dispatcher_exclusions_total", "Nodes excluded by dispatch decisions, by reason.",
                           ["reason"], field="excluded", known=[[reason] for reason in Exclusion])
 JOBS_FINISHED = FleetCounter("dispatcher_jobs_finished_total", "Jobs that ended, by final state.", ["state"],
@@ -163,7 +172,7 @@ class FleetCollector:
     histograms every process adds to, and per-node series for at most
     ``metrics_node_series`` nodes."""
 
-    def __init__(self, fleet: Any, jobs: Any) -> None:
+    def __init__(self, fleet: Fleet, jobs: Jobs) -> None:
         self.fleet = fleet
         self.jobs = jobs
 
@@ -197,7 +206,7 @@ class FleetCollector:
             yield from node_series(client, keys, limit)
 
 
-def _counter(metric: FleetCounter, counters: dict[str, str], _: dict[str, str]) -> Metric:
+def _counter(metric: FleetCounter, counters: dict[str, str], _histograms: dict[str, str]) -> Metric:
     family = CounterMetricFamily(metric.name, metric.documentation, labels=metric.labelnames)
     values = {**{known: "0" for known in metric.known}, **metric.series(counters)}
     for labels, value in sorted(values.items()):
@@ -205,7 +214,7 @@ def _counter(metric: FleetCounter, counters: dict[str, str], _: dict[str, str]) 
     return family
 
 
-def _histogram(metric: FleetCounter, _: dict[str, str], histograms: dict[str, str]) -> Metric:
+def _histogram(metric: FleetCounter, _counters: dict[str, str], histograms: dict[str, str]) -> Metric:
     family = HistogramMetricFamily(metric.name, metric.documentation, labels=metric.labelnames)
     by_series: dict[tuple[str, ...], dict[str, str]] = {}
     for field, value in histograms.items():
@@ -233,10 +242,10 @@ def _sample(value: int) -> float:
         return math.inf if value > 0 else -math.inf
 
 
-def node_series(client: Any, keys: Any, limit: int) -> Iterator[Metric]:
+def node_series(client: redis.Redis, keys: Keys, limit: int) -> Iterator[Metric]:
     """Series per node for the first ``limit`` nodes in id order: its status, its slots
     used and offered, its jobs finished by state; and how many nodes were left out."""
-    node_ids = client.zrange(keys.nodes(), 0, limit - 1)
+    node_ids = texts(client.zrange(keys.nodes(), 0, limit - 1))
     status = GaugeMetricFamily("dispatcher_node_status", "1 for each node's current status.",
                                labels=["node_id", "status"])
     used = GaugeMetricFamily("dispatcher_node_slots_used", "Jobs assigned to the node.", labels=["node_id"])
@@ -251,7 +260,8 @@ def node_series(client: Any, keys: Any, limit: int) -> Iterator[Metric]:
             pipe.hlen(keys.assigned(node_id))
         replies = pipe.execute()
         for i, node_id in enumerate(chunk):
-            node, assigned = NodeRecord.from_hash(dict(zip(_NODE_FIELDS, replies[2 * i]))), replies[2 * i + 1]
+            node = NodeRecord.from_hash(dict(zip(_NODE_FIELDS, replies[2 * i], strict=True)))
+            assigned = replies[2 * i + 1]
             if node.status_text is None:
                 continue  # deleted since the id was read
             status.add_metric([node_id, node.status_text], 1)
@@ -265,7 +275,7 @@ def node_series(client: Any, keys: Any, limit: int) -> Iterator[Metric]:
                             value=max(0, client.zcard(keys.nodes()) - len(node_ids)))
 
 
-def exposition(fleet: Any, jobs: Any) -> bytes:
+def exposition(fleet: Fleet, jobs: Jobs) -> bytes:
     """The text of ``/metrics``: the fleet's metrics from Redis, then the web process's own
     (its workers' session counts, from its own multiprocess folder when it has one)."""
     fleet_registry = CollectorRegistry()

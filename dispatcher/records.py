@@ -19,13 +19,14 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from dispatcher.vocabulary import FINAL_STATES, FailureCode, JobState, NodeStatus
 
 #: A stored hash as read: an HGETALL, or an HMGET zipped with its names (None: absent).
 Stored = Mapping[str, "str | None"]
-E = TypeVar("E", NodeStatus, JobState)
+E = TypeVar("E", bound=StrEnum)
 
 
 def as_float(value: str | None) -> float | None:
@@ -63,6 +64,8 @@ def as_json(value: str | None, default: Any) -> Any:
 
 def _enum(kind: type[E], value: str | None) -> E | None:
     """The member of ``kind`` the text names, or None (absent, or a word this version does not know)."""
+    if value is None:
+        return None
     try:
         return kind(value)
     except ValueError:

@@ -15,6 +15,7 @@ from dispatcher.joblist import JobList
 from dispatcher.jobs import RETENTION_MS, AttemptOutcome, Jobs
 from dispatcher.logs import log_event
 from dispatcher.scripts import DispatchExpired, OutOfAttempts, Reply, Requeued
+from dispatcher.store import optional_texts, texts
 from dispatcher.vocabulary import DecisionOutcome, FailureCode, JobState, NodeStatus
 
 log = logging.getLogger("dispatcher.recovery")
@@ -51,9 +52,9 @@ class Recovery:
         summary.results_applied = self.completions.recover()
         self.completions.trim()
         explained: dict[JobNeeds, tuple[int, int, dict[str, Any]]] = {}
-        for job_id in self.client.zrangebyscore(k.deadlines(), "-inf", now, 0, _SCAN_BATCH):
+        for job_id in texts(self.client.zrangebyscore(k.deadlines(), "-inf", now, 0, _SCAN_BATCH)):
             self._deadline(job_id, now, summary, explained)
-        lost = self.client.zrangebyscore(k.lost(), "-inf", now, 0, _SCAN_BATCH)
+        lost = texts(self.client.zrangebyscore(k.lost(), "-inf", now, 0, _SCAN_BATCH))
         for node_id in lost[:lost_budget]:
             self._release_lost(node_id, now, summary)
         if self.client.zcard(k.waiting()):
@@ -67,8 +68,8 @@ class Recovery:
         """The job's current phase timed out: it found no node in time, or its node did not finish.
         ``explained`` keeps each kind of needs' explanation for the rest of the scan (one walk
         of the fleet per kind, however many of its jobs expire together)."""
-        state, node_id, attempt, timeout_ms, kind, *needs_fields = self.client.hmget(
-            self.keys.job(job_id), "state", "node_id", "attempt", "timeout_ms", "needs_class", *JobNeeds.FIELDS)
+        state, node_id, attempt, timeout_ms, kind, *needs_fields = optional_texts(self.client.hmget(
+            self.keys.job(job_id), "state", "node_id", "attempt", "timeout_ms", "needs_class", *JobNeeds.FIELDS))
         if state == JobState.WAITING:
             needs = JobNeeds.from_values(needs_fields)
             assert needs is not None and kind is not None
@@ -82,6 +83,9 @@ class Recovery:
                 summary.expired_waiting.append(job_id)
                 self.jobs.publisher.finished(job_id, expired.outcome)
         elif state in (JobState.ASSIGNED, JobState.RUNNING):
+            # (a job on a node has its node_id; without one, the script finds the job moved: with None
+            # it would be called without the node's keys)
+            node_id = node_id or ""
             message = (f"node {node_id} did not finish attempt {attempt} within "
                        f"{int(timeout_ms or 0) / 1000:g} s")
             # A timeout counts against the node, as its own failures do.
@@ -101,8 +105,8 @@ class Recovery:
             self.client.zrem(self.keys.deadlines(), job_id)
 
     def _release_lost(self, node_id: str, now: int, summary: JobScanSummary) -> None:
-        status, reason, cause = self.client.hmget(self.keys.node(node_id), "status", "status_reason",
-                                                  "offline_cause")
+        status, reason, cause = optional_texts(self.client.hmget(self.keys.node(node_id), "status", "status_reason",
+                                                                 "offline_cause"))
         if status != NodeStatus.OFFLINE:
             self.client.zrem(self.keys.lost(), node_id)
             return
@@ -113,11 +117,11 @@ class Recovery:
         else:
             code = FailureCode.NODE_LOST
             message = f"node {node_id} went offline ({reason}) and did not come back within {grace_s:g} s"
-        job_ids = self.client.hkeys(self.keys.assigned(node_id))
+        job_ids = texts(self.client.hkeys(self.keys.assigned(node_id)))
         pipe = self.client.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hget(self.keys.job(job_id), "needs_class")
-        for job_id, kind in zip(job_ids, pipe.execute()):
+        for job_id, kind in zip(job_ids, pipe.execute(), strict=True):
             try:
                 reply = self.scripts.release_job(job_id, kind or "", node_id, now, code, message,
                                                  cancel_on_node=True, only_if_offline=True, retention_ms=RETENTION_MS)

@@ -48,7 +48,7 @@ from dispatcher.scripts import (
     WentOffline,
 )
 from dispatcher.settings import Settings
-from dispatcher.store import store_client, store_errors, unwrapped
+from dispatcher.store import optional_texts, store_client, store_errors, texts, unwrapped
 from dispatcher.vocabulary import ModelState, NodeStatus
 from dispatcher.wording import plural
 
@@ -161,10 +161,10 @@ class Registry:
         """Accept a node_register frame, or raise the protocol error the node gets."""
         self._check_token(msg)
         now = self.clock() if now is None else now
-        node_id = msg.node_id
-        generated = node_id is None
-        if node_id is not None and not valid_node_id(node_id):
-            log_event(log, "registration_failed", logging.WARNING, node_id=node_id[:80], why="invalid node_id")
+        requested = msg.node_id
+        generated = requested is None
+        if requested is not None and not valid_node_id(requested):
+            log_event(log, "registration_failed", logging.WARNING, node_id=requested[:80], why="invalid node_id")
             raise InvalidMessage("node_id: letters, digits, '-', '_' and '.' only, at most 64 characters")
         gpu_count = len(msg.hardware.gpus)
         fields = {
@@ -183,18 +183,17 @@ class Registry:
         labels_flat = [f"{k}={v}" for k, v in sorted(msg.labels.items())]
 
         for _ in range(_SCRIPT_ATTEMPTS):
-            if generated:
-                node_id = f"n-{secrets.token_hex(8)}"
+            node_id = f"n-{secrets.token_hex(8)}" if requested is None else requested
             read = ("HMGET", self.keys.node(node_id), "secret_hash", "models", "labels")
             with store_errors():  # (the batcher's client is redis-py's)
                 stored_hash, stored_models, stored_labels = (
                     self._batcher.command(*read) if self._batcher else self.client.execute_command(*read))
-            if stored_hash is not None:
-                if not msg.node_secret or not hmac.compare_digest(stored_hash, hash_secret(msg.node_secret)):
-                    if generated:
-                        continue
-                    log_event(log, "registration_conflict", logging.WARNING, node_id=node_id)
-                    raise NodeIdConflict()
+            if stored_hash is not None and (
+                    not msg.node_secret or not hmac.compare_digest(stored_hash, hash_secret(msg.node_secret))):
+                if generated:
+                    continue
+                log_event(log, "registration_conflict", logging.WARNING, node_id=node_id)
+                raise NodeIdConflict()
             secret = msg.node_secret if (msg.node_secret and not generated) else secrets.token_urlsafe(32)
             old_models, old_labels = _indexed_under(stored_models, stored_labels)
             extra_keys, index_params = self._index_entries(
@@ -272,10 +271,10 @@ class Registry:
         }
         index_models = set(node.models) | set(models) if msg.installed_models is not None else set()
         for _ in range(_SCRIPT_ATTEMPTS):
-            params["index_models"] = sorted(index_models)
+            index_model_ids = sorted(index_models)
+            params["index_models"] = index_model_ids
             try:
-                outcome = self.scripts.record_heartbeat(
-                    node.node_id, self.keys.model_indexes(params["index_models"]), params)
+                outcome = self.scripts.record_heartbeat(node.node_id, self.keys.model_indexes(index_model_ids), params)
                 break
             except ScriptRetry as retry:
                 index_models |= {m["model_id"] for m in json.loads(retry.stored or "[]")}
@@ -395,7 +394,8 @@ class Registry:
         """Run forget_node with the node's index entries as stored (read again if they change;
         None when they kept changing)."""
         for _ in range(_SCRIPT_ATTEMPTS):
-            stored_models, stored_labels = self.client.hmget(self.keys.node(node_id), "models", "labels")
+            stored = self.client.hmget(self.keys.node(node_id), "models", "labels")
+            stored_models, stored_labels = optional_texts(stored)
             extra_keys, index_params = self._index_entries(*_indexed_under(stored_models, stored_labels))
             try:
                 return self.scripts.forget_node(node_id, extra_keys, {
@@ -424,7 +424,7 @@ class Registry:
         s = self.settings
         summary = ScanSummary()
         timeout_ms = int(s.heartbeat_timeout_seconds * 1000)
-        silent = self.client.zrangebyscore(self.keys.liveness(), "-inf", now - timeout_ms)
+        silent = texts(self.client.zrangebyscore(self.keys.liveness(), "-inf", now - timeout_ms))
         budget = self._expiry_budget(len(silent), summary)
         for node_id in silent[:budget]:
             expired = self.scripts.expire_node(node_id, now, timeout_ms, self._grace_ms())
@@ -432,12 +432,12 @@ class Registry:
                 summary.expired.append(node_id)
                 transitioned(node_id, expired.previous, NodeStatus.OFFLINE, expired.reason)
         warmup_ms = int(s.warmup_timeout_seconds * 1000)
-        for node_id in self.client.zrangebyscore(self.keys.warmup(), "-inf", now - warmup_ms, 0, _SCAN_BATCH):
+        for node_id in texts(self.client.zrangebyscore(self.keys.warmup(), "-inf", now - warmup_ms, 0, _SCAN_BATCH)):
             degraded = self.scripts.expire_warmup(node_id, now, warmup_ms)
             if isinstance(degraded, WarmupDegraded):
                 summary.warmup_degraded.append(node_id)
                 transitioned(node_id, NodeStatus.REGISTERING, NodeStatus.DEGRADED, degraded.reason)
-        for node_id in self.client.zrangebyscore(self.keys.drains(), "-inf", now, 0, _SCAN_BATCH):
+        for node_id in texts(self.client.zrangebyscore(self.keys.drains(), "-inf", now, 0, _SCAN_BATCH)):
             ended = self.scripts.expire_drain(node_id, now)
             if isinstance(ended, DrainExpired):
                 summary.drains_ended.append(node_id)
@@ -462,8 +462,8 @@ class Registry:
         records of nodes that never come back (a container that lost its state
         file registers anew) do not pile up in Redis, the API and the page."""
         forgotten = []
-        for node_id in self.client.zrangebyscore(self.keys.offline_since(), "-inf", now - retention_ms,
-                                                 0, _SCAN_BATCH):
+        for node_id in texts(self.client.zrangebyscore(self.keys.offline_since(), "-inf", now - retention_ms,
+                                                       0, _SCAN_BATCH)):
             if self._forget(node_id, now, retention_ms) is Reply.FORGOTTEN:  # (None: changing all the time)
                 forgotten.append(node_id)
                 log_event(log, "node_forgotten", node_id=node_id, retention_s=retention_ms // 1000)

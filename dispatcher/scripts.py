@@ -97,7 +97,7 @@ def _expanded(file: str, text: str, read: Any) -> Source:
         prelude_files.append("_" + "".join(n for n in _BUNDLES if n in included) + ".lua")
     preludes = {name: read(name) for name in prelude_files}
     constants = lua_constants("\n".join([*preludes.values(), body]))
-    numbered = [(line, None) for line in lines]
+    numbered: list[tuple[str, Origin]] = [(line, None) for line in lines]
     if constants:
         numbered += _numbered(constants, None)
     for name, prelude in preludes.items():
@@ -661,7 +661,7 @@ class Scripts:
     def cordon_node(self, node_id: str, now_ms: int, requested_by: str,
                     reason: str) -> Cordoned | Literal[Reply.UNKNOWN]:
         """Keep a node from new jobs."""
-        reply = self._call("cordon_node", self.keys.node_bundle(node_id) + [self.keys.cordoned()], {
+        reply = self._call("cordon_node", [*self.keys.node_bundle(node_id), self.keys.cordoned()], {
             "node_id": node_id, "now_ms": now_ms, "requested_by": requested_by, "reason": reason})
         with self._parsing("cordon_node", reply):
             match reply:
@@ -673,7 +673,7 @@ class Scripts:
 
     def uncordon_node(self, node_id: str, now_ms: int) -> Uncordoned | Literal[Reply.UNKNOWN]:
         """End a cordon (there may be none)."""
-        reply = self._call("uncordon_node", self.keys.node_bundle(node_id) + [self.keys.cordoned()],
+        reply = self._call("uncordon_node", [*self.keys.node_bundle(node_id), self.keys.cordoned()],
                            {"node_id": node_id, "now_ms": now_ms})
         with self._parsing("uncordon_node", reply):
             match reply:

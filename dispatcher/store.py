@@ -19,7 +19,7 @@ of its own and handles its errors itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -111,3 +111,48 @@ def store_client(client: redis.Redis) -> StoreClient:
 def unwrapped(client: redis.Redis) -> redis.Redis:
     """The client that raises redis-py's errors behind ``client`` (itself when it is one)."""
     return client.unwrapped if isinstance(client, StoreClient) else client
+
+
+# --- replies as text ---------------------------------------------------------------------
+# Every client of the core decodes replies (``decode_responses``, dispatcher/connection.py):
+# a text a command returns is a str. redis-py's annotations cover clients that do not as well
+# (``bytes | str``); these give a reply the type it has here, and refuse one that is not (a
+# client made without decode_responses) rather than let b"..." compare unequal to every str.
+
+
+def _checked(reply: object) -> str:
+    if isinstance(reply, str):
+        return reply
+    raise TypeError(f"a reply that is not text ({reply!r:.80}): the core's clients decode replies")
+
+
+def optional_text(reply: bytes | str | None) -> str | None:
+    """A text reply that may be nil (HGET)."""
+    return None if reply is None else _checked(reply)
+
+
+def texts(reply: Iterable[object]) -> list[str]:
+    """A list of texts (ZRANGE's members without scores, ZRANGEBYSCORE, HKEYS, LRANGE)."""
+    return [_checked(item) for item in reply]
+
+
+def optional_texts(reply: Iterable[bytes | str | None]) -> list[str | None]:
+    """A list of texts that may be nil (HMGET)."""
+    return [None if item is None else _checked(item) for item in reply]
+
+
+def text_hash(reply: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    """A hash (HGETALL)."""
+    return {_checked(name): _checked(value) for name, value in reply.items()}
+
+
+def scored(reply: Iterable[object]) -> list[tuple[str, float]]:
+    """The members of ZRANGE ... WITHSCORES, each with its score."""
+    pairs = []
+    for pair in reply:
+        match pair:
+            case [member, float(score)]:  # (a tuple, or a list in RESP3's shape)
+                pairs.append((_checked(member), score))
+            case _:
+                raise TypeError(f"not a member with its score: {pair!r:.80}")
+    return pairs

@@ -29,11 +29,14 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from dispatcher.errors import StoreError
+
+if TYPE_CHECKING:  # (scripts.py imports the metrics, which import this module)
+    from dispatcher.scripts import Scripts
 
 #: Seconds between two flushes of a process's sums.
 FLUSH_EVERY_S = 1.0
@@ -48,21 +51,22 @@ class Tally:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._buckets: Counter[str] = Counter()
-        self._seconds: dict[str, float] = defaultdict(float)
+        self._seconds: defaultdict[str, float] = defaultdict(float)
         self._examples: dict[str, list[str]] = {}
         self._nodes: dict[str, Counter[str]] = {}
         #: The Redis client, and the scripts (with their keys), the sums go to.
         self._client: redis.Redis | None = None
-        self._scripts: Any = None
+        self._scripts: Scripts | None = None
         self._flusher_pid: int | None = None
 
-    def bind(self, client: redis.Redis, scripts: Any) -> None:
+    def bind(self, client: redis.Redis, scripts: Scripts) -> None:
         """Send the sums to this Redis, under the keys of these scripts
         (``dispatcher.scripts.Scripts``). A process binds its one client many times over;
         sums pending for another Redis or key prefix (only tests switch) are dropped, never
         written to the wrong one."""
         with self._lock:
-            if self._client is not None and _where(self._client, self._scripts) == _where(client, scripts):
+            if (self._client is not None and self._scripts is not None
+                    and _where(self._client, self._scripts) == _where(client, scripts)):
                 return
             self._clear()
             self._client, self._scripts = client, scripts
@@ -108,7 +112,8 @@ class Tally:
         """Add the sums counted since the last flush to Redis (kept for the next one on failure)."""
         with self._lock:
             client, scripts = self._client, self._scripts
-            if client is None or not (self._counts or self._buckets or self._examples or self._nodes):
+            if client is None or scripts is None or not (self._counts or self._buckets or self._examples
+                                                         or self._nodes):
                 return
             counts, buckets, seconds, examples, nodes = (self._counts, self._buckets, self._seconds,
                                                          self._examples, self._nodes)
@@ -134,10 +139,10 @@ class Tally:
             try:
                 scripts.count_node_jobs({node_id: dict(nodes[node_id]) for node_id in chunk})
             except (redis.RedisError, StoreError):
-                self._restore(scripts, Counter(), Counter(), Counter(), {}, {n: nodes[n] for n in node_ids[start:]})
+                self._restore(scripts, Counter(), Counter(), {}, {}, {n: nodes[n] for n in node_ids[start:]})
                 return
 
-    def _restore(self, scripts: Any, counts: Counter[str], buckets: Counter[str], seconds: dict[str, float],
+    def _restore(self, scripts: Scripts, counts: Counter[str], buckets: Counter[str], seconds: dict[str, float],
                  examples: dict[str, list[str]], nodes: dict[str, Counter[str]]) -> None:
         """Put back sums a flush could not write (unless the process switched Redis meanwhile)."""
         with self._lock:
@@ -145,13 +150,14 @@ class Tally:
                 return
             self._counts.update(counts)
             self._buckets.update(buckets)
-            self._seconds.update(seconds)
+            for field, value in seconds.items():  # (added to the sums counted since: update would replace them)
+                self._seconds[field] += value
             self._examples = {**examples, **self._examples}
             for node_id, fields in nodes.items():
                 self._nodes.setdefault(node_id, Counter()).update(fields)
 
 
-def _where(client: redis.Redis, scripts: Any) -> tuple[Any, ...]:
+def _where(client: redis.Redis, scripts: Scripts) -> tuple[Any, ...]:
     """The database and key prefix sums go to."""
     kwargs = client.connection_pool.connection_kwargs
     return (*(kwargs.get(k) for k in ("host", "port", "path", "db")), scripts.keys.prefix)

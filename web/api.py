@@ -17,9 +17,9 @@ from dispatcher.errors import InvalidTransition, StoreError, UnknownJob, Unknown
 from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
 from dispatcher.joblist import LIST_STATES, JobList
-from dispatcher.vocabulary import NodeStatus
 from dispatcher.messages import describe_validation_error, valid_job_id, valid_node_id
 from dispatcher.registry import undrained_message
+from dispatcher.vocabulary import NodeStatus
 from web.hub import Hub
 
 #: The most one page of /api/nodes holds (a node record is at most about 70 KB).
@@ -48,7 +48,8 @@ def encoded_views(fleet: Fleet, ids: list[str], next_cursor: str | None) -> tupl
     """The nodes' views as JSON texts, at most MAX_PAGE_BYTES of them (the next page then
     starts after the last one given), yielding the loop between chunks: a long answer
     never holds up the sessions this process serves."""
-    parts, size, last = [], 0, None
+    parts: list[str] = []
+    size, last = 0, None
     for views in fleet.views_in_chunks(ids):
         for view in views:
             text = json.dumps(view, separators=(",", ":"))

@@ -29,8 +29,8 @@ from dispatcher.messages import JobAck, JobProgress, JobResult, NodeDrain
 from dispatcher.metrics import SESSIONS
 from dispatcher.registry import Registry, SessionNode
 from dispatcher.settings import Settings
-from web.admission import WaitingRoom
 from dispatcher.vocabulary import CloseCode
+from web.admission import WaitingRoom
 
 if TYPE_CHECKING:
     from web.session import NodeSession
@@ -234,5 +234,5 @@ class Hub:
                 report_gc_pauses()
             except StoreError as exc:
                 log_event(log, "hub_tick_failed", logging.WARNING, error=str(exc))
-            except Exception:  # noqa: BLE001 - the ticker must outlive any one bad tick
+            except Exception:  # the ticker must outlive any one bad tick
                 log.exception("hub_tick_crashed", extra={"event": "hub_tick_crashed"})

@@ -45,8 +45,8 @@ from dispatcher.messages import (
 )
 from dispatcher.registry import SessionNode
 from dispatcher.scripts import Reply
-from web.transport import FrameTooLarge, Transport
 from dispatcher.vocabulary import CloseCode, ErrorCode
+from web.transport import FrameTooLarge, Transport
 
 if TYPE_CHECKING:
     from web.hub import Hub
@@ -206,15 +206,19 @@ class NodeSession:
         except ProtocolError as exc:
             self._refuse(exc, ref_type)
         except StoreError as exc:
-            log_event(log, "store_unavailable", logging.ERROR, node_id=self.node_id, ref_type=ref_type, error=str(exc))
-            self._error(ErrorCode.INTERNAL_ERROR, "the dispatcher's store is unavailable; send it again later", ref_type)
+            log_event(log, "store_unavailable", logging.ERROR, node_id=self.node_id, ref_type=ref_type,
+                      error=str(exc))
+            self._error(ErrorCode.INTERNAL_ERROR, "the dispatcher's store is unavailable; send it again later",
+                        ref_type)
             if ref_type == "job_result":
                 # A lost heartbeat or progress frame is replaced by the next one; a
                 # lost result is not. Ending the session makes the node resume, which
                 # sends its job again, and a node sends a finished job's result again.
-                self.close(CloseCode.INTERNAL, "job result not recorded: reconnect and resume", why="result not recorded")
-        except Exception:  # noqa: BLE001 - one bad frame must not end the session
-            log.exception("frame_failed", extra={"event": "frame_failed", "node_id": self.node_id, "ref_type": ref_type})
+                self.close(CloseCode.INTERNAL, "job result not recorded: reconnect and resume",
+                           why="result not recorded")
+        except Exception:  # one bad frame must not end the session
+            log.exception("frame_failed",
+                          extra={"event": "frame_failed", "node_id": self.node_id, "ref_type": ref_type})
             self._error(ErrorCode.INTERNAL_ERROR, "internal error while handling the frame", ref_type)
 
     def _flooded(self) -> None:
@@ -286,7 +290,8 @@ class NodeSession:
         if result.refused is Reply.SUPERSEDED:
             raise SessionSuperseded("superseded by a newer session")
         if result.refused is not None:
-            raise NodeOffline(f"node {self.node.node_id} is offline: register again (node_register with node_id and node_secret)")
+            raise NodeOffline(f"node {self.node.node_id} is offline: "
+                              "register again (node_register with node_id and node_secret)")
         if result.outcome and result.outcome.transitioned:
             self.wake()
         if result.outcome and result.outcome.kick:
