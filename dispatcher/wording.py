@@ -27,6 +27,17 @@ def duration(seconds: float | None, compact: bool = False) -> str:
     return f"{int(seconds)} s" if seconds >= 1 else "under 1 s"
 
 
+def seconds_since(then_ms: object, now_ms: int) -> float | None:
+    """Seconds from ``then_ms`` to ``now_ms``; None when ``then_ms`` is no number or too far off
+    for a float (a view shows a stored time as it is: it may be anything)."""
+    if not isinstance(then_ms, (int, float)) or isinstance(then_ms, bool):
+        return None
+    try:
+        return (now_ms - then_ms) / 1000
+    except OverflowError:
+        return None
+
+
 def ago(seconds: float | None) -> str:
     """``just now`` (under a second), ``5 s ago``, ``3 min ago``; ``never`` when unknown."""
     if seconds is None:

@@ -13,7 +13,7 @@ import redis
 from dispatcher.keys import Keys
 from dispatcher.localrun.redis_server import LocalRedis
 from dispatcher.registry import Registry
-from tests.support import WebServer, assert_consistent, integral_floats, ready_node, wait_for
+from tests.support import WebServer, assert_consistent, integral_floats, log_events, ready_node, wait_for
 
 
 def test_register_ack_and_first_status(web: WebServer, nodes: Any) -> None:
@@ -149,10 +149,12 @@ def test_resume_on_another_web_process_closes_the_older_session(web: WebServer, 
     ack = second.register(node_id=first.node_id, node_secret=first.secret)
     assert (ack["node_id"], ack["node_secret"], ack["status"]) == (first.node_id, first.secret, "registering")
     assert first.closed_with() == 4001
-    # The old session's close handling must not take the resumed node offline. Nothing tells
-    # when it is done (a superseded session's close changes nothing and logs nothing), so
-    # this waits a while: a sleep the product gives no signal to replace.
-    time.sleep(0.5)
+    # The old session's close handling must not take the resumed node offline: once it is done
+    # (its web process logs the session's end), the node is still the new session's.
+    assert web.process is not None
+    ended = wait_for(lambda: log_events(web.process, "session_ended", node_id=first.node_id),
+                     what="the superseded session's end handled")
+    assert [e["outcome"] for e in ended] == ["ignored"]
     node = r.hgetall(Keys().node(first.node_id))
     assert node["status"] == "registering" and node["web_id"].split(":")[1] != ""
     second.heartbeat({"whisper": "ready"})

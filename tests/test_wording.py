@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.wording import ago, duration, plural
+from dispatcher.wording import ago, duration, plural, seconds_since
 
 
 def test_plural_agrees_with_the_count() -> None:
@@ -29,3 +29,10 @@ def test_durations_round_down_to_the_largest_unit(seconds: float | None, long: s
 
 def test_ago_never_says_zero_seconds_ago() -> None:
     assert [ago(s) for s in (None, 0, 0.99, 1, 125)] == ["never", "just now", "just now", "1 s ago", "2 min ago"]
+
+
+def test_an_age_from_any_stored_time() -> None:
+    """The page shows an age for what a record holds, whatever it holds."""
+    assert seconds_since(1_000, 61_000) == 60.0
+    assert [seconds_since(t, 61_000) for t in (None, "5", True, 10**400)] == [None] * 4
+    assert ago(seconds_since(10**400, 61_000)) == "never"

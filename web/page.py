@@ -20,7 +20,7 @@ from flask import Blueprint, Response, jsonify, render_template, request
 from dispatcher.errors import StoreError
 from dispatcher.joblist import LIST_STATES
 from dispatcher.vocabulary import Exclusion, NodeStatus
-from dispatcher.wording import ago, duration, plural
+from dispatcher.wording import ago, duration, plural, seconds_since
 from web.api import BadQuery, current_core, current_hub, listed_jobs
 
 #: Nodes the page shows (the API pages through the rest).
@@ -50,7 +50,7 @@ def html_response(html: str, status: int = 200) -> Response:
 
 page = Blueprint("page", __name__)
 
-for _name, _helper in (("ago", ago), ("duration", duration), ("plural", plural)):
+for _name, _helper in (("ago", ago), ("duration", duration), ("plural", plural), ("since", seconds_since)):
     page.add_app_template_filter(_helper, _name)
 page.add_app_template_global(jobs_url)
 

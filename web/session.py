@@ -139,10 +139,14 @@ class NodeSession:
         if self.node is None:
             return
         try:
-            self.hub.registry.close_session(self.node.node_id, self.session_id, self._close_reason)
+            previous = self.hub.registry.close_session(self.node.node_id, self.session_id, self._close_reason)
         except StoreError as exc:
             # The heartbeat timeout takes the node offline instead.
             log_event(log, "session_close_failed", logging.WARNING, node_id=self.node.node_id, error=str(exc))
+            return
+        # ("ignored": a newer session holds the node, or it was offline already: nothing changed)
+        log_event(log, "session_ended", node_id=self.node.node_id, reason=self._close_reason,
+                  outcome="went_offline" if previous is not None else "ignored")
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "", why: str | None = None) -> None:
         """Close from any greenlet, without waiting: what is queued goes first."""
