@@ -43,15 +43,31 @@ def _jobs() -> Any:
 def revoke(state: Any, task_id: Any, terminate: bool = False, signal: str | None = None, **kwargs: Any) -> Any:
     """Revoke tasks by id: a job is cancelled (on its node too), then Celery revokes the task."""
     how = f"terminate, signal {signal or 'TERM'}" if terminate else "revoke"
+    jobs, others = [], []
     for job_id in set(maybe_list(task_id) or []):
         if not isinstance(job_id, str) or not valid_job_id(job_id):
-            continue  # no job has such an id
+            others.append(job_id)  # no job has such an id
+            continue
         try:
             outcome = _jobs().cancel(job_id, f"revoked through Celery ({how})")
         except UnknownJob:
-            continue  # not (yet) a job: Celery's own revoke below covers it
+            others.append(job_id)  # not (yet) a job: Celery's own revoke covers it
+            continue
         except (DispatcherError, redis.RedisError) as exc:
             log_event(log, "revoke_failed", logging.WARNING, job_id=str(job_id)[:128], error=str(exc)[:200])
+            others.append(job_id)
             continue
+        jobs.append(job_id)
         log_event(log, "job_revoked", job_id=job_id, outcome=outcome, terminate=terminate)
-    return _celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
+    replies = []
+    if jobs:
+        # A job's work is on its node, stopped by the cancel: terminating the pool process that
+        # may still be finishing its submission would stop nothing of the job, and lose what
+        # that process had not sent yet (its jobs' buffered task events, for Flower).
+        replies.append(_celery_revoke(state, jobs, terminate=False, **kwargs))
+    if others:
+        replies.append(_celery_revoke(state, others, terminate=terminate, signal=signal, **kwargs))
+    if len(replies) == 1:
+        return replies[0]
+    return {"ok": "; ".join(str(reply.get("ok", reply)) for reply in replies)} if replies else \
+        _celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)

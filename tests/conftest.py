@@ -370,6 +370,10 @@ class Flower:
         self.process = start_procfile("flower", env, logs_dir)
         try:
             wait_for(lambda: self.call("/api/workers?refresh=1"), 30, 0.3, what="flower up, seeing the worker")
+            # ... and hearing the workers' events (their heartbeats): until its event receiver runs,
+            # Flower misses what a test does, e.g. a task's received event and with it the name.
+            wait_for(lambda: (self.call("/workers?json=1") or {}).get("data"), 30, 0.3,
+                     what="flower receiving the workers' events")
         except BaseException:
             self.process.stop()  # no orphan Flower when setting up fails
             raise
