@@ -37,7 +37,7 @@ from dispatcher.keys import CELERY_RESULT_EXPIRES_S, JOB_BUNDLE, NODE_BUNDLE, Ke
 from dispatcher.metrics import SCRIPT_SECONDS
 from dispatcher.records import as_int
 from dispatcher.store import store_error
-from dispatcher.vocabulary import JobState, NodeStatus, lua_constants
+from dispatcher.vocabulary import JobState, NodeStatus, inline_lua_constants, lua_lists
 
 _INCLUDE = "--#include "
 #: Key bundles a script may include, in the order their keys come in KEYS.
@@ -75,8 +75,9 @@ def _numbered(text: str, file: str | None, first: int = 1) -> list[tuple[str, Or
 
 def _expanded(file: str, text: str, read: Any) -> Source:
     """The script ``file`` (its ``text``) as Redis runs it: an ``--#include node job`` first line
-    replaced by the bundles' bindings, the constants it names and the preludes (``read(name)``
+    replaced by the bundles' bindings, the lists it names and the preludes (``read(name)``
     gives a prelude's text)."""
+    text = inline_lua_constants(text)
     if not text.startswith(_INCLUDE):
         return Source(text, tuple(origin for _, origin in _numbered(text, file)))
     first, _, body = text.partition("\n")
@@ -95,8 +96,8 @@ def _expanded(file: str, text: str, read: Any) -> Source:
     prelude_files = ["_common.lua", *(f"_{name}.lua" for name in _BUNDLES if name in included)]
     if len(included) > 1:
         prelude_files.append("_" + "".join(n for n in _BUNDLES if n in included) + ".lua")
-    preludes = {name: read(name) for name in prelude_files}
-    constants = lua_constants("\n".join([*preludes.values(), body]))
+    preludes = {name: inline_lua_constants(read(name)) for name in prelude_files}
+    constants = lua_lists("\n".join([*preludes.values(), body]))
     numbered: list[tuple[str, Origin]] = [(line, None) for line in lines]
     if constants:
         numbered += _numbered(constants, None)

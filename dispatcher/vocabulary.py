@@ -2,8 +2,9 @@
 states, exclusion reasons, dispatch decision outcomes, failure codes, wire error codes and
 WebSocket close codes.
 
-Python uses these enums; the Lua scripts get the same values as constant tables in the
-preamble ``dispatcher.scripts`` generates (``lua_constants``), so the two cannot drift. Code
+Python uses these enums; the Lua scripts name the same members (``NodeStatus.READY``) and the
+loader, ``dispatcher.scripts``, writes their values in (``inline_lua_constants``), so the two
+cannot drift. Code
 decides on these values, never on human text.
 
 Shared by the server and the node agent: this module imports nothing of the dispatcher.
@@ -12,6 +13,7 @@ Shared by the server and the node agent: this module imports nothing of the disp
 from __future__ import annotations
 
 import enum
+import re
 
 
 class NodeStatus(enum.StrEnum):
@@ -128,18 +130,27 @@ LUA_ENUMS: dict[str, type[enum.Enum]] = {
 }
 
 
-def lua_constants(used_in: str) -> str:
-    """Lua text defining each of ``LUA_ENUMS`` that the script text ``used_in`` names as a table
-    from member name to value, e.g. ``local NodeStatus = {REGISTERING = 'registering', ...}``,
-    and ``NODE_STATUSES``, the statuses as a list in their order. Only what the script uses:
-    the preamble runs on every call."""
-    lines = []
-    for lua_name, members in LUA_ENUMS.items():
-        if lua_name + "." not in used_in:
-            continue
-        fields = ", ".join(f"{m.name} = {m.value!r}" if isinstance(m.value, str) else f"{m.name} = {m.value}"
-                           for m in members)
-        lines.append(f"local {lua_name} = {{{fields}}}")
-    if "NODE_STATUSES" in used_in:
-        lines.append("local NODE_STATUSES = {" + ", ".join(repr(s.value) for s in NodeStatus) + "}")
-    return "\n".join(lines)
+_LUA_CONSTANT = re.compile(r"\b(" + "|".join(LUA_ENUMS) + r")\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def inline_lua_constants(text: str) -> str:
+    """Lua ``text`` with each ``NodeStatus.READY`` (any of ``LUA_ENUMS``) replaced by its value,
+    ``'ready'``: the scripts name the words, the loader writes them in, so Lua and Python
+    cannot drift and no call pays for tables of constants. An unknown name is an error at
+    load time (in Lua it would be nil at run time). Lines stay where they are."""
+    def value(match: re.Match[str]) -> str:
+        members = LUA_ENUMS[match.group(1)]
+        try:
+            member = members[match.group(2)]
+        except KeyError:
+            raise ValueError(f"{match.group(0)}: {match.group(1)} has no member {match.group(2)}") from None
+        return str(member.value) if isinstance(member.value, int) else repr(member.value)
+    return _LUA_CONSTANT.sub(value, text)
+
+
+def lua_lists(used_in: str) -> str:
+    """Lua text defining the ordered lists ``used_in`` names: ``NODE_STATUSES``, the statuses in
+    the order the views list them."""
+    if "NODE_STATUSES" not in used_in:
+        return ""
+    return "local NODE_STATUSES = {" + ", ".join(repr(s.value) for s in NodeStatus) + "}"

@@ -6,9 +6,11 @@
 --   J      the job bundle when it includes `job` (dispatcher.keys.JOB_BUNDLE)
 --   NEXT   the index in KEYS of the first key after the bundles
 --   P      the script's parameters, decoded from the JSON in ARGV[1]
---   the constants of dispatcher/vocabulary.py the script's text names (NodeStatus, JobState,
---   CeleryState, Exclusion, FailureCode, CloseCode; NODE_STATUSES, the statuses in order):
---   a script writes no domain word as a literal (tests/test_lua_loader.py checks it)
+--   NODE_STATUSES, the statuses in order, when the script's text names it
+-- and writes in the value of each constant of dispatcher/vocabulary.py the text names
+-- (NodeStatus.READY becomes 'ready'; also ModelState, JobState, CeleryState, Exclusion,
+-- FailureCode, CloseCode): a script writes no domain word as a literal (tests/test_lua_loader.py
+-- checks it), and no call pays for tables of constants.
 -- Times are milliseconds from the caller's clock (P.now_ms); scripts never read TIME.
 --
 -- Each script's header lists after `Writes:` the bundle keys it may write, in its own text

@@ -32,7 +32,7 @@ from dispatcher.scripts import (
     script_sources,
     script_table,
 )
-from dispatcher.vocabulary import LUA_ENUMS, CloseCode, FailureCode
+from dispatcher.vocabulary import LUA_ENUMS, CloseCode, FailureCode, inline_lua_constants
 from tests.conftest import client_app
 from tests.test_dispatch import T0 as FLEET_T0
 from tests.test_dispatch import add_node
@@ -85,7 +85,8 @@ def test_each_line_of_an_expanded_script_is_traced_to_its_file() -> None:
         assert len(lines) == len(source.origins), name
         for line, origin in zip(lines, source.origins, strict=True):
             if origin is not None:
-                assert (LUA / origin[0]).read_text().split("\n")[origin[1] - 1] == line, (name, origin)
+                source_line = (LUA / origin[0]).read_text().split("\n")[origin[1] - 1]
+                assert inline_lua_constants(source_line) == line, (name, origin)  # its words written in
 
 
 # --- errors name the source file and line --------------------------------------
@@ -444,3 +445,10 @@ redis.call('DEL', K.node, J.job)
         pass
     assert functions["put"].key_params == {0} and functions["relay"].key_params == {0}
     assert script.writes == {"K.queue", "K.node", "J.job", "K.a", "K.b", "K.c"}
+
+
+def test_a_constant_is_written_in_and_a_misspelt_one_refused_at_load() -> None:
+    assert inline_lua_constants("if s == NodeStatus.READY then close(CloseCode.SUPERSEDED) end") == \
+        "if s == 'ready' then close(4001) end"
+    with pytest.raises(ValueError, match="NodeStatus has no member READDY"):
+        inline_lua_constants("return NodeStatus.READDY")
