@@ -62,6 +62,9 @@ def ports_taken(env: dict[str, str]) -> list[str]:
     for variable, default, who in PORTS:
         port = int(env.get(variable) or default)
         with socket.socket() as s:
+            # As gunicorn and Flower bind: a port whose last connections are in TIME_WAIT (a run
+            # stopped a moment ago) is free for them, and must be for this check too.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
