@@ -44,6 +44,7 @@ from dispatcher.messages import (
     decode_server_message,
     describe_validation_error,
 )
+from dispatcher.vocabulary import CloseCode
 
 log = logging.getLogger("dispatcher.agent")
 
@@ -139,8 +140,9 @@ class NodeAgent:
                 raise
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, _Reconnect) as exc:
                 # An undrain of a drained node closes its session on purpose: it registers again.
-                asked = isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 4002 \
-                    and exc.rcvd.reason.startswith("drain ended")
+                closed = exc.rcvd if isinstance(exc, ConnectionClosed) else None
+                asked = closed is not None and closed.code == CloseCode.NODE_OFFLINE \
+                    and closed.reason.startswith("drain ended")
                 log.log(logging.INFO if asked else logging.WARNING, "session ended",
                         extra={"event": "session_ended", "error": f"{type(exc).__name__}: {exc}"})
             except InvalidURI as exc:
