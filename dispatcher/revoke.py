@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 from celery.utils.functional import maybe_list
 from celery.worker import control
 
@@ -53,21 +52,18 @@ def revoke(state: Any, task_id: Any, terminate: bool = False, signal: str | None
         except UnknownJob:
             others.append(job_id)  # not (yet) a job: Celery's own revoke covers it
             continue
-        except (DispatcherError, redis.RedisError) as exc:
+        except DispatcherError as exc:  # (StoreError among them)
             log_event(log, "revoke_failed", logging.WARNING, job_id=str(job_id)[:128], error=str(exc)[:200])
             others.append(job_id)
             continue
         jobs.append(job_id)
         log_event(log, "job_revoked", job_id=job_id, outcome=outcome, terminate=terminate)
-    replies = []
-    if jobs:
-        # A job's work is on its node, stopped by the cancel: terminating the pool process that
-        # may still be finishing its submission would stop nothing of the job, and lose what
-        # that process had not sent yet (its jobs' buffered task events, for Flower).
-        replies.append(_celery_revoke(state, jobs, terminate=False, **kwargs))
+    if not jobs:
+        return _celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
+    # A job's work is on its node, stopped by the cancel: terminating the pool process that may
+    # still be finishing its submission would stop nothing of the job, and lose what that
+    # process had not sent yet (its jobs' buffered task events, for Flower).
+    replies = [_celery_revoke(state, jobs, terminate=False, **kwargs)]
     if others:
         replies.append(_celery_revoke(state, others, terminate=terminate, signal=signal, **kwargs))
-    if len(replies) == 1:
-        return replies[0]
-    return {"ok": "; ".join(str(reply.get("ok", reply)) for reply in replies)} if replies else \
-        _celery_revoke(state, task_id, terminate=terminate, signal=signal, **kwargs)
+    return {"ok": "; ".join(str(reply.get("ok", reply)) for reply in replies)}

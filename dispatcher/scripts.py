@@ -534,9 +534,9 @@ class Scripts:
                     mismatch, assigned = more or ("", 0)
                     return HeartbeatOutcome(NodeStatus(status), _flag(transitioned), NodeStatus(previous),
                                             str(reason), _flag(kick), Mismatch(mismatch), int(assigned))
-                case ["unknown"]:
+                case [Reply.UNKNOWN]:
                     return Reply.UNKNOWN
-                case ["superseded"]:
+                case [Reply.SUPERSEDED]:
                     return Reply.SUPERSEDED
                 case [Reply.OFFLINE]:
                     return Reply.OFFLINE
@@ -554,7 +554,7 @@ class Scripts:
             match reply:
                 case [NodeStatus.OFFLINE, previous]:
                     return WentOffline(NodeStatus(previous), reason)
-                case ["ignored"]:
+                case [Reply.IGNORED]:
                     return Reply.IGNORED
         raise self._unexpected("close_session", reply)
 
@@ -568,9 +568,9 @@ class Scripts:
             match reply:
                 case [NodeStatus.OFFLINE, previous, reason]:
                     return WentOffline(NodeStatus(previous), str(reason))
-                case ["alive"]:
+                case [Reply.ALIVE]:
                     return Reply.ALIVE
-                case ["gone"]:
+                case [Reply.GONE]:
                     return Reply.GONE
         raise self._unexpected("expire_node", reply)
 
@@ -585,7 +585,7 @@ class Scripts:
                     return WarmupDegraded(str(reason))
                 case [Reply.WAITING]:
                     return Reply.WAITING
-                case ["gone"]:
+                case [Reply.GONE]:
                     return Reply.GONE
         raise self._unexpected("expire_warmup", reply)
 
@@ -603,7 +603,7 @@ class Scripts:
                     return DrainStarted(NodeStatus(previous), 0, drained=True)
                 case ["refused", status]:
                     return Refused(NodeStatus(status))
-                case ["unknown"]:
+                case [Reply.UNKNOWN]:
                     return Reply.UNKNOWN
         raise self._unexpected("drain_node", reply)
 
@@ -619,11 +619,11 @@ class Scripts:
                     return Undrained(NodeStatus(status))
                 case ["refused", status]:
                     return Refused(NodeStatus(status))
-                case ["reconnect"]:
+                case [Reply.RECONNECT]:
                     return Reply.RECONNECT
                 case [Reply.CANCELLED]:
                     return Reply.CANCELLED
-                case ["unknown"]:
+                case [Reply.UNKNOWN]:
                     return Reply.UNKNOWN
         raise self._unexpected("undrain_node", reply)
 
@@ -635,7 +635,7 @@ class Scripts:
             match reply:
                 case ["drained", jobs]:
                     return DrainExpired(int(jobs))
-                case ["gone"]:
+                case [Reply.GONE]:
                     return Reply.GONE
         raise self._unexpected("expire_drain", reply)
 
@@ -647,13 +647,13 @@ class Scripts:
                            {"node_id": node_id, **params})
         with self._parsing("forget_node", reply):
             match reply:
-                case ["forgotten"]:
+                case [Reply.FORGOTTEN]:
                     return Reply.FORGOTTEN
-                case ["kept", why]:
+                case [Reply.KEPT, why]:
                     return Kept(why)
-                case ["gone", "unknown"]:
+                case [Reply.GONE, "unknown"]:
                     return Reply.UNKNOWN
-                case ["gone", status]:
+                case [Reply.GONE, status]:
                     return NotOffline(NodeStatus(status))
                 case ["retry"]:
                     raise ScriptRetry("forget_node")
@@ -668,7 +668,7 @@ class Scripts:
             match reply:
                 case ["cordoned", status, already]:
                     return Cordoned(NodeStatus(status), _flag(already))
-                case ["unknown"]:
+                case [Reply.UNKNOWN]:
                     return Reply.UNKNOWN
         raise self._unexpected("cordon_node", reply)
 
@@ -680,7 +680,7 @@ class Scripts:
             match reply:
                 case [("uncordoned" | "not_cordoned") as word, status]:
                     return Uncordoned(NodeStatus(status), was_cordoned=word == "uncordoned")
-                case ["unknown"]:
+                case [Reply.UNKNOWN]:
                     return Reply.UNKNOWN
         raise self._unexpected("uncordon_node", reply)
 
@@ -732,9 +732,9 @@ class Scripts:
                     return Assigned(str(node_id), int(attempt), _object(exclusions))
                 case [JobState.WAITING, exclusions]:
                     return Waiting(_object(exclusions))
-                case ["queued"]:
+                case [Reply.QUEUED]:
                     return Reply.QUEUED
-                case ["revoked"]:
+                case [Reply.REVOKED]:
                     return Reply.REVOKED
                 case ["exists", state]:
                     return Exists(JobState(state))
@@ -815,9 +815,9 @@ class Scripts:
                     return Requeued(str(worker), str(degraded))
                 case [JobState.FAILED, outcome, degraded]:
                     return OutOfAttempts(_object(outcome), str(degraded))
-                case ["kept"]:
+                case [Reply.KEPT]:
                     return Reply.KEPT
-                case ["gone"]:
+                case [Reply.GONE]:
                     return Reply.GONE
                 case ["moved"]:
                     raise JobMoved("release_job")
@@ -836,7 +836,7 @@ class Scripts:
                     return Cancelled(str(on_node), _object(outcome))
                 case ["finished", state]:
                     return AlreadyFinished(JobState(state))
-                case ["unknown"]:
+                case [Reply.UNKNOWN]:
                     return Reply.UNKNOWN
                 case ["moved"]:
                     raise JobMoved("cancel_job")
@@ -871,6 +871,6 @@ class Scripts:
             match reply:
                 case [JobState.FAILED, outcome]:
                     return DispatchExpired(_object(outcome))
-                case ["kept"]:
+                case [Reply.KEPT]:
                     return Reply.KEPT
         raise self._unexpected("expire_dispatch", reply)
