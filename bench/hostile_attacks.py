@@ -226,14 +226,28 @@ def big_features(size_bytes: int) -> dict[str, Any]:
     return {f"feature_{k:05d}": value for k in range(size_bytes // 120)}
 
 
+def largest_record(i: int) -> dict[str, Any]:
+    """What a node_register may carry at every bound (docs/protocol.md, section 1): about
+    70 KB of record. One in ten asks for 16-128 KiB of advanced_features, past the bound."""
+    features = big_features(random.randint(16, 128) * 1024) if i % 10 == 0 else big_features(7900)
+    return {
+        "advanced_features": features,
+        "installed_models": [{"model_id": f"m{i:06d}-{k:03d}-".ljust(128, "x"), "status": "ready"}
+                             for k in range(256)],
+        "labels": {f"label-{k:02d}".ljust(63, "k"): "v" * 63 for k in range(64)},
+        "hardware": {"cpu_cores": 64, "memory_gb": 512, "gpus": [{"name": "g" * 200, "memory_gb": 80}] * 64},
+        "max_concurrent_jobs": 1024,
+    }
+
+
 async def register_big_nodes(opts: argparse.Namespace, tally: Tally) -> None:
-    """With a valid token: N nodes register with 64-128 KiB advanced_features each, then close."""
+    """With a valid token: N nodes register with the largest record allowed (one in ten
+    with more, which is refused), then close: N records left for /api/nodes to page."""
     gate = asyncio.Semaphore(20)
     latencies_ms: list[float] = []
 
     async def one(i: int) -> None:
-        frame = register_frame(opts.token, advanced_features=big_features(random.randint(64, 128) * 1024),
-                               version="hostile-big")
+        frame = register_frame(opts.token, version="hostile-big", **largest_record(i))
         async with gate:
             started = time.perf_counter()
             try:

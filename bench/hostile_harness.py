@@ -49,6 +49,9 @@ class Harness:
         # The honest side and the probes exist from start() on: see the properties below.
         self._node: HonestNode | None = None
         self._client: HonestClient | None = None
+        #: With the honest client in a lane of its own: a second one on the shared queue,
+        #: measured but not checked (it waits behind whatever floods that queue).
+        self.shared_client: HonestClient | None = None
         self._healthz: HttpProber | None = None
         self._nodes_api: HttpProber | None = None
         self._watch: WebWatch | None = None
@@ -64,6 +67,9 @@ class Harness:
             raise RuntimeError("the honest node did not become ready")
         self._client = HonestClient(self.system.redis_url, queue=self.args.honest_queue)
         self._client.start()
+        if self.args.honest_queue:
+            self.shared_client = HonestClient(self.system.redis_url)
+            self.shared_client.start()
         self._wait_warm()
         self._healthz = HttpProber(f"{self.system.http_url}/healthz", 0.25, self.args.healthz_timeout_seconds)
         self._nodes_api = HttpProber(f"{self.system.http_url}/api/nodes", 2.0, 30.0)
@@ -102,7 +108,7 @@ class Harness:
         raise RuntimeError("no honest job went through within 60 s")
 
     def stop(self) -> None:
-        for part in (self._healthz, self._nodes_api, self._client, self._node, self._watch):
+        for part in (self._healthz, self._nodes_api, self._client, self.shared_client, self._node, self._watch):
             if part is not None:
                 with contextlib.suppress(Exception):  # cleanup goes on whatever one part says
                     part.stop()
@@ -117,6 +123,8 @@ class Harness:
                         self.node.loop_lag):
             samples.trim_before(t_s)
         self.client.trim_before(t_s)
+        if self.shared_client is not None:
+            self.shared_client.trim_before(t_s)
 
     def unhealthy_reason(self, result: dict[str, Any]) -> str | None:
         """Why the system should be restarted before the next case (None: it recovered)."""
@@ -204,6 +212,8 @@ def run_case(h: Harness, spec: CaseSpec, args: argparse.Namespace, log_dir: Path
     # Jobs submitted during the attack count for it, however late their answer; those
     # of the recovery tell whether it recovered.
     h.client.wait_settled(recovered_s, h.client.timeout_s + 10)
+    if h.shared_client is not None:
+        h.shared_client.wait_settled(recovered_s, h.shared_client.timeout_s + 10)
     time.sleep(0.5)  # a probe started near the end records its answer
     window = Window(quiet_s, attack_s, end_s, recovered_s)
     result = summarize_case(h, spec, window, probes, attacker_status, ended_by)

@@ -183,6 +183,9 @@ def summarize_case(h: Harness, spec: CaseSpec, w: Window, probes: RegistrationPr
         "honest": summarize_jobs(h.client.between(w.attack_s, w.end_s), h.system.http_url),
         "honest_quiet": summarize_jobs(h.client.between(w.quiet_s, w.attack_s)),
         "honest_recovery": summarize_jobs(h.client.between(w.end_s, w.recovered_s)),
+        # Not checked: the shared queue is one line, so a flood of submissions delays it.
+        "shared_queue_client": (None if h.shared_client is None
+                                else summarize_jobs(h.shared_client.between(w.attack_s, w.end_s))),
         "node": summarize_node(h, w.attack_s, w.recovered_s),
         "healthz": summarize_http(h.healthz.samples.between(w.attack_s, w.end_s)),
         "healthz_recovery": summarize_http(h.healthz.samples.between(w.end_s, w.recovered_s)),
@@ -245,6 +248,10 @@ def print_case(r: dict[str, Any]) -> None:
     q, rec = r["honest_quiet"], r["honest_recovery"]
     print(f"    (quiet before: n={q['n']} p99 {fmt_ms(q['p99_ms'])} ms; recovery after: n={rec['n']} "
           f"p99 {fmt_ms(rec['p99_ms'])} ms, failures {rec['failures']})")
+    if (shared := r.get("shared_queue_client")) is not None:
+        print(f"  shared queue    n={shared['n']}  p50 {fmt_ms(shared['p50_ms'])} ms  "
+              f"p99 {fmt_ms(shared['p99_ms'])} ms  max {fmt_ms(shared['max_ms'])} ms  "
+              f"failures {shared['failures']}  (a client on Celery's default queue: not checked)")
     print(f"  honest node     (attack + recovery) session closes {node['session_closes']} {node['close_codes'] or ''}  "
           f"connect failures {node['connect_failures']}  resumes {node['resumes']}  statuses {node['statuses']}  "
           f"error frames {node['error_frames']}  bench loop lag max {fmt_ms(node['bench_loop_lag_max_ms'])} ms")
@@ -270,13 +277,15 @@ def print_case(r: dict[str, Any]) -> None:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     header = (f"{'case':13s} {'jobs':>4s} {'p50 ms':>7s} {'p99 ms':>7s} {'max ms':>7s} {'fail':>4s} {'closes':>6s} "
-              f"{'hz p99':>7s} {'hz fail':>7s} {'reg max':>7s} {'RSS before->peak MiB':>21s} {'verdict'}")
+              f"{'hz p99':>7s} {'hz fail':>7s} {'reg max':>7s} {'RSS before->peak MiB':>21s} {'shared p99':>10s} "
+              f"{'verdict'}")
     print("\n" + header)
     for r in results:
         hj, hz, web = r["honest"], r["healthz"], r["web"]
         rss = f"{web['rss_before_mb'] or 0:.0f}->{web['rss_peak_mb'] or 0:.0f}"
         reg = "FAIL" if r["registration"]["failures"] else fmt_ms(r["registration"]["max_ms"])
+        shared = fmt_ms((r.get("shared_queue_client") or {}).get("p99_ms"))
         print(f"{r['case']:13s} {hj['n']:4d} {fmt_ms(hj['p50_ms']):>7s} {fmt_ms(hj['p99_ms']):>7s} "
               f"{fmt_ms(hj['max_ms']):>7s} {hj['failures']:4d} {r['node']['session_closes']:6d} "
-              f"{fmt_ms(hz['p99_ms']):>7s} {hz['failures']:7d} {reg:>7s} {rss:>21s} "
+              f"{fmt_ms(hz['p99_ms']):>7s} {hz['failures']:7d} {reg:>7s} {rss:>21s} {shared:>10s} "
               f"{'FAIL' if r['checks_failed'] else 'ok'}")

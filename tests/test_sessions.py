@@ -70,6 +70,8 @@ def records(r: redis.Redis) -> dict[str, Any]:
 @pytest.mark.parametrize(("frame", "names"), [
     ("not json", "not JSON"),
     ("[1, 2]", "JSON object"),
+    # 100 KB, inside the frame limit: refused by the parser's depth bound, not the stack's.
+    ('{"type": "node_heartbeat", "x": ' + "[" * 50_000 + "]" * 50_000 + "}", "not JSON"),
     ({"no_type": 1}, "type"),
     ({"type": "node_teleport"}, "unknown message type"),
     ({"type": "node_heartbeat", "resource_usage": {"cpu_percent": "high"}}, "resource_usage.cpu_percent"),
