@@ -111,6 +111,20 @@ def register_frame(config: AgentConfig, identity: Identity, models: list[Install
         max_concurrent_jobs=config.max_concurrent_jobs, labels=config.labels)
 
 
+def reconnect_delay_s(failures: int, base_s: float, max_s: float, heartbeat_interval_s: float | None) -> float:
+    """How long to wait before the next try, after ``failures`` short sessions in a row.
+
+    Full jitter: a fleet that lost the server together does not come back in step. Never
+    longer than the heartbeat interval once the server said it: a node away longer is
+    declared offline and its jobs wait only ``job_reassign_grace_seconds`` for it, so
+    a short outage (Redis restarting, a web process replaced) must not grow the backoff
+    past them; and a fleet retrying once an interval asks no more of the server than
+    its heartbeats do.
+    """
+    cap_s = max_s if heartbeat_interval_s is None else min(max_s, heartbeat_interval_s)
+    return random.uniform(0, min(cap_s, base_s * 2 ** failures))
+
+
 class NodeAgent:
     def __init__(self, config: AgentConfig, handler: Handler, probe: Probe | None = None) -> None:
         self.config = config
@@ -124,6 +138,8 @@ class NodeAgent:
         self._outbox: asyncio.Queue[NodeMessage] | None = None
         self._stopping = asyncio.Event()
         self._draining = False
+        #: As the last node_register_ack said (None until one came).
+        self._heartbeat_interval_s: float | None = None
 
     # --- the reconnect loop --------------------------------------------------
 
@@ -150,8 +166,8 @@ class NodeAgent:
             if self._stopping.is_set():
                 break
             failures = 0 if time.monotonic() - started_s > self.config.stable_session_s else failures + 1
-            # Full jitter: a fleet that lost the server together does not come back in step.
-            delay_s = random.uniform(0, min(self.config.reconnect_max_s, self.config.reconnect_base_s * 2 ** failures))
+            delay_s = reconnect_delay_s(failures, self.config.reconnect_base_s, self.config.reconnect_max_s,
+                                        self._heartbeat_interval_s)
             log.info("reconnecting", extra={"event": "reconnecting", "in_s": round(delay_s, 2)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay_s)
@@ -174,6 +190,7 @@ class NodeAgent:
         await ws.send(register_frame(self.config, identity, self._models(), self.probe.hardware()).encode())
         ack = await self._await_ack(ws)
         self.node_id, self.status = ack.node_id, ack.status.value
+        self._heartbeat_interval_s = ack.heartbeat_interval_seconds
         self.state.save(Identity(ack.node_id, ack.node_secret))
         log.info("registered", extra={"event": "registered", "node_id": ack.node_id,
                                       "resumed": ack.node_id == identity.node_id, "status": self.status})
