@@ -24,8 +24,9 @@ class StoreError(DispatcherError):
 
 
 class StoreUnavailable(StoreError):
-    """Raised when Redis cannot be reached or did not answer in time (a connection error or a
-    timeout): the same call may work later."""
+    """Raised when Redis cannot be reached, did not answer in time, or refused for the moment
+    (read-only during a failover, out of memory, busy with a long script): the same call may
+    work later."""
 
 
 class ScriptRetry(StoreError):

@@ -36,7 +36,7 @@ from dispatcher.errors import JobMoved, KindNeeded, NodeIdConflict, ScriptRetry,
 from dispatcher.keys import CELERY_RESULT_EXPIRES_S, JOB_BUNDLE, NODE_BUNDLE, Keys
 from dispatcher.metrics import SCRIPT_SECONDS
 from dispatcher.records import as_int
-from dispatcher.store import store_error
+from dispatcher.store import store_error, unavailable
 from dispatcher.vocabulary import JobState, NodeStatus, inline_lua_constants, lua_lists
 
 _INCLUDE = "--#include "
@@ -482,8 +482,10 @@ class Scripts:
             if self._batcher is not None:
                 return self._batcher.call(self._scripts[name], keys, args or [])
             return self._scripts[name](keys=keys, args=args or [], client=self._client)
-        except redis.ResponseError as exc:  # a script's error, located in its source file
-            raise ScriptError.located(name, exc) from exc
+        except redis.ResponseError as exc:
+            if unavailable(exc):  # (a write refused by a replica, say: a failover in progress)
+                raise store_error(exc) from exc
+            raise ScriptError.located(name, exc) from exc  # a script's error, located in its source file
         except redis.RedisError as exc:  # batched or not: the one translation of a script call's errors
             raise store_error(exc) from exc
         finally:

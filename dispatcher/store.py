@@ -2,8 +2,10 @@
 
 The core's public methods (``Registry``, ``Jobs``, ``Fleet``, the views, the outbox) are
 what the web process calls, and they raise ``StoreError``, never a redis-py exception:
-``StoreUnavailable`` when Redis cannot be reached or does not answer in time, ``StoreError``
-when it refuses a command; the redis-py error is the ``__cause__``. Each call crosses one
+``StoreUnavailable`` when Redis cannot be reached, does not answer in time or refuses for
+the moment (read-only during a failover, out of memory, busy with a script), ``StoreError``
+when it refuses a command for good (WRONGTYPE, a script's own error); the redis-py error is
+the ``__cause__``. Each call crosses one
 translation:
 
 - script calls, in ``Scripts._call`` (``store_errors``), batched or not;
@@ -24,20 +26,35 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+import redis.exceptions as redis_errors
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError, WatchError
 
 from dispatcher.errors import StoreError, StoreUnavailable
 
 #: redis-py errors that mean Redis was not reached or did not answer (BusyLoadingError and
-#: AuthenticationError are ConnectionErrors).
-_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+#: AuthenticationError are ConnectionErrors), or refused for the moment: a replica that is
+#: read-only until a failover promotes it, memory full, a cluster reconfiguring.
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis_errors.ReadOnlyError,
+                redis_errors.OutOfMemoryError, redis_errors.TryAgainError, redis_errors.ClusterDownError)
+#: Refusals of the moment that redis-py leaves as plain ResponseErrors, by their error code
+#: (a script running past its time limit; a replica that lost its master).
+_UNAVAILABLE_CODES = ("BUSY ", "MASTERDOWN ")
+
+
+def unavailable(exc: redis.RedisError) -> bool:
+    """Whether the same call may work later, with nothing changed on our side."""
+    return isinstance(exc, _UNAVAILABLE) or (type(exc) is redis.ResponseError
+                                             and str(exc).startswith(_UNAVAILABLE_CODES))
 
 
 def store_error(exc: redis.RedisError) -> StoreError:
     """The StoreError a redis-py error becomes, with its message (raise it ``from exc``)."""
-    kind = StoreUnavailable if isinstance(exc, _UNAVAILABLE) else StoreError
-    return kind(str(exc) or type(exc).__name__)
+    kind = StoreUnavailable if unavailable(exc) else StoreError
+    # redis-py takes the error code (OOM, READONLY...) off the message of the errors it has a
+    # class for; an operator reading the answer wants it back.
+    code = getattr(exc, "status_code", None)
+    return kind(" ".join(filter(None, (code, str(exc)))) or type(exc).__name__)
 
 
 @contextmanager

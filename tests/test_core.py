@@ -4,6 +4,7 @@ whichever error reports it."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import dispatcher.completions
 import dispatcher.core
 import web.app
 from dispatcher.core import Core
-from dispatcher.errors import StoreError
+from dispatcher.errors import StoreError, StoreUnavailable
 from dispatcher.settings import Settings, get_settings
 from web.api import CORE, HUB
 
@@ -86,8 +87,10 @@ def test_the_web_app_and_the_celery_side_get_their_parts_from_the_one_builder(
     assert tasks.registry() is task_core.registry and len(built) == 2
 
 
-def test_the_web_answers_a_store_failure_as_before_whichever_error_reports_it(
-        make_app: Any, make_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_web_answers_503_while_the_store_is_out_of_reach_and_500_when_it_refuses(
+        make_app: Any, make_settings: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 503 is retried by clients and routers: it says Redis is out of reach. A command Redis
+    refuses (WRONGTYPE, a script's error) fails the same way every time: a 500, logged."""
     unreachable = make_app(make_settings(redis_url="redis://127.0.0.1:1/0")).test_client()
     ready = unreachable.get("/readyz")
     assert ready.status_code == 503 and ready.json is not None
@@ -102,14 +105,28 @@ def test_the_web_answers_a_store_failure_as_before_whichever_error_reports_it(
     app = make_app(make_settings())
     core: Core = app.extensions[CORE]
 
-    def fails() -> Any:
-        raise StoreError("what the core says of it")
-    monkeypatch.setattr(core.jobs, "stats", fails)
+    def fails(error: StoreError) -> Any:
+        def raising(*_args: Any, **_kwargs: Any) -> Any:
+            raise error
+        return raising
     client = app.test_client()
+    monkeypatch.setattr(core.jobs, "stats", fails(StoreUnavailable("what the core says of it")))
     stats = client.get("/api/stats")
     assert (stats.status_code, stats.json) == (503, {"error": "the dispatcher's store is unavailable: "
                                                               "what the core says of it"})
     assert stats.headers["Cache-Control"] == "no-store"
     live = client.get("/live")
     assert (live.status_code, live.text) == (503, "The dispatcher's store is unavailable: what the core says of it\n")
+
+    monkeypatch.setattr(core.jobs, "stats", fails(StoreError("WRONGTYPE Operation against a key")))
+    capsys.readouterr()
+    stats = client.get("/api/stats")
+    assert (stats.status_code, stats.json) == (500, {"error": "the dispatcher's store refused the request: "
+                                                              "WRONGTYPE Operation against a key"})
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(e["event"], e["level"], e["path"]) for e in logged] == [("store_failed", "ERROR", "/api/stats")]
+    assert "WRONGTYPE" in logged[0]["exc_info"], "with its traceback"
+    live = client.get("/live")
+    assert (live.status_code, live.text) == (500, "The dispatcher's store refused the request: "
+                                                  "WRONGTYPE Operation against a key\n")
     assert client.get("/readyz").json == {"status": "ok"}

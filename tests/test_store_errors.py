@@ -24,6 +24,7 @@ from dispatcher.fleet import Fleet
 from dispatcher.joblist import JobList
 from dispatcher.jobs import Jobs
 from dispatcher.jobviews import JobViews
+from dispatcher.localrun.redis_server import LocalRedis
 from dispatcher.messages import JobAck, JobResult, NodeDrain, NodeHeartbeat, NodeRegister, decode_node_message
 from dispatcher.metrics import exposition
 from dispatcher.registry import Registry, SessionNode
@@ -184,3 +185,40 @@ def test_a_command_redis_refuses_is_a_store_error_that_says_why(registry: Regist
         registry.close_session("not/a/node", "s-1")
     # (a ScriptError: a StoreError that names the script)
     assert not isinstance(caught.value, StoreUnavailable) and isinstance(caught.value.__cause__, redis.ResponseError)
+
+
+@pytest.fixture
+def lone_redis(tmp_path: Any) -> Iterator[LocalRedis]:
+    """A redis-server of its own: these tests make it refuse writes."""
+    server = LocalRedis(tmp_path / "redis", append_only=False).start()
+    yield server
+    server.stop()
+
+
+def test_what_redis_refuses_for_the_moment_is_store_unavailable(lone_redis: LocalRedis, make_settings: Any) -> None:
+    """A replica during a failover refuses writes (READONLY), a full Redis refuses them too
+    (OOM): a script call and a plain command each raise StoreUnavailable, which the API
+    answers 503 and clients retry, not a StoreError that says the request itself is wrong."""
+    client = without_retries(lone_redis.url)
+    registry = Registry(client, make_settings(redis_url=lone_redis.url), clock=lambda: T0)
+    registry.register(register_msg(), "s-1", "w")
+    admin = redis.Redis(port=lone_redis.port)
+    calls: dict[str, Callable[[], Any]] = {
+        "a script": lambda: registry.close_session("gpu-1", "s-1"),
+        "a command": lambda: registry.client.set(registry.keys.kick(), 1),
+    }
+    try:
+        admin.config_set("maxmemory", 1)
+        for name, call in calls.items():
+            exc = raised(call)
+            assert isinstance(exc, StoreUnavailable) and "OOM" in str(exc), (name, repr(exc))
+        admin.config_set("maxmemory", 0)
+        admin.replicaof("127.0.0.1", closed_port())  # a replica of a master it cannot reach: read-only
+        for name, call in calls.items():
+            exc = raised(call)
+            assert isinstance(exc, StoreUnavailable) and "READONLY" in str(exc), (name, repr(exc))
+        admin.replicaof("NO", "ONE")
+        assert registry.close_session("gpu-1", "s-1") is not None, "the same call works once Redis takes writes"
+    finally:
+        admin.close()
+        client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dispatcher.core import Core
-from dispatcher.errors import InvalidTransition, StoreError, UnknownJob, UnknownNode
+from dispatcher.errors import InvalidTransition, StoreError, StoreUnavailable, UnknownJob, UnknownNode
 from dispatcher.filter import JobNeeds
 from dispatcher.fleet import Fleet
 from dispatcher.joblist import LIST_STATES, JobList
@@ -21,6 +22,8 @@ from dispatcher.messages import describe_validation_error, valid_job_id, valid_n
 from dispatcher.registry import undrained_message
 from dispatcher.vocabulary import NodeStatus
 from web.hub import Hub
+
+log = logging.getLogger("web.api")
 
 #: The most one page of /api/nodes holds (a node record is at most about 70 KB).
 MAX_PAGE_BYTES = 2 * 1024 * 1024
@@ -334,9 +337,20 @@ def conflict(exc: InvalidTransition) -> Any:
     return jsonify(error=str(exc)), 409
 
 
+def store_failure(exc: StoreError) -> tuple[int, str]:
+    """The HTTP status and the words for a store failure. Only Redis out of reach is a 503,
+    which clients and routers retry; Redis refusing a command, or a script answering what it
+    never does, will fail again the same way: a 500, logged with its traceback."""
+    if isinstance(exc, StoreUnavailable):
+        return 503, f"the dispatcher's store is unavailable: {exc}"
+    log.error("store_failed", exc_info=exc, extra={"event": "store_failed", "path": request.path})
+    return 500, f"the dispatcher's store refused the request: {exc}"
+
+
 @api.errorhandler(StoreError)
 def store_down(exc: StoreError) -> Any:
-    return jsonify(error=f"the dispatcher's store is unavailable: {exc}"), 503
+    status, text = store_failure(exc)
+    return jsonify(error=text), status
 
 
 @api.after_request

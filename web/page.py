@@ -21,7 +21,7 @@ from dispatcher.errors import StoreError
 from dispatcher.joblist import LIST_STATES
 from dispatcher.vocabulary import Exclusion, NodeStatus
 from dispatcher.wording import ago, duration, plural, seconds_since
-from web.api import BadQuery, current_core, current_hub, listed_jobs
+from web.api import BadQuery, current_core, current_hub, listed_jobs, store_failure
 
 #: Nodes the page shows (the API pages through the rest).
 PAGE_NODES = 500
@@ -103,7 +103,8 @@ def bad_query(exc: BadQuery) -> Any:
 @page.errorhandler(StoreError)
 def store_down(exc: StoreError) -> Any:
     # (the page's script shows it, and keeps trying)
-    return Response(f"The dispatcher's store is unavailable: {exc}\n", status=503, mimetype="text/plain")
+    status, text = store_failure(exc)
+    return Response(f"{text[:1].upper()}{text[1:]}\n", status=status, mimetype="text/plain")
 
 
 @page.get("/api/info")
