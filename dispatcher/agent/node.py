@@ -118,8 +118,8 @@ def reconnect_delay_s(failures: int, base_s: float, max_s: float, heartbeat_inte
     longer than the heartbeat interval once the server said it: a node away longer is
     declared offline and its jobs wait only ``job_reassign_grace_seconds`` for it, so
     a short outage (Redis restarting, a web process replaced) must not grow the backoff
-    past them; and a fleet retrying once an interval asks no more of the server than
-    its heartbeats do.
+    past them. The price: during a long outage the fleet tries about twice an interval
+    (the jitter's mean is half the cap), a handshake rate of the order of its heartbeats.
     """
     cap_s = max_s if heartbeat_interval_s is None else min(max_s, heartbeat_interval_s)
     return random.uniform(0, min(cap_s, base_s * 2 ** failures))
