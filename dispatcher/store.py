@@ -5,8 +5,7 @@ what the web process calls, and they raise ``StoreError``, never a redis-py exce
 ``StoreUnavailable`` when Redis cannot be reached, does not answer in time or refuses for
 the moment (read-only during a failover, out of memory, busy with a script), ``StoreError``
 when it refuses a command for good (WRONGTYPE, a script's own error); the redis-py error is
-the ``__cause__``. Each call crosses one
-translation:
+the ``__cause__``. Each call crosses one translation:
 
 - script calls, in ``Scripts._call`` (``store_errors``), batched or not;
 - every other command, in the client itself: ``Registry`` and ``Jobs`` keep a

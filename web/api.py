@@ -338,9 +338,10 @@ def conflict(exc: InvalidTransition) -> Any:
 
 
 def store_failure(exc: StoreError) -> tuple[int, str]:
-    """The HTTP status and the words for a store failure. Only Redis out of reach is a 503,
-    which clients and routers retry; Redis refusing a command, or a script answering what it
-    never does, will fail again the same way: a 500, logged with its traceback."""
+    """The HTTP status and the words for a store failure. A 503, which clients and routers
+    retry, only when trying again can help (``StoreUnavailable``: Redis out of reach, or
+    refusing for the moment); what Redis refuses for good, or a script answering what it
+    never does, fails the same way every time: a 500, logged with its traceback."""
     if isinstance(exc, StoreUnavailable):
         return 503, f"the dispatcher's store is unavailable: {exc}"
     log.error("store_failed", exc_info=exc, extra={"event": "store_failed", "path": request.path})
