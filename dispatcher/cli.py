@@ -317,12 +317,21 @@ def same_redis(api: Api, redis_url: str) -> None:
 def follow(api: Api, result: Any) -> int:
     """Show the job's progress until it ends, and why it waits with the time left (its
     WAITING state says so); print its output."""
+    from celery.states import READY_STATES
+
     from dispatcher.filter import summarize
 
     tty = sys.stderr.isatty()
     shown = ""
     while not result.ready():
-        state, info = result.state, result.info if isinstance(result.info, dict) else {}
+        # Each read asks the backend again, and the job may end between two: the info is read
+        # once, then the state, which is final if the info was (the exception of a failure).
+        info = result.info
+        state = result.state
+        if state in READY_STATES:
+            break
+        if not isinstance(info, dict):
+            info = {}
         left = ""
         if state == CeleryState.STARTED:
             progress = info.get("progress")

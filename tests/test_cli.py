@@ -8,8 +8,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
+from dispatcher.cli import EXIT_FAILED, Api, follow
+from dispatcher.errors import NoEligibleNode
 from dispatcher.keys import Keys
 from tests.support import PYTHON, clean_env, cli_env, run_cli, wait_for
 
@@ -151,3 +154,48 @@ def test_submit_fail_fast_ends_at_once(system: Any, live_nodes: Any) -> None:
     done = run_cli(system, "submit", "--type", "asr", "--model", "whisper", "--fail-fast", timeout_s=15)
     assert done.returncode == 1
     assert "NoEligibleNode: no registered node could ever take it: 0/1 nodes eligible" in done.stderr
+
+
+class EndsBetweenReads:
+    """A job's result as the CLI reads it, failing after ``waiting_reads`` reads: each read of
+    ``state`` or ``info`` (or ``ready()``) asks the backend again, as Celery's AsyncResult does."""
+
+    id = "j-1"
+
+    def __init__(self, waiting_reads: int) -> None:
+        self.reads_left = waiting_reads
+        self.failure = NoEligibleNode("no registered node could ever take it: 0/1 nodes eligible")
+
+    def _read(self) -> tuple[str, Any]:
+        self.reads_left -= 1
+        if self.reads_left >= 0:
+            return "WAITING", {"eligible": 0, "total": 1, "exclusions": {"ModelNotAvailable": 1}, "examples": {}}
+        return "FAILURE", self.failure
+
+    @property
+    def state(self) -> str:
+        return self._read()[0]
+
+    @property
+    def info(self) -> Any:
+        return self._read()[1]
+
+    @property
+    def result(self) -> Any:
+        return self._read()[1]
+
+    def ready(self) -> bool:
+        return self._read()[0] == "FAILURE"
+
+    def successful(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("waiting_reads", range(8))
+def test_submit_follows_a_job_that_fails_between_two_reads(waiting_reads: int,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A fail-fast job fails within milliseconds: whichever read sees it first, the CLI says
+    why it failed (a clean-checkout run once saw 'NoEligibleNode' object has no attribute 'get')."""
+    assert follow(Api("http://127.0.0.1:1", None), EndsBetweenReads(waiting_reads)) == EXIT_FAILED
+    assert capsys.readouterr().err.endswith(
+        "dispatcher: job j-1 failure: NoEligibleNode: no registered node could ever take it: 0/1 nodes eligible\n")
