@@ -87,6 +87,11 @@ class Harness:
         return _started(self._client)
 
     @property
+    def clients(self) -> list[HonestClient]:
+        """The honest client, and the one on the shared queue when there is one."""
+        return [self.client, *([self.shared_client] if self.shared_client is not None else [])]
+
+    @property
     def healthz(self) -> HttpProber:
         return _started(self._healthz)
 
@@ -122,9 +127,8 @@ class Harness:
         for samples in (self.healthz.samples, self.nodes_api.samples, self.watch.samples, self.node.events,
                         self.node.loop_lag):
             samples.trim_before(t_s)
-        self.client.trim_before(t_s)
-        if self.shared_client is not None:
-            self.shared_client.trim_before(t_s)
+        for client in self.clients:
+            client.trim_before(t_s)
 
     def unhealthy_reason(self, result: dict[str, Any]) -> str | None:
         """Why the system should be restarted before the next case (None: it recovered)."""
@@ -211,9 +215,8 @@ def run_case(h: Harness, spec: CaseSpec, args: argparse.Namespace, log_dir: Path
     recovered_s = now_s()
     # Jobs submitted during the attack count for it, however late their answer; those
     # of the recovery tell whether it recovered.
-    h.client.wait_settled(recovered_s, h.client.timeout_s + 10)
-    if h.shared_client is not None:
-        h.shared_client.wait_settled(recovered_s, h.shared_client.timeout_s + 10)
+    for client in h.clients:
+        client.wait_settled(recovered_s, client.timeout_s + 10)
     time.sleep(0.5)  # a probe started near the end records its answer
     window = Window(quiet_s, attack_s, end_s, recovered_s)
     result = summarize_case(h, spec, window, probes, attacker_status, ended_by)

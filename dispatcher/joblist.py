@@ -44,22 +44,9 @@ _FIELDS = ("state", "job_type", "priority", "required_models", "node_id", "attem
 
 
 def listed_view(job_id: str, job: JobRecord) -> dict[str, Any]:
-    """A job as a listing shows it (its ``_FIELDS``)."""
-    return {
-        "job_id": job_id,
-        "state": job.state_text,
-        "job_type": job.job_type,
-        "priority": job.priority,
-        "required_models": job.required_models,
-        "node_id": job.node_id,
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "submitted_ms": job.submitted_ms,
-        "assigned_ms": job.assigned_ms,
-        "finished_ms": job.finished_ms,
-        "progress": job.progress,
-        "outcome": job.outcome,
-    }
+    """A job as a listing shows it: its ``_FIELDS``, in that order, as the codec read them."""
+    return {"job_id": job_id,
+            **{name: job.state_text if name == "state" else getattr(job, name) for name in _FIELDS}}
 
 
 @dataclass(frozen=True, order=True)
